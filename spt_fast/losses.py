@@ -1,0 +1,44 @@
+"""The four SPT losses (DESIGN §1), as plain functions of per-sequence losses and scores."""
+import torch
+import torch.nn.functional as F
+
+
+def lm_loss(seq_ce_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """Token-weighted mean CE over all K·B sequences; seq_ce_sum [K,B], n_tokens [B]."""
+    K = seq_ce_sum.shape[0]
+    return seq_ce_sum.sum() / (K * n_tokens.sum()).clamp_min(1)
+
+
+def selection_loss(seq_ce_mean: torch.Tensor, scores: torch.Tensor, tau_gold: float = 1.0,
+                   tau_sim: float = 1.0) -> torch.Tensor:
+    """mean_b KL(π_b ‖ q_b), π = softmax(−ℓ/τ_gold) detached, q = softmax(s/τ_sim).
+
+    seq_ce_mean [K,B] (mean CE of each prompt on each sample), scores [B,K].
+    """
+    log_pi = F.log_softmax(-seq_ce_mean.detach().t() / tau_gold, dim=-1)
+    log_q = F.log_softmax(scores / tau_sim, dim=-1)
+    return (log_pi.exp() * (log_pi - log_q)).sum(-1).mean()
+
+
+def contrastive_loss(scores: torch.Tensor, pair_labels: torch.Tensor) -> torch.Tensor:
+    """mean over pairs i<j of CosineEmbeddingLoss(s_i, s_j, y_ij), margin 0.
+
+    scores [B,K]; pair_labels [B,B] of ±1 (only the upper triangle is read). Zero for B < 2.
+    """
+    B = scores.shape[0]
+    if B < 2:
+        return scores.sum() * 0.0
+    i, j = torch.triu_indices(B, B, offset=1, device=scores.device)
+    return F.cosine_embedding_loss(scores[i], scores[j], pair_labels[i, j].to(scores.dtype), margin=0.0)
+
+
+def combine(parts: dict, lambda_sel: float, lambda_ctr: float) -> torch.Tensor:
+    """L = L_LM + λ_sel·L_sel + L_fus + λ_ctr·L_ctr, over whichever parts are present."""
+    total = parts["lm"]
+    if parts.get("sel") is not None:
+        total = total + lambda_sel * parts["sel"]
+    if parts.get("fus") is not None:
+        total = total + parts["fus"]
+    if parts.get("ctr") is not None:
+        total = total + lambda_ctr * parts["ctr"]
+    return total

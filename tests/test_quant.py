@@ -1,0 +1,249 @@
+"""4-bit NF4 base weights: structure, accuracy, and soft-prompt gradients (incl. the CPU repack trap).
+
+Tolerances, and why:
+  * fp32 compute vs `dequantized_copy`: both multiply by the same NF4-rounded fp32 weights, so
+    they agree to fp32 round-off: loss rtol 1e-5, gradient atol 1e-7 + rtol 1e-4.
+  * bf16 compute vs the fp32 dequantized copy: activations are rounded to bf16 (8 bits of mantissa)
+    inside every 4-bit layer: loss within 1e-2 absolute, gradient max error <= 3e-2 of its max
+    magnitude and cosine >= 0.999.
+  * 4-bit vs the unquantized model: NF4 keeps ~3 significant bits per weight (relative weight error
+    ~0.1 for Gaussian weights; 0.09 measured), so logits get relative L2 error <= 0.25 (0.11
+    measured on the tiny Llama), cosine >= 0.97.
+"""
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from spt_fast import quant  # noqa: E402
+from spt_fast.quant import dequantized_copy, guard_4bit, is_quantized, quantize_linear_layers  # noqa: E402
+from spt_fast.testing import tiny_llama, tiny_opt  # noqa: E402
+
+VOCAB = 104
+N_VIRTUAL = 3
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (2, 11), generator=g)
+    soft = torch.randn(2, N_VIRTUAL, 64, generator=g) * 0.02
+    return ids, soft
+
+
+def _soft_prompt_loss_and_grad(model, ids, soft):
+    """Loss = CE on the last 6 tokens of [soft prompt ; token embeddings]; returns (loss, d loss/d soft)."""
+    soft = soft.clone().requires_grad_(True)
+    tokens = model.get_input_embeddings()(ids).detach()
+    embeds = torch.cat([soft, tokens], dim=1)
+    logits = model(inputs_embeds=embeds).logits
+    # logits at position p predict token p+1; the last 6 tokens are the targets.
+    n_target = 6
+    pred = logits[:, -n_target - 1:-1].float()
+    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, -n_target:].reshape(-1))
+    loss.backward()
+    return loss.detach(), soft.grad
+
+
+def _assert_grad_close_fp32(loss, grad, ref_loss, ref_grad):
+    assert grad.abs().max() > 0, "soft-prompt gradient is zero"
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def _linear4bit_layers(model):
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def _packed(model):
+    return [getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _linear4bit_layers(model)]
+
+
+# ----------------------------------------------------------------------------- structure
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
+def test_quantize_replaces_linears_and_skips_lm_head(make):
+    full = make()
+    n_linear = sum(type(m) is nn.Linear for m in full.modules())
+    model = quantize_linear_layers(make(), compute_dtype=torch.float32)
+    assert is_quantized(model) and not is_quantized(full)
+    layers = _linear4bit_layers(model)
+    assert len(layers) == n_linear - 1  # everything but the head
+    assert type(model.lm_head) is nn.Linear
+    assert model.lm_head.weight.dtype == torch.float32
+    if make is tiny_opt:  # tied head: still the very same tensor as the input embedding
+        assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    for layer in layers:
+        w = layer.weight
+        assert isinstance(w, bnb.nn.Params4bit) and w.dtype == torch.uint8
+        assert w.numel() * 2 == layer.in_features * layer.out_features  # two 4-bit codes per byte
+        qs = w.quant_state
+        assert qs.quant_type == "nf4" and qs.blocksize == 64 and qs.nested  # nested = double quant
+        assert not w.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
+        assert layer.support_avx512bf16_for_cpu is False  # guarded on creation
+
+
+def test_quantize_generic_tree_skip_and_subclasses():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(64, 128))
+    model.add_module("attn", nn.MultiheadAttention(128, 4, batch_first=True))
+    model.add_module("head", nn.Linear(128, 64))
+    quantize_linear_layers(model, compute_dtype=torch.float32, skip=("head",))
+    assert isinstance(model.proj, bnb.nn.Linear4bit)
+    assert type(model.head) is nn.Linear
+    # MultiheadAttention reads out_proj.weight directly, so its Linear subclass must stay as is.
+    assert not isinstance(model.attn.out_proj, bnb.nn.Linear4bit)
+    x = torch.randn(2, 5, 64)
+    h = model.proj(x)
+    out = model.head(model.attn(h, h, h)[0])
+    assert out.shape == (2, 5, 64) and torch.isfinite(out).all()
+
+
+def test_quantized_weights_and_logits_close_to_full_precision():
+    full = tiny_llama()
+    model = quantize_linear_layers(tiny_llama(), compute_dtype=torch.float32)
+    ref = dequantized_copy(model)
+    assert not is_quantized(ref) and is_quantized(model)  # the copy did not touch the original
+    w = full.model.layers[0].mlp.up_proj.weight
+    w_dq = ref.model.layers[0].mlp.up_proj.weight
+    assert w_dq.dtype == torch.float32
+    weight_err = (w_dq - w).norm() / w.norm()
+    assert 0 < weight_err < 0.15  # really rounded, but only to NF4 precision
+
+    ids, _ = _batch()
+    with torch.no_grad():
+        want = full(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    rel = (got - want).norm() / want.norm()
+    cos = F.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    assert rel < 0.25 and cos > 0.97, (rel, cos)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
+def test_soft_prompt_grad_fp32_compute_matches_dequantized(make):
+    model = quantize_linear_layers(make(), compute_dtype=torch.float32)
+    ref = dequantized_copy(model)
+    ids, soft = _batch()
+    _assert_grad_close_fp32(*_soft_prompt_loss_and_grad(model, ids, soft), *_soft_prompt_loss_and_grad(ref, ids, soft))
+
+
+def test_soft_prompt_grad_bf16_compute_matches_dequantized():
+    model = quantize_linear_layers(tiny_llama(), compute_dtype=torch.bfloat16)
+    ref = dequantized_copy(model)
+    ids, soft = _batch()
+    loss, grad = _soft_prompt_loss_and_grad(model, ids, soft)
+    ref_loss, ref_grad = _soft_prompt_loss_and_grad(ref, ids, soft)
+    assert grad.abs().max() > 0
+    assert (loss - ref_loss).abs() < 1e-2
+    assert (grad - ref_grad).abs().max() <= 3e-2 * ref_grad.abs().max()
+    assert F.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0) >= 0.999
+
+
+def test_grad_after_eval_no_grad_forward():
+    model = quantize_linear_layers(tiny_llama(), compute_dtype=torch.float32)
+    ref = dequantized_copy(model)
+    ids, soft = _batch(1)
+    model.eval()
+    guard_4bit(model)  # what the engine does after eval(); must be harmless to repeat
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert not any(_packed(model))
+    _assert_grad_close_fp32(*_soft_prompt_loss_and_grad(model, ids, soft), *_soft_prompt_loss_and_grad(ref, ids, soft))
+
+
+# ----------------------------------------------------------------------------- the avx512_bf16 trap
+# This CPU has no avx512_bf16, so bitsandbytes' own probe says False. The trap is forced by patching
+# that probe as Linear4bit sees it (bitsandbytes.nn.modules.has_avx512bf16, read in __init__ into
+# `support_avx512bf16_for_cpu`). The AVX512-BF16 gemv kernel itself is registered only when the
+# probe is true at bitsandbytes import, so here the repacked layers run the generic gemv_4bit, which
+# reads the packed layout as if it were the standard one: logits and gradients both go wrong. On a
+# real avx512_bf16 CPU the native kernel gives right logits but is opaque to autograd (torch warns
+# "autograd kernel was not registered"), so the input-gradient through every layer is lost instead.
+# Either way the repack is what breaks the gradient, and that is what is asserted.
+
+@pytest.fixture
+def cpu_claims_avx512_bf16(monkeypatch):
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+
+
+def _eval_no_grad_forward(model, ids):
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+
+
+@pytest.mark.filterwarnings("ignore:.*autograd kernel was not registered")
+def test_forced_trap_without_guard_breaks_gradient(cpu_claims_avx512_bf16, monkeypatch):
+    monkeypatch.setattr(quant, "guard_4bit", lambda model: None)  # quantize without the guard
+    model = quantize_linear_layers(tiny_llama(), compute_dtype=torch.float32)
+    assert all(layer.support_avx512bf16_for_cpu for layer in _linear4bit_layers(model))
+    ref = dequantized_copy(model)
+    ids, soft = _batch(2)
+    ref_loss, ref_grad = _soft_prompt_loss_and_grad(ref, ids, soft)
+
+    _eval_no_grad_forward(model, ids)
+    assert all(_packed(model))  # the repack happened, in place, on every layer
+    _, grad = _soft_prompt_loss_and_grad(model, ids, soft)
+    assert (grad - ref_grad).abs().max() > 0.2 * ref_grad.abs().max()  # silently wrong
+
+
+def test_forced_trap_with_guard_keeps_gradient(cpu_claims_avx512_bf16):
+    model = quantize_linear_layers(tiny_llama(), compute_dtype=torch.float32)
+    ref = dequantized_copy(model)
+    ids, soft = _batch(2)
+    _eval_no_grad_forward(model, ids)
+    assert not any(_packed(model))
+    _assert_grad_close_fp32(*_soft_prompt_loss_and_grad(model, ids, soft), *_soft_prompt_loss_and_grad(ref, ids, soft))
+
+
+def test_guard_undoes_a_repack_that_already_happened(cpu_claims_avx512_bf16, monkeypatch, caplog):
+    monkeypatch.setattr(quant, "guard_4bit", lambda model: None)
+    model = quantize_linear_layers(tiny_llama(), compute_dtype=torch.float32)
+    ref = dequantized_copy(model)
+    ids, soft = _batch(3)
+    _eval_no_grad_forward(model, ids)
+    assert all(_packed(model))
+    monkeypatch.undo()  # the real guard again, and the real probe (irrelevant once guarded)
+
+    guard_4bit(model)
+    guard_4bit(model)  # idempotent
+    assert not any(_packed(model)) and "already been repacked" in caplog.text
+    assert all(layer.weight.quant_state.nested for layer in _linear4bit_layers(model))
+    _eval_no_grad_forward(model, ids)
+    assert not any(_packed(model))
+    # The inverse repack is lossy (block scales went through bf16, then 8-bit double quant again),
+    # so this is looser than the fp32 tolerance: 1% of the gradient's magnitude.
+    loss, grad = _soft_prompt_loss_and_grad(model, ids, soft)
+    ref_loss, ref_grad = _soft_prompt_loss_and_grad(ref, ids, soft)
+    assert (loss - ref_loss).abs() < 1e-3
+    assert (grad - ref_grad).abs().max() <= 1e-2 * ref_grad.abs().max()
+
+
+def test_guard_on_unquantized_model_is_a_no_op():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    guard_4bit(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+def test_soft_prompt_grad_bf16_on_cuda():
+    model = quantize_linear_layers(tiny_llama().cuda(), compute_dtype=torch.bfloat16)
+    ref = dequantized_copy(model)
+    ids, soft = _batch()
+    ids, soft = ids.cuda(), soft.cuda()
+    assert model.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
+    loss, grad = _soft_prompt_loss_and_grad(model, ids, soft)
+    ref_loss, ref_grad = _soft_prompt_loss_and_grad(ref, ids, soft)
+    assert grad.abs().max() > 0
+    assert (loss - ref_loss).abs() < 1e-2
+    assert (grad - ref_grad).abs().max() <= 3e-2 * ref_grad.abs().max()
+    assert F.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0) >= 0.999

@@ -1,0 +1,156 @@
+"""SPT on the generic Hugging Face path: the batched K·B forward against naive per-prompt,
+per-sample forwards, all four losses and their gradients, and batched per-row generation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spt_fast.data import Sample
+from spt_fast.generate import generate_batch
+from spt_fast.spt import SPTConfig, SPTModel, collate
+from spt_fast.text import Encoder
+
+SAMPLES = [
+    Sample(("i like cats.", "i am tall."), ("hi there", "hello!", "how are you?"), "great, thanks.", "d0", 1),
+    Sample(("i like cats.", "i am tall."), ("what do you do?",), "i teach.", "d0", 0),
+    Sample(("i drive a bus.",), ("hey", "yo", "any pets?", "no", "why not"), "too busy driving all day long.", "d1", 2),
+]
+
+
+def _encode(tok, cfg, samples=SAMPLES, with_response=True):
+    enc = Encoder(tok, cfg.max_len, cfg.prompt_len)
+    return [enc.encode(s, with_response=with_response) for s in samples]
+
+
+def naive_losses(spt: SPTModel, encoded, cfg: SPTConfig, bos_id: int):
+    """Every prompt on every sample, one unbatched full forward each, logits over all positions."""
+    base = spt.base
+    emb = base.get_input_embeddings()
+    head_w = base.get_output_embeddings().weight
+    K, L = cfg.num_prompts, cfg.prompt_len
+    P = spt.prompts.weight
+    ce_sum = torch.zeros(K, len(encoded))
+    counts = torch.tensor([len(e.response_ids) for e in encoded], dtype=torch.float)
+    fused_logits = []
+    feats = []
+    for b, e in enumerate(encoded):
+        ctx = emb(torch.tensor(e.context_ids))
+        resp = emb(torch.tensor(e.response_ids))
+        start = 1 if e.context_ids[0] == bos_id else 0
+        feats.append(ctx[start:].mean(0))
+        per_k = []
+        for k in range(K):
+            parts = [P[k], ctx, resp] if cfg.layout == "prefix" else [ctx, P[k], resp]
+            x = torch.cat(parts)[None]
+            logits = base(inputs_embeds=x).logits[0]
+            r0 = L + len(e.context_ids)
+            z = logits[r0 - 1 : r0 - 1 + len(e.response_ids)]
+            y = torch.tensor(e.response_ids)
+            ce_sum[k, b] = F.cross_entropy(z, y, reduction="sum")
+            per_k.append(z)
+        fused_logits.append(torch.stack(per_k))  # [K, R, V]
+    feats = torch.stack(feats)
+    W = spt.retriever.proj
+    keys = W(P.mean(1))
+    s = F.softplus(F.cosine_similarity(W(feats)[:, None, :], keys[None, :, :], dim=-1), beta=10, threshold=1)
+    lm = ce_sum.sum() / (K * counts.sum())
+    mean = ce_sum / counts
+    pi = F.softmax(-mean.detach().t(), -1)
+    sel = (pi * (pi.log() - F.log_softmax(s, -1))).sum(-1).mean()
+    fus = torch.stack([
+        F.cross_entropy((s[b][:, None, None] * z).sum(0), torch.tensor(e.response_ids))
+        for b, (z, e) in enumerate(zip(fused_logits, encoded))
+    ]).mean()
+    y = spt.pair_labels([e.persona_key for e in encoded])
+    pairs = [(i, j) for i in range(len(encoded)) for j in range(i + 1, len(encoded))]
+    ctr = torch.stack([F.cosine_embedding_loss(s[i][None], s[j][None], y[i, j][None]) for i, j in pairs]).mean()
+    total = lm + cfg.lambda_sel * sel + fus + cfg.lambda_ctr * ctr
+    return {"lm": lm, "sel": sel, "fus": fus, "ctr": ctr, "loss": total, "seq_ce_mean": mean, "scores": s}
+
+
+@pytest.mark.parametrize("layout", ["prefix", "shared"])
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_batched_forward_matches_naive(layout, arch, char_tok, tiny_llama, tiny_opt):
+    base = tiny_llama if arch == "llama" else tiny_opt
+    cfg = SPTConfig(num_prompts=3, prompt_len=4, layout=layout, init="random", lambda_sel=0.7, lambda_ctr=0.3)
+    spt = SPTModel(base, cfg)
+    encoded = _encode(char_tok, cfg)
+    batch = collate(encoded, char_tok.pad_token_id, char_tok.bos_token_id)
+    fast = spt(batch)
+    params = [spt.prompts.weight, spt.retriever.proj.weight, spt.retriever.proj.bias]
+    g_fast = torch.autograd.grad(fast["loss"], params)
+    ref = naive_losses(spt, encoded, cfg, char_tok.bos_token_id)
+    g_ref = torch.autograd.grad(ref["loss"], params)
+    torch.testing.assert_close(fast["seq_ce_mean"], ref["seq_ce_mean"].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast["scores"], ref["scores"].detach(), rtol=1e-5, atol=1e-6)
+    for name in ("lm", "sel", "fus", "ctr", "loss"):
+        torch.testing.assert_close(fast[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    for gf, gr in zip(g_fast, g_ref):
+        assert gr.abs().max() > 0
+        torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-6)
+
+
+def test_base_stays_frozen_and_only_spt_params_train(char_tok, tiny_llama):
+    spt = SPTModel(tiny_llama, SPTConfig(num_prompts=2, prompt_len=2))
+    trainable = {n for n, p in spt.named_parameters() if p.requires_grad}
+    assert trainable == {"prompts.weight", "retriever.proj.weight", "retriever.proj.bias"}
+    spt.train()
+    assert not spt.base.training
+
+
+def test_pt_baseline_has_lm_loss_only(char_tok, tiny_llama):
+    cfg = SPTConfig.prompt_tuning(prompt_len=3)
+    spt = SPTModel(tiny_llama, cfg)
+    out = spt(collate(_encode(char_tok, cfg), char_tok.pad_token_id, char_tok.bos_token_id))
+    assert out["sel"] is None and out["fus"] is None and out["ctr"] is None
+    assert out["loss"].item() == pytest.approx(out["lm"].item())
+
+
+def test_prompt_inits(char_tok, tiny_llama):
+    emb = tiny_llama.get_input_embeddings().weight
+    v = SPTModel(tiny_llama, SPTConfig(num_prompts=2, prompt_len=3, init="vocab")).prompts.weight
+    # every row of a vocab init is some row of the embedding matrix
+    assert all(((emb - row).abs().sum(-1) == 0).any() for row in v.reshape(-1, emb.shape[1]))
+    r = SPTModel(tiny_llama, SPTConfig(num_prompts=4, prompt_len=8, init="random")).prompts.weight
+    assert r.std().item() == pytest.approx(emb.std().item(), rel=0.25)
+    t = SPTModel(tiny_llama, SPTConfig(num_prompts=2, prompt_len=3, init="text", init_text="abc"),
+                 tokenizer=char_tok).prompts.weight
+    ids = char_tok("abc", add_special_tokens=False).input_ids
+    torch.testing.assert_close(t[0], emb[ids])
+    assert not torch.equal(t[0], t[1])  # tie broken
+
+
+@pytest.mark.parametrize("layout", ["prefix", "shared"])
+def test_batched_generation_matches_one_row_at_a_time(layout, char_tok, tiny_llama):
+    cfg = SPTConfig(num_prompts=3, prompt_len=2, layout=layout, init="random")
+    spt = SPTModel(tiny_llama, cfg).eval()
+    encoded = _encode(char_tok, cfg, with_response=False)
+    pick = torch.tensor([2, 0, 1])  # a different prompt on every row
+    batch = collate(encoded, char_tok.pad_token_id, char_tok.bos_token_id)
+    texts, picks = generate_batch(spt, char_tok, batch, max_new_tokens=6, stops=("\n",), prompt_idx=pick)
+    assert picks == [2, 0, 1]
+    for b, e in enumerate(encoded):
+        one = collate([e], char_tok.pad_token_id, char_tok.bos_token_id)
+        t1, _ = generate_batch(spt, char_tok, one, max_new_tokens=6, stops=("\n",), prompt_idx=pick[b : b + 1])
+        assert texts[b] == t1[0]
+        # and the same continuation from a plain greedy loop over the full embedding sequence
+        emb = spt.base.get_input_embeddings()
+        ctx = emb(torch.tensor(e.context_ids))
+        P = spt.prompts.weight[int(pick[b])]
+        x = torch.cat([P, ctx] if layout == "prefix" else [ctx, P])[None]
+        ids = []
+        for _ in range(6):
+            nxt = int(spt.base(inputs_embeds=x).logits[0, -1].argmax())
+            if nxt == char_tok.eos_token_id:
+                break
+            ids.append(nxt)
+            x = torch.cat([x, emb(torch.tensor([[nxt]]))], 1)
+        expected = char_tok.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
+        assert t1[0] == expected
+
+
+def test_generation_is_bounded_and_stops(char_tok, tiny_llama):
+    cfg = SPTConfig(num_prompts=2, prompt_len=2, init="random")
+    spt = SPTModel(tiny_llama, cfg).eval()
+    batch = collate(_encode(char_tok, cfg, with_response=False), char_tok.pad_token_id, char_tok.bos_token_id)
+    texts, _ = generate_batch(spt, char_tok, batch, max_new_tokens=5, stops=("never-occurs",))
+    assert all(len(t) <= 5 for t in texts)  # char tokenizer: one char per token
