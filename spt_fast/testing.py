@@ -25,8 +25,13 @@ def char_tokenizer():
     )
 
 
-def tiny_llama(vocab_size=104, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, dtype=torch.float32):
-    """A random-weight LlamaForCausalLM small enough for CPU tests (GQA on, untied head)."""
+def tiny_llama(vocab_size=104, hidden=64, layers=2, heads=4, kv_heads=2, seed=0, dtype=torch.float32,
+               init_std=0.02):
+    """A random-weight LlamaForCausalLM small enough for CPU tests (GQA on, untied head).
+
+    A larger `init_std` gives a model whose outputs soft prompts can actually steer (at 0.02 the
+    logits of a tiny random model are nearly uniform whatever the input).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -34,7 +39,7 @@ def tiny_llama(vocab_size=104, hidden=64, layers=2, heads=4, kv_heads=2, seed=0,
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=init_std,
     )
     model = LlamaForCausalLM(cfg).to(dtype)
     return model.eval()

