@@ -28,6 +28,9 @@ import triton.language as tl
 from ._dispatch import interpreting, use_triton
 
 COS_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
+# The reference runs fp32 matmuls; TF32 would move the scores by ~1e-3 and can flip the arg-max.
+# W is read once either way, so full-precision dots cost little on this memory-bound op.
+_DOT_PRECISION = "ieee"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ def _project_kernel(CTX, PROMPTS, W, BIAS, Y, A,
         a += psum / L
         # One column block is enough to keep A for the backward; every block computes the same A.
         tl.store(A + rows[:, None] * D + dd[None, :], a,
-                 mask=(rows < B + K)[:, None] & dmask[None, :] & (pid_n == 0))
+                 mask=((rows < B + K) & (rows * 0 + pid_n == 0))[:, None] & dmask[None, :])
         w = tl.load(W + cols[None, :] * s_wn + dd[:, None] * s_wd,
                     mask=cmask[None, :] & dmask[:, None], other=0.0).to(tl.float32)  # W^T tile [D, N]
         acc += tl.dot(a, w, input_precision=PRECISION)
@@ -185,7 +188,7 @@ def _score_kernel(Y, SCORES, LOGQ, TOP, COS, NORMS,
     tl.store(LOGQ + out_off, log_q, mask=m2)
     tl.store(COS + out_off, c, mask=m2)
     tl.store(NORMS + b, nq_raw, mask=bmask)
-    tl.store(NORMS + B + k, nk_raw, mask=kmask & (pid == 0))
+    tl.store(NORMS + B + k, nk_raw, mask=kmask & (k * 0 + pid == 0))
 
     # top-k by repeated arg-max; the lowest index wins a tie, matching the reference's stable sort.
     cur = tl.where(valid, s, float("-inf"))
@@ -278,7 +281,7 @@ def _project_bwd_kernel(GY, A, W, GW, GCTX, GPROMPTS,
                 gw_ptr = GW + n[:, None] * D + dd[None, :]
                 gw = tl.dot(tl.trans(gy), a, input_precision=PRECISION)
                 # Row blocks after the first add to what this same program stored: no race.
-                gw += tl.load(gw_ptr, mask=wmask & (m0 > 0), other=0.0)
+                gw += tl.load(gw_ptr, mask=wmask & (dd * 0 + m0 > 0)[None, :], other=0.0)
                 tl.store(gw_ptr, gw, mask=wmask)
         if NEED_GCTX:
             tl.store(GCTX + rows[:, None] * s_gcb + dd[None, :] * s_gcd, ga,
@@ -302,24 +305,26 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _pick_blocks(B: int, K: int, d: int, on_gpu: bool) -> dict:
-    """Tile sizes by heuristic (no autotune in the interpreter). tl.dot wants every dim >= 16.
+    """Tile sizes by heuristic (no autotune in the interpreter); tl.dot wants every dim >= 16.
 
-    GPU: narrow column tiles so that even d = 4096 spreads over ~128 programs (the projection is
-    bound by reading W). Interpreter: wide tiles, since each program instance costs ~0.5 ms."""
+    GPU: 32-wide column tiles so that even d = 4096 spreads W over ~128 programs (the op is bound
+    by reading W and writing dW). Interpreter: wide tiles, each program instance costs ~0.5 ms.
+    All K prompts sit in one tile (softmax and top-k run across it in registers)."""
     M = B + K
-    wide = 32 if on_gpu else 128
+    cols = 32 if on_gpu else 128
+    chunk = 64 if on_gpu else 128
     return {
-        "proj_m": _pow2(M, 16, 64), "proj_n": _pow2(d, 16, wide), "proj_d": _pow2(d, 16, 64 if on_gpu else 128),
-        "score_b": _pow2(B, 16, 32), "score_k": _pow2(K, 16, 1024), "score_d": _pow2(d, 16, 64 if on_gpu else 128),
-        "bwd_n": _pow2(d, 16, 64 if on_gpu else 128), "bwd_m": _pow2(M, 16, 32),
-        "bwd_strip": _pow2(d, 16, wide), "bwd_strip_n": _pow2(d, 16, 32 if on_gpu else 128),
+        # _project_kernel: rows of A x output columns, looping over the input width in chunks
+        "proj_m": _pow2(M, 16, 64), "proj_n": _pow2(d, 16, cols), "proj_d": _pow2(d, 16, chunk),
+        # _score_kernel: query rows x all K keys, looping over d in chunks
+        "score_b": _pow2(B, 16, 32 if K <= 64 else 16), "score_k": _pow2(K, 16, 1 << 20),
+        "score_d": _pow2(d, 16, chunk),
+        # _score_bwd_kernel: output columns per program
+        "bwd_n": _pow2(d, 16, chunk),
+        # _project_bwd_kernel: a strip of W's input columns per program, rows of dY, output chunk
+        "bwd_strip": _pow2(d, 16, cols), "bwd_m": _pow2(M, 16, 32), "bwd_strip_n": _pow2(d, 16, cols),
         "warps": 4,
     }
-
-
-def _precision() -> str:
-    # The reference runs an fp32 matmul; TF32 would move the scores by ~1e-3 and can flip arg-max.
-    return "ieee"
 
 
 def pool_context_triton(embeds, lengths, start: int = 0):
@@ -359,13 +364,13 @@ def _forward(ctx_feat, prompts, weight, bias, beta, threshold, tau, topk):
             ctx_feat, prompts, weight, bias if bias is not None else weight, y, a,
             B, K, L, d, *ctx_feat.stride(), *prompts.stride(), *weight.stride(),
             HAS_BIAS=bias is not None, BLOCK_M=blk["proj_m"], BLOCK_N=blk["proj_n"], BLOCK_D=blk["proj_d"],
-            PRECISION=_precision(), num_warps=blk["warps"],
+            PRECISION=_DOT_PRECISION, num_warps=blk["warps"],
         )
         if B > 0:
             _score_kernel[(triton.cdiv(B, blk["score_b"]),)](
                 y, scores, log_q, top, cos, norms, B, K, d, float(beta), float(threshold), 1.0 / tau, COS_EPS,
                 TOPK=topk, BLOCK_B=blk["score_b"], BLOCK_K=blk["score_k"], BLOCK_D=blk["score_d"],
-                PRECISION=_precision(), num_warps=blk["warps"],
+                PRECISION=_DOT_PRECISION, num_warps=blk["warps"],
             )
     return scores, log_q, top, (y, a, norms, cos)
 
@@ -383,10 +388,8 @@ def _backward(g_scores, g_logq, saved, ctx_feat, prompts, weight, bias, beta, th
     gbias = torch.empty(d, device=dev, dtype=torch.float32) if need_b else None
     gs = None if g_scores is None else g_scores.contiguous()
     gl = None if g_logq is None else g_logq.contiguous()
-    # fp32 weights take dW directly; lower precisions get an fp32 buffer and one cast at the end.
-    gw = None
-    if need_w:
-        gw = torch.empty(d, d, device=dev, dtype=torch.float32 if weight.dtype != torch.float32 else weight.dtype)
+    # dW accumulates in fp32 across row blocks; a bf16 weight gets one cast at the end.
+    gw = torch.empty(d, d, device=dev, dtype=torch.float32) if need_w else None
     gctx = torch.empty(B, d, device=dev, dtype=ctx_feat.dtype) if need_ctx else None
     gprompts = torch.empty(K, L, d, device=dev, dtype=prompts.dtype) if need_prompts else None
     dummy = y
@@ -397,7 +400,7 @@ def _backward(g_scores, g_logq, saved, ctx_feat, prompts, weight, bias, beta, th
             B, K, d, float(beta), float(threshold), 1.0 / tau, COS_EPS,
             HAS_GS=gs is not None, HAS_GL=gl is not None, NEED_GBIAS=need_b,
             BLOCK_B=blk["score_b"], BLOCK_K=blk["score_k"], BLOCK_N=blk["bwd_n"],
-            PRECISION=_precision(), num_warps=blk["warps"],
+            PRECISION=_DOT_PRECISION, num_warps=blk["warps"],
         )
         if need_ctx or need_prompts or need_w:
             gctx_strides = gctx.stride() if gctx is not None else (0, 0)
@@ -408,7 +411,7 @@ def _backward(g_scores, g_logq, saved, ctx_feat, prompts, weight, bias, beta, th
                 B, K, L, d, *weight.stride(), *gctx_strides, *gp_strides,
                 NEED_GW=need_w, NEED_GCTX=need_ctx, NEED_GPROMPTS=need_prompts,
                 BLOCK_M=blk["bwd_m"], BLOCK_N=blk["bwd_strip_n"], BLOCK_D=blk["bwd_strip"],
-                PRECISION=_precision(), num_warps=blk["warps"],
+                PRECISION=_DOT_PRECISION, num_warps=blk["warps"],
             )
     if gw is not None:
         gw = gw.to(weight.dtype)
@@ -429,6 +432,7 @@ class _RetrievalFunction(torch.autograd.Function):
         return scores, log_q, top
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_scores, g_logq, _g_top):
         ctx_feat, prompts, weight, bias, y, a, norms, cos, log_q = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],

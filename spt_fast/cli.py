@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=100)
     t.add_argument("--batch-size", type=int, default=2)
     t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--lr", type=float, default=1e-4, help="learning rate of the soft prompts (paper: 1e-4)")
+    t.add_argument("--retriever-lr", type=float, default=None, help="learning rate of the retriever (default: --lr)")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--max-len", type=int, default=512, help="max tokens of prompt + context + response")
     t.add_argument("--lambda-sel", type=float, default=0.4)
@@ -99,12 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data(d)
     d.add_argument("--model", default="default")
-    d.add_argument("--max-steps", type=int, default=60)
+    d.add_argument("--max-steps", type=int, default=30)
     d.add_argument("--batch-size", type=int, default=2)
-    d.add_argument("--eval-samples", type=int, default=100)
+    d.add_argument("--eval-samples", type=int, default=64)
     d.add_argument("--layout", choices=("prefix", "shared"), default="prefix")
-    d.add_argument("--max-len", type=int, default=192)
-    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--max-len", type=int, default=128)
+    d.add_argument("--lr", type=float, default=3e-3, help="soft-prompt learning rate (a short run needs more than 1e-4)")
+    d.add_argument("--retriever-lr", type=float, default=1e-4)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--no-progress", action="store_true")
@@ -126,7 +128,7 @@ def cmd_train(a) -> None:
     spt.validate()
     tc = TrainConfig(model=a.model, data=a.data, data_format=a.data_format, valid_data=a.valid_data,
                      output_dir=a.output_dir, max_steps=a.max_steps, batch_size=a.batch_size,
-                     grad_accum=a.grad_accum, lr=a.lr, weight_decay=a.weight_decay, dtype=a.dtype,
+                     grad_accum=a.grad_accum, lr=a.lr, retriever_lr=a.retriever_lr, weight_decay=a.weight_decay, dtype=a.dtype,
                      load_4bit=a.load_4bit, eval_every=a.eval_every, eval_samples=a.eval_samples,
                      save_every=a.save_every, seed=a.seed, resume=a.resume,
                      max_train_samples=a.max_train_samples, progress=not a.no_progress)
@@ -235,7 +237,7 @@ def cmd_demo(a) -> None:
     from .demo import run_demo
 
     run_demo(a.output_dir, a.model, a.data, a.data_format, a.max_steps, a.batch_size, a.eval_samples,
-             layout=a.layout, max_len=a.max_len, lr=a.lr, seed=a.seed, progress=not a.no_progress)
+             layout=a.layout, max_len=a.max_len, lr=a.lr, retriever_lr=a.retriever_lr, seed=a.seed, progress=not a.no_progress)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export, "demo": cmd_demo}

@@ -13,13 +13,13 @@ from .train import TrainConfig, Trainer, load_splits
 from .utils import resolve_dtype
 
 
-def run_demo(output_dir="runs/demo", model="default", data="chitchat", data_format=None, steps=60,
-             batch_size=2, eval_samples=100, num_prompts=4, prompt_len=8, layout="prefix", max_len=192,
-             lr=1e-3, seed=0, progress=True) -> dict:
+def run_demo(output_dir="runs/demo", model="default", data="chitchat", data_format=None, steps=30,
+             batch_size=2, eval_samples=64, num_prompts=4, prompt_len=8, layout="prefix", max_len=128,
+             lr=3e-3, retriever_lr=1e-4, seed=0, progress=True) -> dict:
     t0 = time.perf_counter()
     out = Path(output_dir)
     tc = TrainConfig(model=model, data=data, data_format=data_format, max_steps=steps, batch_size=batch_size,
-                     lr=lr, seed=seed, eval_samples=32, progress=progress)
+                     lr=lr, retriever_lr=retriever_lr, seed=seed, eval_samples=32, progress=progress)
     splits = load_splits(tc)
     base, tok = load(model, resolve_dtype(tc.dtype))
     runs = {

@@ -49,6 +49,12 @@ def default_model_dir() -> Path:
     print(f"converting the embedded {DEFAULT_GGUF} to safetensors in {target} (once)", flush=True)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+    # The weights are dequantised to fp32 on load, but transformers still marks the model as
+    # "gguf-quantized" and refuses to save it; drop that marker, the tensors are plain.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling and rename: a crash mid-way never leaves a half folder that
     # later runs would take for a finished conversion.

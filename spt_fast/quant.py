@@ -56,7 +56,7 @@ def _to_4bit(linear: nn.Linear, compute_dtype, blocksize: int) -> nn.Module:
 
 
 def quantize_linear_layers(model: nn.Module, compute_dtype=torch.bfloat16, blocksize: int = 64,
-                           skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+                           skip: tuple[str, ...] = ("lm_head", "output")) -> nn.Module:
     """Replace every plain nn.Linear in `model` with a frozen NF4 Linear4bit (double quant), in place.
 
     Modules whose dotted name ends with an entry of `skip` stay in full precision: the LM head is

@@ -30,6 +30,7 @@ class TrainConfig:
     batch_size: int = 2
     grad_accum: int = 1
     lr: float = 1e-4
+    retriever_lr: float | None = None  # None: same as lr
     weight_decay: float = 0.0
     dtype: str = "fp32"
     load_4bit: bool = False
@@ -85,8 +86,11 @@ class Trainer:
 
         self.model = build_spt_model(model, spt_cfg, tokenizer)
         self.encoder = Encoder(tokenizer, spt_cfg.max_len, spt_cfg.prompt_len)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        # The retriever's W is a dense d×d map: Adam moves every entry by ~lr per step, which at the
+        # prompts' learning rate can swing all cosines at once, so it may get its own rate.
+        groups = [{"params": [self.model.prompts.weight], "lr": tc.lr},
+                  {"params": list(self.model.retriever.parameters()), "lr": tc.retriever_lr or tc.lr}]
+        self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
         self.step = 0
         self.cursor = 0  # position in the current epoch's order
         self.epoch = 0
@@ -210,7 +214,7 @@ class Trainer:
                 (parts["loss"] / tc.grad_accum).backward()
                 for k in ("loss", "lm", "sel", "fus", "ctr"):
                     if parts.get(k) is not None:
-                        parts_sum[k] = parts_sum.get(k, 0.0) + float(parts[k]) / tc.grad_accum
+                        parts_sum[k] = parts_sum.get(k, 0.0) + parts[k].detach().item() / tc.grad_accum
                 tokens += int((batch.ctx_len + batch.resp_len).sum())
                 samples += batch.input_ids.shape[0]
             if not math.isfinite(parts_sum["loss"]):
@@ -220,7 +224,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             record = {"step": self.step, **parts_sum, "tokens_per_s": tokens / dt, "samples_per_s": samples / dt,
                       "peak_mem_bytes": peak_memory_bytes()}
-            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
+            if (tc.eval_every and self.step % tc.eval_every == 0) or self.step == tc.max_steps:
                 record.update(self.validate())
             self.history.append(record)
             with open(log_path, "a") as f:
@@ -231,9 +235,10 @@ class Trainer:
             if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.max_steps:
                 self.save()
         bar.close()
-        final = self.validate()
-        if self.history:
-            self.history[-1].update(final)
+        last = self.history[-1] if self.history else {}
+        final = {k: v for k, v in last.items() if k.startswith("val_") or k.startswith("usage")}
+        if "val_loss" not in final:
+            final = self.validate()
         folder = self.save()
         dt = time.perf_counter() - t0
         summary = {"steps": self.step, "checkpoint": str(folder), "seconds": dt,

@@ -1,0 +1,136 @@
+"""Prompt injection: reference (index + where over the whole output) vs the Triton copy kernels.
+
+pytest-benchmark: `pytest bench/bench_inject.py` (skipped without CUDA).
+Programmatic: `run(device="cuda")` -> rows {"op", "impl", "mode", "shape", "ms"}; on "cpu" only the
+reference is timed (the Triton kernels would run in the interpreter, which measures nothing).
+The op is a memory copy: N*(T+L)*d elements out; the backward reads the prompt slots (and, when
+the tokens need grads, every other slot) back.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from spt_fast.kernels.inject import inject_prompts_ref, inject_prompts_triton
+
+# (name, B samples, K prompts, T tokens, L, d, layout, token grads): the engine's training call
+# (all K prompts, frozen bf16 tokens), the shared layout on Llama-2-7b, and a case where the
+# token embeddings need grads too (tokens from a trainable upstream).
+SHAPES = [
+    ("smollm2-135m-prefix", 8, 4, 256, 8, 576, "prefix", False),
+    ("opt-2.7b-prefix", 2, 4, 480, 8, 2560, "prefix", False),
+    ("llama2-7b-shared", 2, 4, 448, 1, 4096, "shared", False),
+    ("llama2-7b-shared-tokgrad", 2, 4, 448, 1, 4096, "shared", True),
+]
+IMPLS = {"ref": inject_prompts_ref, "triton": inject_prompts_triton}
+MODES = ("fwd", "bwd", "full")
+
+
+def make_inputs(shape, device, dtype=torch.bfloat16):
+    _, b, k, t, l, d, layout, token_grad = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randn(b, t, d, generator=gen).to(device=device, dtype=dtype).requires_grad_(token_grad)
+    prompts = torch.randn(k, l, d, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    n = k * b
+    row_src = (torch.arange(n) % b).to(device)
+    prompt_idx = (torch.arange(n) // b).to(device)
+    if layout == "prefix":
+        pos = torch.zeros(n, dtype=torch.long)
+    else:
+        pos = torch.randint(t // 2, t + 1, (b,), generator=gen)[torch.arange(n) % b]  # ragged contexts
+    grad_out = torch.randn(n, t + l, d, generator=gen).to(device=device, dtype=dtype)
+    return (tokens, prompts, row_src, prompt_idx, pos.to(device)), grad_out
+
+
+def make_step(impl: str, mode: str, shape, device):
+    fn = IMPLS[impl]
+    inputs, grad_out = make_inputs(shape, device)
+    params = tuple(x for x in inputs[:2] if x.requires_grad)
+    if mode == "fwd":
+        def step():
+            fn(*inputs)
+    elif mode == "bwd":
+        out = fn(*inputs)
+
+        def step():
+            torch.autograd.grad(out, params, grad_out, retain_graph=True)
+    else:
+        def step():
+            torch.autograd.grad(fn(*inputs), params, grad_out)
+    return step
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(step, device, warmup=None, reps=None):
+    """Median wall time in ms (CUDA events on GPU so queued work is counted, not launch time).
+    CPU timings are only a reference point, so they take fewer repetitions."""
+    on_gpu = torch.device(device).type == "cuda"
+    warmup = warmup if warmup is not None else (3 if on_gpu else 1)
+    reps = reps if reps is not None else (30 if on_gpu else 5)
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def shape_label(shape) -> str:
+    name, b, k, t, l, d, layout, token_grad = shape
+    return f"{name} N={k * b} T={t} L={l} d={d}" + (" +tok-grad" if token_grad else "")
+
+
+def run(device: str = "cuda") -> list[dict]:
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("bench_inject.run: CUDA requested but no GPU is available")
+    impls = list(IMPLS) if torch.device(device).type == "cuda" else ["ref"]
+    rows = []
+    for shape in SHAPES:
+        for impl in impls:
+            for mode in MODES:
+                ms = time_ms(make_step(impl, mode, shape, device), device)
+                rows.append({"op": "inject", "impl": impl, "mode": mode, "shape": shape_label(shape),
+                             "ms": round(ms, 4)})
+    return rows
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="inject benchmark needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_bench_inject(benchmark, impl, mode, shape):
+    step = make_step(impl, mode, shape, "cuda")
+    step()  # compile outside the timed rounds
+
+    def synced():
+        step()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"inject-{shape[0]}-{mode}"
+    benchmark(synced)
+
+
+if __name__ == "__main__":
+    for row in run("cuda" if torch.cuda.is_available() else "cpu"):
+        print(row)

