@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -398,6 +399,25 @@ def branch_attention_ref(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale: float
     return _attention_math(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale, torch.float32)
 
 
+def branch_attention_sdpa(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale: float | None = None):
+    """The CPU path: one fused SDPA call over [context | branch] keys with a boolean mask.
+
+    Still gathers each branch's context (cheap at CPU model sizes), but skips the fp32 copies, the
+    GQA head repeat and the separate masked softmax of the reference, and uses SDPA's fused backward.
+    """
+    _check_inputs(q, k, v, ctx_k, ctx_v, ctx_len, sample_of)
+    n, h, tb, _ = q.shape
+    tc = ctx_k.shape[2]
+    sample_of = sample_of.to(q.device, torch.long)
+    keys = torch.cat([ctx_k[sample_of], k], dim=2)
+    values = torch.cat([ctx_v[sample_of], v], dim=2)
+    ctx_ok = torch.arange(tc, device=q.device)[None, :] < ctx_len.to(q.device, torch.long)[sample_of][:, None]
+    own_ok = torch.ones(tb, tb, dtype=torch.bool, device=q.device).tril()
+    allowed = torch.cat([ctx_ok[:, None, :].expand(n, tb, tc), own_ok[None].expand(n, tb, tb)], dim=2)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None], scale=scale,
+                                          enable_gqa=h != k.shape[1])
+
+
 def branch_attention_triton(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale: float | None = None):
     """Triton path regardless of device (tests call it on CPU tensors under TRITON_INTERPRET=1)."""
     _check_inputs(q, k, v, ctx_k, ctx_v, ctx_len, sample_of)
@@ -409,10 +429,11 @@ def branch_attention(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale: float | N
     """out[n, h, i] = softmax attention of q[n, h, i] over ctx[sample_of[n], :ctx_len] and k[n, :, :i+1].
 
     q [N, H, Tb, D]; k, v [N, Hkv, Tb, D]; ctx_k, ctx_v [B, Hkv, Tc, D] (no grad); ctx_len [B];
-    sample_of [N] (int, any device). Returns [N, H, Tb, D] in q's dtype. CUDA -> Triton, else reference.
+    sample_of [N] (int, any device). Returns [N, H, Tb, D] in q's dtype. CUDA -> Triton, else one
+    masked SDPA call (`branch_attention_sdpa`, checked against the reference in the tests).
     """
     if use_triton(q, k, v, ctx_k, ctx_v):
         return branch_attention_triton(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale)
-    return branch_attention_ref(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale)
+    return branch_attention_sdpa(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale)
 
 

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--valid-data", default=None, help="validation file (default: hold out 5%% of --data by dialogue)")
     t.add_argument("--num-prompts", "-K", type=int, default=4, help="K, the number of soft prompts")
     t.add_argument("--prompt-len", "-L", type=int, default=8, help="L, virtual tokens per prompt")
-    t.add_argument("--layout", choices=("prefix", "shared"), default="prefix",
-                   help="prefix: [P][context][response] (paper); shared: [context][P][response]")
+    t.add_argument("--layout", choices=("auto", "prefix", "shared"), default="auto",
+                   help="prefix: [P][context][response] (the paper's); shared: [context][P][response], the "
+                        "fast engine (Llama architectures); auto: shared where supported, else prefix")
     t.add_argument("--init", choices=("random", "vocab", "text"), default="vocab", help="soft prompt init")
     t.add_argument("--init-text", default=None, help="text for --init text")
     t.add_argument("--max-steps", type=int, default=100)
@@ -103,14 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-steps", type=int, default=30)
     d.add_argument("--batch-size", type=int, default=2)
     d.add_argument("--eval-samples", type=int, default=64)
-    d.add_argument("--layout", choices=("prefix", "shared"), default="prefix")
+    d.add_argument("--layout", choices=("auto", "prefix", "shared"), default="auto")
     d.add_argument("--max-len", type=int, default=128)
     d.add_argument("--lr", type=float, default=3e-3, help="soft-prompt learning rate (a short run needs more than 1e-4)")
     d.add_argument("--retriever-lr", type=float, default=1e-4)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--no-progress", action="store_true")
+    b = sub.add_parser("bench", help="benchmarks: train (step throughput/memory), kernels")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    from .benchmark import add_train_parser
+
+    add_train_parser(bsub)
     return ap
+
+
+def cmd_bench(a) -> None:
+    if a.bench_cmd == "train":
+        from .benchmark import run_train_cli
+
+        run_train_cli(a)
 
 
 def cmd_train(a) -> None:
@@ -240,7 +253,7 @@ def cmd_demo(a) -> None:
              layout=a.layout, max_len=a.max_len, lr=a.lr, retriever_lr=a.retriever_lr, seed=a.seed, progress=not a.no_progress)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export, "demo": cmd_demo}
+COMMANDS = {"bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -335,6 +335,30 @@ class Llama(nn.Module):
         return model.eval().requires_grad_(False)
 
     @classmethod
+    def from_hf_modules(cls, hf_model) -> "Llama":
+        """A view of a transformers LlamaForCausalLM that reuses its modules (no copy of anything).
+
+        Unlike `from_hf`, this also works after the HF model's linear layers were swapped for
+        bitsandbytes 4-bit ones, and both models keep sharing every weight.
+        """
+        config = LlamaConfig.from_hf(hf_model.config)
+        with torch.device("meta"):
+            model = cls(config)
+        trunk = hf_model.model
+        model.tok_embeddings = trunk.embed_tokens
+        model.norm.weight = trunk.norm.weight
+        model.output = hf_model.lm_head
+        for ours, theirs in zip(model.layers, trunk.layers):
+            a, sa = ours.attention, theirs.self_attn
+            a.wq, a.wk, a.wv, a.wo = sa.q_proj, sa.k_proj, sa.v_proj, sa.o_proj
+            f, mlp = ours.feed_forward, theirs.mlp
+            f.w1, f.w3, f.w2 = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+            ours.attention_norm.weight = theirs.input_layernorm.weight
+            ours.ffn_norm.weight = theirs.post_attention_layernorm.weight
+        model._build_rope(trunk.embed_tokens.weight.device)
+        return model.eval().requires_grad_(False)
+
+    @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "Llama":
         """Load a local Hugging Face Llama folder (safetensors) or a .gguf file, through transformers."""
         import os

@@ -17,7 +17,7 @@ from .kernels.inject import inject_prompts
 from .kernels.retrieval import pool_context, retrieval
 from . import losses
 
-LAYOUTS = ("prefix", "shared")
+LAYOUTS = ("prefix", "shared", "auto")  # auto: resolved by engine.build_spt_model
 INITS = ("random", "vocab", "text")
 
 
