@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data(d)
     d.add_argument("--model", default="default")
-    d.add_argument("--max-steps", type=int, default=30)
+    d.add_argument("--max-steps", type=int, default=60)
     d.add_argument("--batch-size", type=int, default=2)
     d.add_argument("--eval-samples", type=int, default=64)
     d.add_argument("--layout", choices=("auto", "prefix", "shared"), default="auto")

@@ -13,7 +13,7 @@ from .train import TrainConfig, Trainer, load_splits
 from .utils import resolve_dtype
 
 
-def run_demo(output_dir="runs/demo", model="default", data="chitchat", data_format=None, steps=30,
+def run_demo(output_dir="runs/demo", model="default", data="chitchat", data_format=None, steps=60,
              batch_size=2, eval_samples=64, num_prompts=4, prompt_len=8, layout="auto", max_len=128,
              lr=3e-3, retriever_lr=1e-4, seed=0, progress=True) -> dict:
     t0 = time.perf_counter()
@@ -32,8 +32,9 @@ def run_demo(output_dir="runs/demo", model="default", data="chitchat", data_form
     for name, cfg in runs.items():
         slug = "spt" if cfg.num_prompts > 1 else "pt"
         run_tc = TrainConfig(**{**tc.__dict__, "output_dir": str(out / slug)})
-        print(f"== training {name}: {steps} steps, batch {batch_size}, layout {layout}", flush=True)
         trainer = Trainer(cfg, run_tc, model=base, tokenizer=tok, splits=splits)
+        print(f"== training {name}: {steps} steps, batch {batch_size}, layout {trainer.model.config.layout}",
+              flush=True)
         train_summary = trainer.fit()
         print(f"== evaluating {name} on {len(held_out)} held-out samples", flush=True)
         result = evaluate(trainer.model, tok, held_out, progress=progress)
