@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--valid-data", default=None, help="validation file (default: hold out 5%% of --data by dialogue)")
     t.add_argument("--num-prompts", "-K", type=int, default=4, help="K, the number of soft prompts")
     t.add_argument("--prompt-len", "-L", type=int, default=8, help="L, virtual tokens per prompt")
-    t.add_argument("--layout", choices=("auto", "prefix", "shared"), default="auto",
+    t.add_argument("--layout", choices=("auto", "prefix", "shared"), default="prefix",
                    help="prefix: [P][context][response] (the paper's); shared: [context][P][response], the "
                         "fast engine (Llama architectures); auto: shared where supported, else prefix")
     t.add_argument("--init", choices=("random", "vocab", "text"), default="vocab", help="soft prompt init")
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-steps", type=int, default=60)
     d.add_argument("--batch-size", type=int, default=2)
     d.add_argument("--eval-samples", type=int, default=64)
-    d.add_argument("--layout", choices=("auto", "prefix", "shared"), default="auto")
+    d.add_argument("--layout", choices=("auto", "prefix", "shared"), default="prefix")
     d.add_argument("--max-len", type=int, default=128)
     d.add_argument("--lr", type=float, default=3e-3, help="soft-prompt learning rate (a short run needs more than 1e-4)")
     d.add_argument("--retriever-lr", type=float, default=1e-4)

@@ -14,7 +14,7 @@ from .utils import resolve_dtype
 
 
 def run_demo(output_dir="runs/demo", model="default", data="chitchat", data_format=None, steps=60,
-             batch_size=2, eval_samples=64, num_prompts=4, prompt_len=8, layout="auto", max_len=128,
+             batch_size=2, eval_samples=64, num_prompts=4, prompt_len=8, layout="prefix", max_len=128,
              lr=3e-3, retriever_lr=1e-4, seed=0, progress=True) -> dict:
     t0 = time.perf_counter()
     out = Path(output_dir)

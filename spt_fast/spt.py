@@ -89,10 +89,6 @@ class Batch:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    @property
-    def n_tokens(self) -> int:
-        return int(self.input_ids.shape[0] and (self.ctx_len + self.resp_len).sum())
-
 
 def collate(encoded: list, pad_id: int, bos_id: int | None) -> Batch:
     B = len(encoded)
