@@ -2,16 +2,15 @@
 
 pytest-benchmark: `pytest bench/bench_branch_attention.py` (skipped without CUDA).
 Programmatic: `run(device="cuda")` -> rows {"op", "impl", "mode", "shape", "ms"}; on "cpu" only
-the reference is timed (the Triton kernels would run in the interpreter, which measures nothing).
+the reference is timed (the Triton kernels would run in the interpreter, which measures nothing),
+on the first two shapes with few repetitions (the full set takes minutes on a CPU).
+Timing, the run loop and the pytest-benchmark plumbing are in spt_fast.bench_util.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
-import pytest
 import torch
 
+from spt_fast.bench_util import benchmark_step, default_device, kernel_cases, run_bench
 from spt_fast.kernels.branch_attention import branch_attention_ref, branch_attention_triton
 
 # (name, K prompts, B samples, H, Hkv, Tb = L + response, Tc = context, D): typical ConvAI2 lengths.
@@ -21,7 +20,6 @@ SHAPES = [
     ("llama2-7b-long", 4, 2, 32, 32, 128, 384, 128),
 ]
 IMPLS = {"ref": branch_attention_ref, "triton": branch_attention_triton}
-MODES = ("fwd", "bwd", "full")
 
 
 def make_inputs(shape, device, dtype=torch.bfloat16):
@@ -60,70 +58,21 @@ def make_step(impl: str, mode: str, shape, device):
     return step
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(step, device, warmup=3, reps=20):
-    """Median wall time in ms (CUDA events on GPU so queued work is counted, not launch time)."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        if torch.device(device).type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def shape_label(shape) -> str:
     name, k_prompts, b, h, hkv, tb, tc, d = shape
     return f"{name} N={k_prompts * b} H={h}/{hkv} Tb={tb} Tc={tc} D={d}"
 
 
 def run(device: str = "cuda") -> list[dict]:
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("bench_branch_attention.run: CUDA requested but no GPU is available")
-    impls = list(IMPLS) if torch.device(device).type == "cuda" else ["ref"]
-    rows = []
-    for shape in SHAPES:
-        for impl in impls:
-            for mode in MODES:
-                ms = time_ms(make_step(impl, mode, shape, device), device)
-                rows.append({"op": "branch_attention", "impl": impl, "mode": mode, "shape": shape_label(shape),
-                             "ms": round(ms, 4)})
-    return rows
+    return run_bench("branch_attention", SHAPES, IMPLS, make_step, shape_label, device,
+                     cpu_shapes=SHAPES[:2], gpu=(3, 20), cpu=(1, 3))
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="branch attention benchmark needs CUDA")
-
-
-@needs_cuda
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("impl", list(IMPLS))
+@kernel_cases("branch attention", SHAPES, IMPLS)
 def test_bench_branch_attention(benchmark, impl, mode, shape):
-    step = make_step(impl, mode, shape, "cuda")
-    step()  # compile outside the timed rounds
-
-    def synced():
-        step()
-        torch.cuda.synchronize()
-
-    benchmark.group = f"branch_attention-{shape[0]}-{mode}"
-    benchmark(synced)
+    benchmark_step(benchmark, make_step(impl, mode, shape, "cuda"), f"branch_attention-{shape[0]}-{mode}")
 
 
 if __name__ == "__main__":
-    for row in run("cuda" if torch.cuda.is_available() else "cpu"):
+    for row in run(default_device()):
         print(row)

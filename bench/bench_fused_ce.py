@@ -3,16 +3,15 @@
 pytest-benchmark: `pytest bench/bench_fused_ce.py` (skipped without CUDA).
 Programmatic: `run(device="cuda")` -> rows {"op", "impl", "mode", "shape", "ms", "peak_mem_bytes"};
 on "cpu" only the reference is timed (the Triton kernels would run in the interpreter, which
-measures nothing). peak_mem_bytes is the CUDA peak above what the inputs already hold (0 on CPU).
+measures nothing), on the first shape only. peak_mem_bytes is the CUDA peak above what the inputs
+already hold (0 on CPU).
+Timing, the run loop and the pytest-benchmark plumbing are in spt_fast.bench_util.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
-import pytest
 import torch
 
+from spt_fast.bench_util import benchmark_step, default_device, kernel_cases, run_bench
 from spt_fast.kernels.fused_ce import fused_linear_ce_ref, fused_linear_ce_triton
 
 # (name, K prompts, B samples, T response slots, d, V): the paper's batch of 2 on OPT-125m and
@@ -23,7 +22,6 @@ SHAPES = [
     ("llama2-7b-b8", 4, 8, 64, 4096, 32000),
 ]
 IMPLS = {"ref": fused_linear_ce_ref, "triton": fused_linear_ce_triton}
-MODES = ("fwd", "bwd", "full")
 
 
 def make_inputs(shape, device, dtype=torch.bfloat16):
@@ -63,90 +61,23 @@ def make_step(impl: str, mode: str, shape, device):
     return step
 
 
-def _is_cuda(device) -> bool:
-    return torch.device(device).type == "cuda"
-
-
-def time_ms(step, device, warmup=3, reps=20):
-    """Median wall time in ms (CUDA events on GPU so queued work is counted, not launch time)."""
-    if not _is_cuda(device):
-        warmup, reps = 1, 3  # a CPU step takes ~1 s; a few samples say enough
-    for _ in range(warmup):
-        step()
-    if _is_cuda(device):
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if _is_cuda(device):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_mem_bytes(step, device) -> int:
-    """Peak CUDA memory of one step above what was allocated before it (inputs, saved graph)."""
-    if not _is_cuda(device):
-        return 0
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return int(torch.cuda.max_memory_allocated() - base)
-
-
 def shape_label(shape) -> str:
     name, k_prompts, b, t, d, v = shape
     return f"{name} K={k_prompts} B={b} T={t} d={d} V={v}"
 
 
 def run(device: str = "cuda") -> list[dict]:
-    if _is_cuda(device) and not torch.cuda.is_available():
-        raise RuntimeError("bench_fused_ce.run: CUDA requested but no GPU is available")
-    impls = list(IMPLS) if _is_cuda(device) else ["ref"]
-    shapes = SHAPES if _is_cuda(device) else SHAPES[:1]  # the 7b heads take long on a CPU
-    rows = []
-    for shape in shapes:
-        for impl in impls:
-            for mode in MODES:
-                step = make_step(impl, mode, shape, device)
-                ms = time_ms(step, device)
-                rows.append({"op": "fused_linear_ce", "impl": impl, "mode": mode, "shape": shape_label(shape),
-                             "ms": round(ms, 4), "peak_mem_bytes": peak_mem_bytes(step, device)})
-                del step
-                if _is_cuda(device):
-                    torch.cuda.empty_cache()
-    return rows
+    # A CPU step on the 7b heads takes seconds: one shape and three repetitions say enough there.
+    return run_bench("fused_linear_ce", SHAPES, IMPLS, make_step, shape_label, device,
+                     cpu_shapes=SHAPES[:1], gpu=(3, 20), cpu=(1, 3), peak_mem=True)
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="fused CE benchmark needs CUDA")
-
-
-@needs_cuda
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("impl", list(IMPLS))
+@kernel_cases("fused CE", SHAPES, IMPLS)
 def test_bench_fused_ce(benchmark, impl, mode, shape):
-    step = make_step(impl, mode, shape, "cuda")
-    step()  # compile outside the timed rounds
-    benchmark.extra_info["peak_mem_bytes"] = peak_mem_bytes(step, "cuda")
-
-    def synced():
-        step()
-        torch.cuda.synchronize()
-
-    benchmark.group = f"fused_linear_ce-{shape[0]}-{mode}"
-    benchmark(synced)
+    benchmark_step(benchmark, make_step(impl, mode, shape, "cuda"), f"fused_linear_ce-{shape[0]}-{mode}",
+                   peak_mem=True)
 
 
 if __name__ == "__main__":
-    for row in run("cuda" if torch.cuda.is_available() else "cpu"):
+    for row in run(default_device()):
         print(row)

@@ -4,15 +4,13 @@ pytest-benchmark: `pytest bench/bench_retrieval.py` (skipped without CUDA).
 Programmatic: `run(device="cuda")` -> rows {"op", "impl", "mode", "shape", "ms"}; on "cpu" only the
 reference is timed (the Triton kernels would run in the interpreter, which measures nothing).
 The op is bound by reading W (d x d, fp32 as the engine keeps it) and, in backward, writing dW.
+Timing, the run loop and the pytest-benchmark plumbing are in spt_fast.bench_util.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
-import pytest
 import torch
 
+from spt_fast.bench_util import benchmark_step, default_device, kernel_cases, run_bench
 from spt_fast.kernels.retrieval import retrieval_ref, retrieval_triton
 
 # (name, B samples, K prompts, L prompt length, d): the paper's batch of 2 with OPT-125m / OPT-2.7b
@@ -24,7 +22,6 @@ SHAPES = [
     ("llama2-7b-b64", 64, 4, 1, 4096),
 ]
 IMPLS = {"ref": retrieval_ref, "triton": retrieval_triton}
-MODES = ("fwd", "bwd", "full")
 
 
 def make_inputs(shape, device):
@@ -63,74 +60,20 @@ def make_step(impl: str, mode: str, shape, device):
     return step
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(step, device, warmup=None, reps=None):
-    """Median wall time in ms (CUDA events on GPU so queued work is counted, not launch time).
-    CPU timings are only a reference point, so they take fewer repetitions."""
-    on_gpu = torch.device(device).type == "cuda"
-    warmup = warmup if warmup is not None else (3 if on_gpu else 1)
-    reps = reps if reps is not None else (30 if on_gpu else 5)
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        if torch.device(device).type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def shape_label(shape) -> str:
     name, b, k, l, d = shape
     return f"{name} B={b} K={k} L={l} d={d}"
 
 
 def run(device: str = "cuda") -> list[dict]:
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("bench_retrieval.run: CUDA requested but no GPU is available")
-    impls = list(IMPLS) if torch.device(device).type == "cuda" else ["ref"]
-    rows = []
-    for shape in SHAPES:
-        for impl in impls:
-            for mode in MODES:
-                ms = time_ms(make_step(impl, mode, shape, device), device)
-                rows.append({"op": "retrieval", "impl": impl, "mode": mode, "shape": shape_label(shape),
-                             "ms": round(ms, 4)})
-    return rows
+    return run_bench("retrieval", SHAPES, IMPLS, make_step, shape_label, device)
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="retrieval benchmark needs CUDA")
-
-
-@needs_cuda
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("impl", list(IMPLS))
+@kernel_cases("retrieval", SHAPES, IMPLS)
 def test_bench_retrieval(benchmark, impl, mode, shape):
-    step = make_step(impl, mode, shape, "cuda")
-    step()  # compile outside the timed rounds
-
-    def synced():
-        step()
-        torch.cuda.synchronize()
-
-    benchmark.group = f"retrieval-{shape[0]}-{mode}"
-    benchmark(synced)
+    benchmark_step(benchmark, make_step(impl, mode, shape, "cuda"), f"retrieval-{shape[0]}-{mode}")
 
 
 if __name__ == "__main__":
-    for row in run("cuda" if torch.cuda.is_available() else "cpu"):
+    for row in run(default_device()):
         print(row)

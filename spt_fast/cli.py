@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     b = sub.add_parser("bench", help="benchmarks: train (step throughput/memory), kernels")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    from .bench_util import add_kernels_parser
     from .benchmark import add_train_parser
 
     add_train_parser(bsub)
+    add_kernels_parser(bsub)
     return ap
 
 
@@ -124,6 +126,10 @@ def cmd_bench(a) -> None:
         from .benchmark import run_train_cli
 
         run_train_cli(a)
+    elif a.bench_cmd == "kernels":
+        from .bench_util import run_kernels_cli
+
+        run_kernels_cli(a)
 
 
 def cmd_train(a) -> None:
