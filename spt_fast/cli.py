@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import chat, serve_bench
 from .errors import SPTError
 
 FORMATS = ("convai2", "jsonl", "chitchat")
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(bsub)
     add_kernels_parser(bsub)
+    serve_bench.add_parser(bsub)
+    chat.add_parser(sub)
     return ap
 
 
@@ -126,6 +129,8 @@ def cmd_bench(a) -> None:
         from .benchmark import run_train_cli
 
         run_train_cli(a)
+    elif a.bench_cmd == "generate":
+        serve_bench.run(a)
     elif a.bench_cmd == "kernels":
         from .bench_util import run_kernels_cli
 
@@ -259,7 +264,7 @@ def cmd_demo(a) -> None:
              layout=a.layout, max_len=a.max_len, lr=a.lr, retriever_lr=a.retriever_lr, seed=a.seed, progress=not a.no_progress)
 
 
-COMMANDS = {"bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export, "demo": cmd_demo}
+COMMANDS = {"chat": lambda a: chat.run(a), "bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

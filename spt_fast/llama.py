@@ -8,6 +8,10 @@ transformers' Llama, so no q/k permutation is needed on load. Three ways through
 - `context_pass`: the shared context, once per sample, under no_grad; keeps every layer's K/V.
 - `branch_pass`: K*B branches ([P_k][response]) with autograd, each attending to its sample's
   context K/V (stored once, batch B) plus its own causal tokens, via `branch_attention`.
+
+Generation (gpt-fast style): `setup_caches` allocates a static `KVCache` per layer, `prefill` fills
+it from right-padded rows, `decode` / `decode_one_token` extend each row at its own positions
+(ragged batches need no left padding). spt_fast.serve drives them.
 """
 from __future__ import annotations
 
@@ -103,18 +107,34 @@ class ContextKV:
 
 
 class KVCache(nn.Module):
-    """Static preallocated cache (gpt-fast): fixed shapes let a compiled decode step keep one graph."""
+    """Static preallocated cache (gpt-fast): fixed shapes let a compiled decode step keep one graph.
 
-    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype=torch.bfloat16):
+    Slot j of row b holds the K/V of that row's position j, so rows of a ragged batch each write at
+    their own positions and a query at position p attends to slots 0..p of its row.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype=torch.bfloat16,
+                 device=None):
         super().__init__()
         shape = (batch, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        # Zeros, not empty: masked slots still enter the attention product as 0 * v, and garbage
+        # memory could hold NaN/inf.
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def seq_len(self) -> int:
+        return self.k_cache.shape[2]
 
     def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, Hkv, T, D] at positions pos [T]; return the whole caches."""
-        self.k_cache.index_copy_(2, pos, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, pos, v.to(self.v_cache.dtype))
+        """Write k, v [B, Hkv, T, D] at slots pos [T] (every row) or [B, T] (per row); return the caches."""
+        if pos.dim() == 1:
+            self.k_cache.index_copy_(2, pos, k.to(self.k_cache.dtype))
+            self.v_cache.index_copy_(2, pos, v.to(self.v_cache.dtype))
+        else:
+            index = pos[:, None, :, None].expand(k.shape)
+            self.k_cache.scatter_(2, index, k.to(self.k_cache.dtype))
+            self.v_cache.scatter_(2, index, v.to(self.v_cache.dtype))
         return self.k_cache, self.v_cache
 
 
@@ -144,6 +164,10 @@ def _apply_rotary(x, cos, sin):
 
 def _causal_sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _masked_sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -304,6 +328,63 @@ class Llama(nn.Module):
                 return branch_attention(q, k, v, ctx.k[i], ctx.v[i], ctx.ctx_len, sample_of)
             h = layer(h, cos, sin, attend)
         return self.norm(h)
+
+    # ---- generation with a static KV cache ---------------------------------------------------
+    def setup_caches(self, batch: int, seq_len: int, dtype: torch.dtype | None = None, device=None) -> list[KVCache]:
+        """One zeroed KVCache per layer for `batch` rows of up to `seq_len` positions."""
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(f"cache of {seq_len} positions is past max_seq_len {self.config.max_seq_len}")
+        emb = self.tok_embeddings.weight
+        cfg = self.config
+        return [KVCache(batch, cfg.n_kv_heads, seq_len, cfg.head_dim, dtype or emb.dtype, device or emb.device)
+                for _ in range(cfg.n_layers)]
+
+    def prefill(self, inputs_embeds: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Right-padded rows [B, T, d] at positions 0..T-1: fill cache slots 0..T-1, return hidden [B, T, d].
+
+        Padding slots are filled too; a row's later tokens overwrite them before anything attends there.
+        """
+        t = inputs_embeds.shape[1]
+        pos = torch.arange(t, device=inputs_embeds.device)
+        if t > caches[0].seq_len:
+            raise ValueError(f"prefill of {t} positions does not fit a cache of {caches[0].seq_len}")
+        cos, sin = self._rope(pos, t - 1)
+        h = inputs_embeds
+        for layer, cache in zip(self.layers, caches):
+            def attend(q, k, v, cache=cache):
+                cache.update(pos, k, v)
+                return _causal_sdpa(q, k, v)
+            h = layer(h, cos, sin, attend)
+        return self.norm(h)
+
+    def decode(self, inputs_embeds: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
+               kv_len: int | None = None) -> torch.Tensor:
+        """Rows [B, T, d] at per-row positions pos [B, T] after what the caches hold: hidden [B, T, d].
+
+        Each token's K/V go to its own slot first, then it attends to slots <= its position of its
+        row. Positions must be < kv_len (default: the cache length; not checked, a device value
+        would cost a sync). A smaller kv_len skips reading never-used slots; a compiled step keeps
+        the default so its shapes never change.
+        """
+        seq_len = caches[0].seq_len if kv_len is None else min(kv_len, caches[0].seq_len)
+        cos, sin = self._rope(pos, seq_len - 1)
+        slots = torch.arange(seq_len, device=pos.device)
+        mask = slots[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, T, S]
+        h = inputs_embeds
+        for layer, cache in zip(self.layers, caches):
+            def attend(q, k, v, cache=cache):
+                kc, vc = cache.update(pos, k, v)
+                if seq_len < kc.shape[2]:
+                    kc, vc = kc[:, :, :seq_len], vc[:, :, :seq_len]
+                return _masked_sdpa(q, kc, vc, mask)
+            h = layer(h, cos, sin, attend)
+        return self.norm(h)
+
+    def decode_one_token(self, token: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
+                         kv_len: int | None = None) -> torch.Tensor:
+        """Next-token logits [B, V] (fp32) for tokens [B] at per-row positions pos [B] (< kv_len)."""
+        h = self.decode(self.tok_embeddings(token)[:, None], pos[:, None], caches, kv_len)
+        return self.logits(h[:, 0]).float()
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype | None = None) -> "Llama":

@@ -1,0 +1,243 @@
+"""Generation latency: transformers `generate` vs the spt_fast engine, same weights, same prompts.
+
+Every row is a synthetic context of `context_len` token ids followed by its soft prompt (shared
+layout); row b uses prompt b % K, so a batch mixes prompts. Both implementations get exactly the
+same input embeddings and decode greedily for exactly `new_tokens` tokens (eos and stop strings
+off). Reported per (impl, batch):
+- ttft_ms: a 1-token call, from token ids to the first new token (embedding, prompt injection,
+  prefill, first token);
+Times are the best of `repeats` runs, with the implementations alternating inside each repeat.
+- decode_tokens_per_s: batch * (new_tokens - 1) / (time(new_tokens) - time(1));
+- step_ms: the same as the time of one decode step;
+- on GPU, hbm_roofline_pct: (weight bytes / bandwidth) / step time, the share of the memory-bound
+  limit a decode step reaches (gpt-fast's "achieved bandwidth"), and achieved_GBps.
+Models: "default" (the embedded SmolLM2-135M), a local folder, or "preset:NAME" (a Llama preset
+from spt_fast.llama.PRESETS with random weights built on the device: nothing is downloaded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import SPTError
+
+H100_SXM_BANDWIDTH = 3.35e12  # bytes/s
+
+
+def random_preset_model(name: str, dtype: torch.dtype, device, seed: int = 0):
+    """A LlamaForCausalLM with a preset's shapes and random N(0, 0.02) weights, built on `device`."""
+    from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
+
+    from .llama import LlamaConfig
+
+    try:
+        p = LlamaConfig.from_name(name)
+    except ValueError as exc:
+        raise SPTError(str(exc)) from None
+    device = torch.device(device)
+    if device.type == "cpu" and p.dim * p.n_layers > 576 * 30:
+        raise SPTError(f"preset:{name} is a GPU benchmark (random {name} weights do not fit this CPU run); "
+                       "use preset:tiny, preset:smollm2-135m or 'default' on CPU")
+    cfg = HFLlamaConfig(vocab_size=p.vocab_size, hidden_size=p.dim, intermediate_size=p.intermediate_size,
+                        num_hidden_layers=p.n_layers, num_attention_heads=p.n_heads, num_key_value_heads=p.n_kv_heads,
+                        max_position_embeddings=p.max_seq_len, rms_norm_eps=p.rms_norm_eps, rope_theta=p.rope_theta,
+                        tie_word_embeddings=p.tie_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    # Skeleton on the meta device (no host memory, no init), then storage and a cheap random init
+    # straight on the target device.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name_, param in model.named_parameters():
+            if name_.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    if p.tie_embeddings:  # to_empty gave the head its own storage
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # The rotary tables are non-persistent buffers computed at construction: build them for real (fp32).
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def _weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _load(model: str, dtype: torch.dtype, load_4bit: bool, device):
+    if model.startswith("preset:"):
+        base = random_preset_model(model.split(":", 1)[1], dtype, device)
+        if load_4bit:
+            from .quant import quantize_linear_layers
+
+            quantize_linear_layers(base, compute_dtype=dtype)
+        return base, None
+    from .model_io import load
+
+    base, tok = load(model, dtype, load_4bit)
+    return base.to(device), tok
+
+
+def _timed(fn, device, clock) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = clock()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clock() - t
+
+
+def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_sizes=(1, 16), dtype="fp32",
+                       load_4bit: bool = False, context_len: int = 128, new_tokens: int = 32, device=None,
+                       num_prompts: int = 4, prompt_len: int = 8, repeats: int = 3, compile: bool = False,
+                       bandwidth: float = H100_SXM_BANDWIDTH, seed: int = 0, clock: str = "wall") -> list[dict]:
+    """Rows {"impl","model","device","dtype","batch","ttft_ms","decode_tokens_per_s","step_ms",...}.
+
+    clock="process" times CPU runs by the process's CPU time instead of wall time: with one torch
+    thread that is the work done, unaffected by other jobs taking the cores (a shared machine).
+    """
+    from .engine import build_spt_model
+    from .kernels.inject import inject_prompts
+    from .serve import Engine
+    from .spt import SPTConfig
+    from .utils import resolve_dtype
+
+    for impl in impls:
+        if impl not in ("hf", "spt_fast"):
+            raise SPTError(f"unknown impl {impl!r}: use 'hf' and/or 'spt_fast'")
+    if new_tokens < 2:
+        raise SPTError("new_tokens must be >= 2 (decode speed needs more than the first token)")
+    if context_len < 2:
+        raise SPTError("context_len must be >= 2")
+    if clock not in ("wall", "process"):
+        raise SPTError(f"clock must be 'wall' or 'process', got {clock!r}")
+    tdtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
+    dname = {torch.float32: "fp32", torch.bfloat16: "bf16"}[tdtype]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if clock == "process" and device.type == "cuda":
+        raise SPTError("clock='process' is for CPU runs; GPU work does not show in the process's CPU time")
+    timer = time.process_time if clock == "process" else time.perf_counter
+    base, tok = _load(model, tdtype, load_4bit, device)
+    spt = build_spt_model(base, SPTConfig(num_prompts=num_prompts, prompt_len=prompt_len, layout="shared",
+                                          init="vocab", seed=seed))
+    spt.to(device).eval()
+    engine = Engine(spt, tok, compile=compile) if "spt_fast" in impls else None
+    weight_bytes = _weight_bytes(base)
+    vocab = base.get_input_embeddings().weight.shape[0]
+    bos = getattr(base.config, "bos_token_id", None)
+    pad = (tok.pad_token_id if tok is not None else None) or 0
+    rows_out = []
+    for B in batch_sizes:
+        g = torch.Generator().manual_seed(seed + B)
+        ids = torch.randint(min(100, vocab - 1), vocab, (B, context_len), generator=g)
+        if bos is not None:
+            ids[:, 0] = bos
+        picks = [b % num_prompts for b in range(B)]
+
+        def hf_call(n, ids=ids, picks=picks, B=B):
+            with torch.no_grad():
+                emb = base.get_input_embeddings()(ids.to(device))
+                rows = inject_prompts(emb, spt.prompts.weight.to(emb.dtype), torch.arange(B, device=device),
+                                      torch.tensor(picks, device=device), torch.full((B,), context_len, device=device))
+                mask = torch.ones(B, context_len + prompt_len, dtype=torch.long, device=device)
+                return base.generate(inputs_embeds=rows, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                     do_sample=False, pad_token_id=pad)
+
+        def ours_call(n, ids=ids, picks=picks):
+            return engine.generate_ids(ids.tolist(), max_new_tokens=n, stops=(), ignore_eos=True, prompt=picks)
+
+        calls = {"hf": hf_call, "spt_fast": ours_call}
+        for impl in impls:
+            calls[impl](new_tokens)  # warm-up (and compilation)
+            calls[impl](1)
+        # Implementations alternate inside each repeat, and the best repeat counts: on a shared
+        # machine, load that comes and goes then hits every implementation alike.
+        t1 = {impl: [] for impl in impls}
+        tn = {impl: [] for impl in impls}
+        for _ in range(repeats):
+            for impl in impls:
+                t1[impl].append(_timed(lambda: calls[impl](1), device, timer))
+                tn[impl].append(_timed(lambda: calls[impl](new_tokens), device, timer))
+        for impl in impls:
+            first, total = min(t1[impl]), min(tn[impl])
+            step = max(total - first, 1e-9) / (new_tokens - 1)
+            row = {"impl": impl, "model": model, "device": device.type, "dtype": dname, "batch": B,
+                   "ttft_ms": round(first * 1e3, 3), "decode_tokens_per_s": round(B / step, 2),
+                   "step_ms": round(step * 1e3, 3), "context_len": context_len, "new_tokens": new_tokens,
+                   "load_4bit": bool(load_4bit), "compile": bool(compile and impl == "spt_fast"),
+                   "threads": torch.get_num_threads(), "clock": clock, "weight_bytes": weight_bytes}
+            if device.type == "cuda":
+                row["achieved_GBps"] = round(weight_bytes / step / 1e9, 1)
+                row["hbm_roofline_pct"] = round(100 * weight_bytes / bandwidth / step, 1)
+                row["gpu"] = torch.cuda.get_device_name(device)
+            rows_out.append(row)
+    return rows_out
+
+
+def format_rows(rows: list[dict]) -> str:
+    cols = ["impl", "batch", "ttft_ms", "decode_tokens_per_s", "step_ms"]
+    if any("hbm_roofline_pct" in r for r in rows):
+        cols += ["achieved_GBps", "hbm_roofline_pct"]
+    lines = ["  ".join(f"{c:>20}" for c in cols)]
+    for r in rows:
+        lines.append("  ".join(f"{str(r.get(c, '')):>20}" for c in cols))
+    base = {(r["batch"]): r for r in rows if r["impl"] == "hf"}
+    for r in rows:
+        if r["impl"] == "spt_fast" and r["batch"] in base:
+            h = base[r["batch"]]
+            lines.append(f"batch {r['batch']}: decode {r['decode_tokens_per_s'] / h['decode_tokens_per_s']:.2f}x "
+                         f"transformers generate, ttft {h['ttft_ms'] / r['ttft_ms']:.2f}x")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """`generate` under the `spt-fast bench` subcommands."""
+    b = subparsers.add_parser("generate", help="decode latency: transformers generate vs the spt_fast engine",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--model", default="default",
+                   help="'default', a local model folder, or preset:NAME (random weights, e.g. preset:llama-2-7b)")
+    b.add_argument("--impls", default="hf,spt_fast", help="comma-separated: hf, spt_fast")
+    b.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
+    b.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    b.add_argument("--load-4bit", action="store_true")
+    b.add_argument("--context-len", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--device", default=None)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
+    b.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
+                   help="memory bandwidth (bytes/s) for the roofline")
+    b.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="process: CPU time of the process (CPU runs with one thread on a shared machine)")
+    b.add_argument("--json", default=None, help="write the rows here")
+    return b
+
+
+def run(args) -> None:
+    try:
+        batch_sizes = tuple(int(x) for x in args.batch_sizes.split(",") if x.strip())
+    except ValueError:
+        raise SPTError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise SPTError("--batch-sizes needs positive integers")
+    impls = tuple(x.strip() for x in args.impls.split(",") if x.strip())
+    rows = run_generate_bench(args.model, impls, batch_sizes, args.dtype, args.load_4bit, args.context_len,
+                              args.new_tokens, args.device, repeats=args.repeats, compile=args.compile,
+                              bandwidth=args.bandwidth, clock=args.clock)
+    print(format_rows(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -1,0 +1,436 @@
+"""The generation engine (spt_fast.serve) against the generic Hugging Face path (spt_fast.generate,
+the oracle): greedy replies equal token for token on tiny random Llamas (GQA and not, tied head,
+ragged batches, both layouts, retrieved and mixed forced prompts), a 4-bit base, the non-Llama
+fallback, and the real embedded model (slow). Then sampling, stop strings and early exit, the
+max-new-tokens bound, streaming, bad input, the chat loop and the benchmark function."""
+import io
+import warnings
+
+import pytest
+import torch
+
+from spt_fast import checkpoint, testing
+from spt_fast.data import Sample
+from spt_fast.decoding import StopTable, TextDelta, advance, sample_next
+from spt_fast.engine import build_spt_model
+from spt_fast.errors import CheckpointError, SPTError
+from spt_fast.generate import generate_batch
+from spt_fast.llama import Llama
+from spt_fast.serve import Engine
+from spt_fast.spt import SPTConfig, collate
+from spt_fast.text import Encoder
+
+# Ragged: contexts of very different lengths, one without persona, one without history.
+CONVS = [
+    (["i like cats."], ["hi there", "hello!", "how are you?"]),
+    (["i drive a bus.", "i am tall."], ["hey"]),
+    ([], ["a", "b", "c", "d", "what?"]),
+    (["i sing."], []),
+]
+EOS = 2  # testing.char_tokenizer / tiny_llama
+
+
+def tiny(seed=0, **overrides):
+    """tiny_llama(init_std=0.1) (peaked logits: no near-ties for greedy), eos made unlikely so
+    replies run long enough to compare, with config overrides (kv heads, tied head, layers)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = testing.tiny_llama().config.to_dict()
+    cfg.update(initializer_range=0.1, **overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(type(testing.tiny_llama().config)(**cfg)).eval()
+    with torch.no_grad():
+        if not model.config.tie_word_embeddings:
+            model.lm_head.weight[EOS] = 0.0
+    return model.requires_grad_(False)
+
+
+def spt_for(base, layout="shared", K=3, L=4, seed=0):
+    return build_spt_model(base, SPTConfig(num_prompts=K, prompt_len=L, layout=layout, init="random", seed=seed))
+
+
+def oracle(spt, tok, convs, max_new=24, stops=("\n", "Q:", "R:"), prompts=None):
+    enc = Encoder(tok, spt.config.max_len, spt.config.prompt_len)
+    encoded = [enc.encode(Sample(tuple(p), tuple(h), "", "t", 0), with_response=False) for p, h in convs]
+    batch = collate(encoded, tok.pad_token_id, tok.bos_token_id)
+    idx = None if prompts is None else torch.tensor(prompts)
+    return generate_batch(spt, tok, batch, max_new, stops, prompt_idx=idx)
+
+
+MODELS = {
+    "gqa": dict(),
+    "mha": dict(num_key_value_heads=4),
+    "tied-1layer": dict(tie_word_embeddings=True, num_hidden_layers=1),
+}
+
+
+@pytest.mark.parametrize("layout", ["shared", "prefix"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_greedy_equals_hf_path(char_tok, model, layout):
+    spt = spt_for(tiny(**MODELS[model]), layout)
+    engine = Engine(spt, char_tok)
+    assert engine.fast
+    for prompts in (None, [2, 0, 1, 2]):
+        for stops in ((), ("\n", "Q:", "R:")):
+            ref, ref_prompts = oracle(spt, char_tok, CONVS, 24, stops, prompts)
+            got = engine.generate(CONVS, max_new_tokens=24, stops=stops, prompt=prompts)
+            assert [r.text for r in got] == ref
+            assert engine.last_prompts == ref_prompts == [r.prompt for r in got]
+            if not stops:
+                assert [char_tok.decode(r.tokens, skip_special_tokens=True).strip() for r in got] == ref
+    assert max(len(t) for t in ref) >= 8  # the comparison covered real decoding, not empty replies
+
+
+def test_ragged_rows_equal_rows_alone(char_tok):
+    engine = Engine(spt_for(tiny(seed=3)), char_tok)
+    together = engine.generate(CONVS, max_new_tokens=20, stops=(), prompt=[0, 1, 2, 0])
+    alone = [engine.generate([c], max_new_tokens=20, stops=(), prompt=p)[0] for c, p in zip(CONVS, [0, 1, 2, 0])]
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+
+
+def test_retrieval_picks_mixed_prompts_per_row(char_tok):
+    # Mean-pooled char embeddings of these contexts are nearly equal; a retriever centred on
+    # their mean (W x + b = W (x - c)) tells them apart, so the rows pick different prompts.
+    from spt_fast.kernels.retrieval import pool_context
+
+    spt = spt_for(tiny(seed=1), K=4)
+    enc = Encoder(char_tok, spt.config.max_len, spt.config.prompt_len)
+    batch = collate([enc.encode(Sample(tuple(p), tuple(h), "", "t", 0), with_response=False) for p, h in CONVS],
+                    char_tok.pad_token_id, char_tok.bos_token_id)
+    with torch.no_grad():
+        centre = pool_context(spt.embed(batch.input_ids), batch.ctx_len, 1).mean(0)
+        spt.retriever.proj.weight.copy_(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+        spt.retriever.proj.bias.copy_(-spt.retriever.proj.weight @ centre)
+    engine = Engine(spt, char_tok)
+    ref, ref_prompts = oracle(spt, char_tok, CONVS)
+    assert engine.reply_batch(CONVS, max_new_tokens=24) == ref
+    assert engine.last_prompts == ref_prompts and len(set(ref_prompts)) > 1
+
+
+def test_kv_cache_decode_matches_full_forward():
+    hf = tiny()
+    model = Llama.from_hf(hf)
+    g = torch.Generator().manual_seed(0)
+    lengths = [7, 3, 5]
+    x = torch.randn(3, 7, 64, generator=g)
+    new = torch.randint(3, 100, (3, 4), generator=g)
+    caches = model.setup_caches(3, 32, torch.float32)
+    with torch.no_grad():
+        model.prefill(x, caches)
+        steps = [model.decode_one_token(new[:, t], torch.tensor(lengths) + t, caches) for t in range(4)]
+        for b, n in enumerate(lengths):
+            full = torch.cat([x[b, :n], model.tok_embeddings(new[b])])[None]
+            ref = model.logits(model(full))[0, n:]
+            for t in range(4):
+                torch.testing.assert_close(steps[t][b], ref[t], rtol=1e-4, atol=1e-4)
+
+
+def test_4bit_base_equals_hf_path(char_tok):
+    from spt_fast.quant import quantize_linear_layers
+
+    base = quantize_linear_layers(tiny(seed=2), compute_dtype=torch.float32)
+    spt = spt_for(base)
+    engine = Engine(spt, char_tok)
+    assert engine.fast
+    ref, _ = oracle(spt, char_tok, CONVS, stops=(), prompts=[0, 1, 2, 1])
+    assert engine.reply_batch(CONVS, max_new_tokens=24, stops=(), prompt=[0, 1, 2, 1]) == ref
+    assert max(len(t) for t in ref) >= 8
+
+
+def test_non_llama_falls_back_to_hf_path_with_one_warning(char_tok):
+    spt = spt_for(testing.tiny_opt(), layout="prefix")
+    with pytest.warns(UserWarning, match="falling back to the Hugging Face generation path") as record:
+        engine = Engine(spt, char_tok)
+    assert len(record) == 1 and not engine.fast
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = engine.reply_batch(CONVS, max_new_tokens=12)
+        sampled = engine.reply_batch(CONVS, max_new_tokens=12, temperature=1.0, seed=0)
+    assert got == oracle(spt, char_tok, CONVS, 12)[0]
+    assert sampled == engine.reply_batch(CONVS, max_new_tokens=12, temperature=1.0, seed=0)
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+def test_sampling_reproducible_and_seed_dependent(char_tok):
+    engine = Engine(spt_for(tiny(seed=4)), char_tok)
+    kw = dict(max_new_tokens=20, stops=(), temperature=1.0, top_p=0.95)
+    a = engine.generate(CONVS, seed=7, **kw)
+    b = engine.generate(CONVS, seed=7, **kw)
+    c = engine.generate(CONVS, seed=8, **kw)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.tokens for r in a] != [r.tokens for r in c]
+    greedy = engine.generate(CONVS, max_new_tokens=20, stops=())
+    assert [r.tokens for r in a] != [r.tokens for r in greedy]
+    tiny_p = engine.generate(CONVS, max_new_tokens=20, stops=(), temperature=1.0, top_p=1e-6, seed=3)
+    assert [r.tokens for r in tiny_p] == [r.tokens for r in greedy]
+
+
+def test_sample_next_distribution_and_nucleus():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[None].expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.empty(20000, 4).exponential_(generator=g)
+    freq = torch.bincount(sample_next(logits, 1.0, 1.0, noise), minlength=4).float() / 20000
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+    assert set(sample_next(logits, 1.0, 0.7, noise).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(sample_next(logits, 1.0, 0.5, noise).tolist()) == {0}  # the head alone reaches 0.5
+    assert torch.equal(sample_next(logits[:3], 1.0, 1.0, None), torch.zeros(3, dtype=torch.long))
+
+
+# --- stop strings, early exit, bound --------------------------------------------------------------
+
+def test_stop_table_spans_tokens():
+    pieces = ["a", "Q", ":", "Q:", "xQ", ":y", "R", "\n", "", "QR"]
+    st = StopTable(pieces, ("\n", "Q:", "R:"))
+    assert st.states == ["", "Q", "R"]
+
+    def run(ids):
+        s = 0
+        for v in ids:
+            s = int(st.table[s, v])
+        return s
+
+    assert run([0, 1, 2]) == st.STOP  # "a" "Q" ":" -> Q: across tokens
+    assert run([4, 5]) == st.STOP  # "xQ" ":y"
+    assert run([3]) == st.STOP and run([7]) == st.STOP
+    assert run([1, 8, 2]) == st.STOP  # a skipped special token keeps the state
+    assert run([9, 2]) == st.STOP  # "QR" ":" -> R:
+    assert run([1, 0, 2]) == 0  # "Qa:" has no stop
+    assert run([6]) == 2 and run([6, 0]) == 0
+
+
+class Scripted:
+    """A backend that emits fixed texts per row (char tokenizer ids), counting decode steps."""
+
+    name = "scripted"
+
+    def __init__(self, tok, texts, vocab=104):
+        self.ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+        self.vocab, self.t, self.steps = vocab, 0, 0
+
+    def batch_bucket(self, batch):
+        return batch
+
+    def _logits(self):
+        out = torch.zeros(len(self.ids), self.vocab)
+        for b, ids in enumerate(self.ids):
+            out[b, ids[self.t] if self.t < len(ids) else EOS] = 10.0
+        return out
+
+    def prefill(self, rows, lengths, max_new_tokens):
+        self.t = 0
+        return self._logits()
+
+    def step(self, token, pos, done, state, noise, *args, max_pos):
+        self.t += 1
+        self.steps += 1
+        temperature, top_p, table, eos_id, ignore_eos = args
+        return advance(self._logits(), done, state, eos_id, temperature, top_p, noise, table, ignore_eos)
+
+
+def test_stop_strings_and_early_exit(char_tok):
+    engine = Engine(spt_for(tiny()), char_tok)
+    tail = " and then a long tail that goes on" * 2
+    texts = ["hi Q: more" + tail, "ok fine\nnext" + tail, "abc R: x" + tail, "xyz"]  # row 3: then eos
+    engine.backend = Scripted(char_tok, texts)
+    got = engine.generate(CONVS, max_new_tokens=60)
+    assert [r.text for r in got] == ["hi", "ok fine", "abc", "xyz"]
+    assert [r.finish for r in got] == ["stop", "stop", "stop", "eos"]
+    assert [len(r.tokens) for r in got] == [5, 8, 6, 3]  # up to the token that completes the stop
+    assert engine.backend.steps == 7  # the last row finished at token 8: no step after it
+    # Checking on the host only every 3 steps (as on GPU) gives the same replies, a few steps later.
+    engine.backend = Scripted(char_tok, texts)
+    assert engine.generate(CONVS, max_new_tokens=60, check_every=3) == got
+    assert engine.backend.steps == 8  # finished seen at the check of step 9
+    engine.backend = Scripted(char_tok, ["hello", "hey"])
+    got = engine.generate(CONVS[:2], max_new_tokens=60)
+    assert [(r.text, r.finish) for r in got] == [("hello", "eos"), ("hey", "eos")]
+    assert engine.backend.steps == 5
+
+
+def test_real_stop_string_cuts_the_reply(char_tok):
+    engine = Engine(spt_for(tiny(seed=5)), char_tok)
+    full = engine.generate(CONVS[:1], max_new_tokens=30, stops=())[0]
+    text = char_tok.decode(full.tokens)
+    stop = next(c for c in text[3:] if c.strip() and c not in text[:3])
+    cut = engine.generate(CONVS[:1], max_new_tokens=30, stops=(stop,))[0]
+    assert cut.finish == "stop" and cut.text == text[:text.index(stop)].strip()
+    assert cut.tokens == full.tokens[:text.index(stop) + 1]
+
+
+def test_max_new_tokens_bounds_every_generation(char_tok):
+    engine = Engine(spt_for(tiny(seed=6)), char_tok)
+    for n in (1, 7):
+        got = engine.generate(CONVS, max_new_tokens=n, stops=("never-occurs",), ignore_eos=True)
+        assert all(len(r.tokens) == n and r.finish == "length" for r in got)
+        got = engine.generate(CONVS, max_new_tokens=n, stops=("never-occurs",), temperature=2.0, seed=0)
+        assert all(len(r.tokens) <= n for r in got)
+
+
+# --- streaming --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gen", [dict(), dict(stops=("w", "Q:")), dict(temperature=0.9, seed=2),
+                                 dict(stops=(), max_new_tokens=40)])
+def test_stream_equals_reply(char_tok, gen):
+    engine = Engine(spt_for(tiny(seed=7)), char_tok)
+    for conv in CONVS:
+        pieces = list(engine.stream(*conv, **gen))
+        assert "".join(pieces) == engine.reply(*conv, **gen)
+    events = list(engine.stream_batch(CONVS, **gen))
+    per_row = ["".join(p for b, p in events if b == row) for row in range(len(CONVS))]
+    assert per_row == engine.reply_batch(CONVS, **gen)
+    if not gen.get("stops", True):
+        assert len(events) > len(CONVS)  # pieces arrive while decoding, not only at the end
+
+
+def test_text_delta_holds_back_possible_stops():
+    d = TextDelta(("\n", "Q:"))
+    assert d.update(" hello Q") == "hello"
+    assert d.update(" hello Qu") == " Qu"
+    assert d.update(" hello Qu Q:") == ""
+    assert d.finish("hello Qu") == ""
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+def test_bad_input_is_a_clear_error(char_tok, tmp_path):
+    spt = spt_for(tiny())
+    spt.config.max_len = 60
+    engine = Engine(spt, char_tok)
+    assert isinstance(engine.reply(["i sing."], []), str)  # empty history: reply to the persona alone
+    assert engine.reply(["i sing."], [], max_new_tokens=24) == oracle(spt, char_tok, [(["i sing."], [])])[0][0]
+    with pytest.raises(SPTError, match="conversation 1: the persona alone takes"):
+        engine.reply_batch([CONVS[0], (["a very long persona sentence " * 5], ["hi"])])
+    with pytest.raises(SPTError, match="history must be a list"):
+        engine.reply("i sing.", "hello")
+    with pytest.raises(SPTError, match="needs .* positions"):
+        engine.reply([], ["hi"], max_new_tokens=2000)
+    for bad, match in ((dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
+                       (dict(temperature=-1.0), "temperature"), (dict(prompt=3), "prompt must be"),
+                       (dict(prompt=[0, 9]), "prompt must be"), (dict(beams=2), "unknown generation option")):
+        with pytest.raises(SPTError, match=match):
+            engine.reply([], ["hi"], **bad)
+    with pytest.raises(SPTError, match="no conversations"):
+        engine.reply_batch([])
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Engine.from_checkpoint(tmp_path / "missing")
+
+
+# --- checkpoint, chat, benchmark ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = root / "model"
+    base = tiny(seed=8)
+    base.save_pretrained(model_dir)
+    testing.char_tokenizer().save_pretrained(model_dir)
+    spt = spt_for(base, K=3, L=2)
+    cfg = {"model": str(model_dir), "spt": spt.config.to_dict(), "hidden_size": 64, "train": {"dtype": "fp32"}}
+    ck = checkpoint.save(root / "run", 1, spt.trainable_state_dict(), cfg)
+    return ck, spt
+
+
+def test_from_checkpoint_matches_in_memory_engine(saved, char_tok):
+    ck, spt = saved
+    loaded = Engine.from_checkpoint(ck, device="cpu")
+    assert loaded.fast and loaded.config.num_prompts == 3
+    assert loaded.reply_batch(CONVS) == Engine(spt, char_tok).reply_batch(CONVS)
+
+
+def test_chat_with_fake_stdin(saved, char_tok):
+    import argparse
+
+    from spt_fast import chat
+
+    ck, spt = saved
+    parser = argparse.ArgumentParser()
+    chat.add_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["chat", "--checkpoint", str(ck), "--persona", "i like tea.", "--max-new-tokens", "12"])
+    stdin = io.StringIO("\n".join([
+        "/persona i like tea. | i have a cat.", "hello there", "/prompt 1", "how are you?", "/history",
+        "/prompt 9", "/prompt auto", "/bogus", "/reset", "/history", "/help", "bye", "/quit", "never read",
+    ]) + "\n")
+    out = io.StringIO()
+    chat.run(args, stdin=stdin, stdout=out)
+    text = out.getvalue()
+    engine = Engine(spt, char_tok)
+    persona = ["i like tea.", "i have a cat."]
+    first = engine.reply(persona, ["hello there"], max_new_tokens=12)
+    first_prompt = engine.last_prompts[0]
+    second = engine.reply(persona, ["hello there", first, "how are you?"], max_new_tokens=12, prompt=1)
+    assert f"bot [prompt {first_prompt}]> {first}\n" in text
+    assert f"bot [prompt 1]> {second}\n" in text
+    assert "  you: hello there" in text and f"  bot: {second}" in text
+    assert "usage: /prompt K (0..2)" in text and "unknown command /bogus" in text
+    assert "(conversation cleared)" in text and "  (empty)" in text and "/persona A | B | C" in text
+    assert text.count("bot [prompt ") == 3 and "never read" not in text
+
+
+def test_generate_bench_rows():
+    from spt_fast.serve_bench import run_generate_bench
+
+    rows = run_generate_bench("preset:tiny", batch_sizes=(1, 3), context_len=12, new_tokens=4, repeats=1)
+    assert [(r["impl"], r["batch"]) for r in rows] == [("hf", 1), ("spt_fast", 1), ("hf", 3), ("spt_fast", 3)]
+    for r in rows:
+        assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["device"] == "cpu"
+        assert {"impl", "model", "device", "dtype", "batch", "ttft_ms", "decode_tokens_per_s"} <= set(r)
+    with pytest.raises(SPTError, match="GPU benchmark"):
+        run_generate_bench("preset:llama-2-7b", device="cpu")
+
+
+def test_bench_generate_cli_writes_json(tmp_path, capsys):
+    import argparse
+    import json
+
+    from spt_fast import serve_bench
+
+    parser = argparse.ArgumentParser()
+    serve_bench.add_parser(parser.add_subparsers(dest="bench_cmd"))
+    out = tmp_path / "gen.json"
+    args = parser.parse_args(["generate", "--model", "preset:tiny", "--batch-sizes", "2", "--context-len", "8",
+                              "--new-tokens", "3", "--repeats", "1", "--impls", "spt_fast", "--json", str(out)])
+    serve_bench.run(args)
+    rows = json.loads(out.read_text())
+    assert [(r["impl"], r["batch"]) for r in rows] == [("spt_fast", 2)]
+    assert "decode_tokens_per_s" in capsys.readouterr().out
+    with pytest.raises(SPTError, match="batch-sizes"):
+        serve_bench.run(parser.parse_args(["generate", "--batch-sizes", "x"]))
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_graph_decode_equals_eager(char_tok):
+    spt = spt_for(tiny(seed=9))
+    spt.to("cuda")
+    eager = Engine(spt, char_tok, compile=False)
+    compiled = Engine(spt, char_tok, compile=True)
+    for kw in (dict(), dict(temperature=0.8, top_p=0.9, seed=1), dict(stops=(), max_new_tokens=40)):
+        a = eager.generate(CONVS, **kw)
+        b = compiled.generate(CONVS, **kw)
+        assert [r.tokens for r in a] == [r.tokens for r in b]
+
+
+# --- the real embedded model ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_embedded_model_greedy_equals_hf_path():
+    from spt_fast.model_io import load
+
+    base, tok = load("default")
+    convs = [
+        (["i love hiking in the mountains.", "i have two dogs."], ["hi! how is your weekend going?"]),
+        (["i am a teacher."], ["hello", "hi there, what do you do?", "i fix cars. and you?"]),
+        ([], ["what is your favorite food?"]),
+        (["i play the guitar.", "my favorite color is blue.", "i live in a big city."], []),
+    ]
+    for layout in ("shared", "prefix"):
+        spt = build_spt_model(base, SPTConfig(num_prompts=4, prompt_len=8, layout=layout, init="vocab", seed=1))
+        engine = Engine(spt, tok)
+        assert engine.fast
+        for prompts in (None, [3, 1, 0, 2]):
+            ref, ref_prompts = oracle(spt, tok, convs, 32, prompts=prompts)
+            got = engine.generate(convs, max_new_tokens=32, prompt=prompts)
+            assert [r.text for r in got] == ref, layout
+            assert engine.last_prompts == ref_prompts
+        assert sum(len(t) for t in ref) > 20
