@@ -31,6 +31,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results and configs are for everyone to read
     os.replace(tmp, path)
 
 

@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import chat, serve_bench
+from . import chat, serve_bench, study
 from .errors import SPTError
 
 FORMATS = ("convai2", "jsonl", "chitchat")
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kernels_parser(bsub)
     serve_bench.add_parser(bsub)
     chat.add_parser(sub)
+    study.add_parser(sub)
     return ap
 
 
@@ -264,7 +265,7 @@ def cmd_demo(a) -> None:
              layout=a.layout, max_len=a.max_len, lr=a.lr, retriever_lr=a.retriever_lr, seed=a.seed, progress=not a.no_progress)
 
 
-COMMANDS = {"chat": lambda a: chat.run(a), "bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export, "demo": cmd_demo}
+COMMANDS = {"chat": lambda a: chat.run(a), "study": lambda a: study.run(a), "bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -237,6 +237,29 @@ _HF_NAMES = {
 }
 
 
+def column_major_linears(model: nn.Module) -> int:
+    """Store every dense linear weight column-major: same shape and values, transposed strides.
+
+    On CPU, `F.linear` with a handful of rows (a decode step of a batch) reaches the BLAS's fast
+    small-M path only when the weight is column-major: 2-5x faster at 16 rows, the same at 1 and
+    at >= 128 rows (MKL, 2-vCPU Xeon; see README). Quantized layers are left alone. The change is
+    in place, so models sharing these modules (the HF model behind the compact Llama) see it too.
+    Returns how many weights were changed.
+    """
+    changed = 0
+    seen = set()
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(m, nn.Linear) or type(w) is not nn.Parameter or w.dim() != 2 \
+                or not w.dtype.is_floating_point or id(w) in seen:
+            continue
+        seen.add(id(w))  # tied weights (embedding = LM head) once
+        if w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
+            w.data = w.data.t().contiguous().t()
+            changed += 1
+    return changed
+
+
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()

@@ -94,3 +94,32 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path, title=Non
     ax.set_title(title or "Training curves")
     ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def plot_metric_bars(agg: dict, metrics, path, title=None) -> str:
+    """One panel per metric, one bar per run at its mean with the spread as an error bar.
+
+    `agg` maps run -> metric -> {"mean", "std"} (as spt_fast.study.aggregate returns).
+    """
+    runs = [r for r in agg if any(m in agg[r] for m in metrics)]
+    if not runs:
+        raise SPTError("metric plot: no runs to plot")
+    cols = min(3, len(metrics))
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    x = np.arange(len(runs))
+    for i, metric in enumerate(metrics):
+        ax = axes[i // cols][i % cols]
+        means = [agg[r].get(metric, {}).get("mean", np.nan) for r in runs]
+        stds = [agg[r].get(metric, {}).get("std", 0.0) for r in runs]
+        ax.bar(x, means, yerr=stds, capsize=3, color=[cmap(j % 10) for j in range(len(runs))])
+        ax.set_title(metric)
+        ax.set_xticks(x)
+        ax.set_xticklabels(runs, rotation=45, ha="right", fontsize="small")
+        ax.grid(True, axis="y", alpha=0.3)
+    for j in range(len(metrics), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.suptitle(title or "Metrics per run")
+    fig.tight_layout()
+    return _save(fig, path)

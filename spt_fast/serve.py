@@ -213,9 +213,9 @@ class Engine:
     call; for a stream they are set before the first piece of text is yielded.
     """
 
-    def __init__(self, spt, tokenizer=None, device=None, compile: bool = False):
+    def __init__(self, spt, tokenizer=None, device=None, compile: bool = False, cpu_weight_layout: bool = True):
         from .engine import fast_path_problem
-        from .llama import Llama
+        from .llama import Llama, column_major_linears
 
         from .quant import guard_4bit, is_quantized
 
@@ -234,6 +234,10 @@ class Engine:
             llama = getattr(spt, "fast", None)
             if not isinstance(llama, Llama):
                 llama = Llama.from_hf_modules(spt.base)
+            if cpu_weight_layout and spt.device.type == "cpu":
+                # A decode step multiplies a few rows by every weight; column-major weights take
+                # the BLAS's fast path for that (values unchanged; shared with spt.base).
+                column_major_linears(llama)
             self.backend = FastBackend(llama, compile=compile)
             self.max_positions = llama.config.max_seq_len
         else:

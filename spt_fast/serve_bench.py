@@ -134,6 +134,13 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
     spt = build_spt_model(base, SPTConfig(num_prompts=num_prompts, prompt_len=prompt_len, layout="shared",
                                           init="vocab", seed=seed))
     spt.to(device).eval()
+    hf_base = base
+    if "hf" in impls and "spt_fast" in impls and device.type == "cpu":
+        # The engine re-lays its CPU weights out in place (column-major); transformers gets its own
+        # untouched copy, as a user of `generate` would have it.
+        import copy
+
+        hf_base = copy.deepcopy(base)
     engine = Engine(spt, tok, compile=compile) if "spt_fast" in impls else None
     weight_bytes = _weight_bytes(base)
     vocab = base.get_input_embeddings().weight.shape[0]
@@ -149,11 +156,11 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
 
         def hf_call(n, ids=ids, picks=picks, B=B):
             with torch.no_grad():
-                emb = base.get_input_embeddings()(ids.to(device))
+                emb = hf_base.get_input_embeddings()(ids.to(device))
                 rows = inject_prompts(emb, spt.prompts.weight.to(emb.dtype), torch.arange(B, device=device),
                                       torch.tensor(picks, device=device), torch.full((B,), context_len, device=device))
                 mask = torch.ones(B, context_len + prompt_len, dtype=torch.long, device=device)
-                return base.generate(inputs_embeds=rows, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                return hf_base.generate(inputs_embeds=rows, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                      do_sample=False, pad_token_id=pad)
 
         def ours_call(n, ids=ids, picks=picks):

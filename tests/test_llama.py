@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from spt_fast import testing
 from spt_fast.errors import ModelLoadError
-from spt_fast.llama import PRESETS, ContextKV, KVCache, Llama, LlamaConfig
+from spt_fast.llama import PRESETS, ContextKV, KVCache, Llama, LlamaConfig, column_major_linears
 
 REL = 1e-4
 
@@ -303,3 +303,17 @@ def test_smollm2_gguf_logits_match_transformers():
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30, 2373, 28, 314, 2]])
     with torch.no_grad():
         assert_rel_close(model.logits(model(model.tok_embeddings(ids))), hf(ids).logits)
+
+
+def test_column_major_linears_keeps_values_and_ties():
+    """The CPU decode layout changes strides only: same logits, tied head converted once."""
+    hf = hf_tiny(tie_word_embeddings=True)
+    ids = torch.randint(4, 104, (2, 7))
+    before = hf(ids).logits
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in hf.modules())
+    assert column_major_linears(hf) == n_linear  # the tied head shares the embedding: counted once
+    w = hf.model.layers[0].mlp.up_proj.weight
+    assert not w.is_contiguous() and w.stride() == (1, w.shape[0])
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    assert_rel_close(hf(ids).logits, before, rel=1e-6)
+    assert column_major_linears(hf) == 0  # already column-major: nothing to do

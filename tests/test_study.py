@@ -1,0 +1,106 @@
+"""The quality study end to end on a tiny random Llama: every run and seed, the report files, reuse of
+finished runs, resuming an unfinished one from its checkpoint, and refusing mismatched settings."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from spt_fast import study
+from spt_fast.cli import main
+from spt_fast.testing import char_tokenizer, tiny_llama
+
+DATA = str(Path(__file__).parent / "fixtures" / "tiny_self_original.txt")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_llama_study")
+    tiny_llama().save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+def study_args(model_dir, out, *extra):
+    return ["study", "--output-dir", str(out), "--model", model_dir, "--data", DATA, "--steps", "2",
+            "--seeds", "0", "1", "--num-prompts", "3", "--prompt-len", "2", "--max-len", "256",
+            "--eval-samples", "3", "--val-samples", "3", "--max-new-tokens", "3", "--no-progress", *extra]
+
+
+def test_study_runs_reports_and_resumes(model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "study"
+    assert main(study_args(model_dir, out)) == 0
+    rows = json.loads((out / "results.json").read_text())
+    specs = study.run_specs(3)
+    assert sorted((r["run"], r["seed"]) for r in rows) == sorted((n, s) for n in specs for s in (0, 1))
+    for r in rows:
+        layout, K, losses = specs[r["run"]]
+        assert (r["layout"], r["K"], r["losses"], r["steps"]) == (layout, K, ["lm", *losses], 2)
+        for key in ("f1", "bleu", "rouge1", "rouge2", "rougeL", "dist1", "dist2", "val_loss", "usage_entropy",
+                    "first_token_ce", "later_token_ce"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (r["run"], key)
+        assert 0.0 <= r["usage_entropy"] <= math.log(K) + 1e-9
+        if K == 1:
+            assert r["usage_entropy"] == 0.0
+    assert "sel" not in next(r for r in rows if r["run"] == "spt-shared-no-sel")["losses"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["runs"]["spt-shared"]["f1"]["n"] == 2
+    for png in ("loss_curves.png", "metrics.png", "usage_spt-prefix.png", "usage_spt-shared.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+    report = (out / "results.md").read_text()
+    assert "spt-shared-no-ctr" in report and "pt-prefix seed 1:" in report
+
+    # Finished runs are reused as they are: nothing is trained again.
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    with monkeypatch.context() as m:
+        m.setattr(study, "Trainer", no_training)
+        assert main(study_args(model_dir, out)) == 0
+    assert json.loads((out / "results.json").read_text()) == rows
+
+    # A result written before the first-token statistics existed gets them from its checkpoint.
+    r0 = out / "runs" / "spt-prefix-seed0" / "result.json"
+    full = json.loads(r0.read_text())
+    r0.write_text(json.dumps({k: v for k, v in full.items() if not k.startswith("first_token")
+                              and k != "later_token_ce"}))
+    assert main(study_args(model_dir, out, "--runs", "spt-prefix", "--seeds", "0")) == 0
+    again = json.loads(r0.read_text())
+    assert again["first_token_ce"] == pytest.approx(full["first_token_ce"], rel=1e-5)
+    assert again["later_token_ce"] == pytest.approx(full["later_token_ce"], rel=1e-5)
+
+    # An interrupted run (checkpoints written, no result yet) resumes from its checkpoint and, with
+    # the same weights, scores exactly as before.
+    done = out / "runs" / "spt-shared-seed1" / "result.json"
+    before = json.loads(done.read_text())
+    done.unlink()
+    assert main(study_args(model_dir, out, "--runs", "spt-shared", "--seeds", "1")) == 0
+    after = json.loads(done.read_text())
+    for key in ("f1", "bleu", "rougeL", "dist1", "val_loss", "usage_entropy", "first_token_ce", "picks"):
+        assert after[key] == before[key], key
+    assert [p["step"] for p in after["curve"]] == [1, 2]
+
+    # Other settings in the same folder: a clear refusal instead of mixing budgets.
+    capsys.readouterr()
+    assert main(study_args(model_dir, out, "--steps", "3")) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_unknown_run_is_named(model_dir, tmp_path, capsys):
+    code = main(study_args(model_dir, tmp_path / "s", "--runs", "spt-sideways"))
+    assert code == 2 and "spt-sideways" in capsys.readouterr().err
+
+
+def test_aggregate_mean_and_spread():
+    rows = [{"run": "a", "f1": 1.0, "val_loss": 2.0}, {"run": "a", "f1": 3.0, "val_loss": 2.0},
+            {"run": "b", "f1": 5.0}]
+    agg = study.aggregate(rows)
+    assert agg["a"]["f1"] == {"mean": 2.0, "std": pytest.approx(math.sqrt(2.0)), "n": 2}
+    assert agg["a"]["val_loss"]["std"] == 0.0
+    assert agg["b"]["f1"] == {"mean": 5.0, "std": 0.0, "n": 1} and "val_loss" not in agg["b"]
+
+
+def test_usage_entropy():
+    assert study.usage_entropy([0, 1, 2, 3], 4) == pytest.approx(math.log(4))
+    assert study.usage_entropy([2, 2, 2], 4) == 0.0
+    assert study.usage_entropy([], 4) == 0.0
