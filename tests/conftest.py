@@ -26,6 +26,15 @@ def tiny_llama():
     return testing.tiny_llama()
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama + char tokenizer saved as a local HF folder (read-only for tests)."""
+    d = tmp_path_factory.mktemp("tiny_llama_dir")
+    testing.tiny_llama().save_pretrained(d)
+    testing.char_tokenizer().save_pretrained(d)
+    return str(d)
+
+
 @pytest.fixture
 def tiny_opt():
     return testing.tiny_opt()

@@ -14,14 +14,6 @@ FIX = Path(__file__).parent / "fixtures"
 DATA = str(FIX / "tiny_self_original.txt")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama().save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
-    return str(d)
-
-
 def run(args, capsys):
     code = main(args)
     out = capsys.readouterr()

@@ -8,17 +8,8 @@ import pytest
 
 from spt_fast import study
 from spt_fast.cli import main
-from spt_fast.testing import char_tokenizer, tiny_llama
 
 DATA = str(Path(__file__).parent / "fixtures" / "tiny_self_original.txt")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama_study")
-    tiny_llama().save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
-    return str(d)
 
 
 def study_args(model_dir, out, *extra):
