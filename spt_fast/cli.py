@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--no-progress", action="store_true")
-    b = sub.add_parser("bench", help="benchmarks: train (step throughput/memory), kernels")
+    b = sub.add_parser("bench", help="benchmarks: train (step throughput/memory), generate (latency), kernels")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
     from .bench_util import add_kernels_parser
     from .benchmark import add_train_parser
