@@ -194,43 +194,14 @@ def cmd_eval(a) -> None:
         plot_prompt_usage(result["turns"], result["picks"], K, a.plot)
 
 
-def _read_contexts(path) -> list:
-    """JSONL rows {persona: list|str, history: list} for `generate --input` (no response needed)."""
-    from .data import Sample, clean
-
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise SPTError(f"{path}: cannot read ({exc.strerror})") from None
-    samples = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SPTError(f"{path}:{n}: bad JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("history"), list):
-            raise SPTError(f"{path}:{n}: field 'history' must be a list of utterances")
-        persona = row.get("persona", [])
-        persona = [persona] if isinstance(persona, str) else persona
-        if not isinstance(persona, list) or not all(isinstance(p, str) for p in persona):
-            raise SPTError(f"{path}:{n}: field 'persona' must be a string or a list of strings")
-        history = tuple(clean(str(h)) for h in row["history"])
-        samples.append(Sample(tuple(clean(p) for p in persona), history, "", f"row{n}", len(history) // 2))
-    if not samples:
-        raise SPTError(f"{path}: no rows")
-    return samples
-
-
 def cmd_generate(a) -> None:
-    from .data import Sample
+    from .data import Sample, load_contexts
     from .evaluate import load_for_inference
     from .generate import generate
     from .text import Encoder
 
     if a.input:
-        samples = _read_contexts(a.input)
+        samples = load_contexts(a.input)
     else:
         if not a.history:
             raise SPTError("generate: give at least one --history utterance (the partner's last message), or --input FILE")

@@ -106,13 +106,8 @@ def _str_list(value, lineno, path, field) -> list[str]:
     return [clean(v) for v in value]
 
 
-def load_jsonl(path) -> list[Sample]:
-    """One JSON object per line: {"persona": [..] | "..", "history": [..], "response": "..", "dialog_id"?}."""
-    name = os.path.basename(path)
-    samples: list[Sample] = []
-    # Rows of one dialogue share the persona and the opening utterance; grouping by that key keeps
-    # a dialogue on one side of the train/valid split when the file has no dialog_id.
-    opening_ids: dict[tuple, str] = {}
+def _json_rows(path):
+    """(line number, JSON object) for each non-blank line of a JSONL file; DataError naming the line."""
     for lineno, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
@@ -122,13 +117,42 @@ def load_jsonl(path) -> list[Sample]:
             raise DataError(f"{path}:{lineno}: bad JSON ({e.msg}); expected one JSON object per line") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
+def _persona(row, lineno, path) -> list[str]:
+    persona = row.get("persona", [])
+    if isinstance(persona, str):
+        persona = [persona]
+    return [p for p in _str_list(persona, lineno, path, "persona") if p]
+
+
+def load_contexts(path) -> list[Sample]:
+    """JSONL rows {"persona": [..] | ".." (optional), "history": [..]} to reply to: no response needed."""
+    samples = []
+    for lineno, row in _json_rows(path):
+        if "history" not in row:
+            raise DataError(f"{path}:{lineno}: missing field 'history'")
+        history = _str_list(row["history"], lineno, path, "history")
+        samples.append(Sample(tuple(_persona(row, lineno, path)), tuple(history), "", f"row{lineno}",
+                              len(history) // 2))
+    if not samples:
+        raise DataError(f"{path}: no rows (empty file)")
+    return samples
+
+
+def load_jsonl(path) -> list[Sample]:
+    """One JSON object per line: {"persona": [..] | "..", "history": [..], "response": "..", "dialog_id"?}."""
+    name = os.path.basename(path)
+    samples: list[Sample] = []
+    # Rows of one dialogue share the persona and the opening utterance; grouping by that key keeps
+    # a dialogue on one side of the train/valid split when the file has no dialog_id.
+    opening_ids: dict[tuple, str] = {}
+    for lineno, row in _json_rows(path):
         for field in ("persona", "history", "response"):
             if field not in row:
                 raise DataError(f"{path}:{lineno}: missing field '{field}'")
-        persona = row["persona"]
-        if isinstance(persona, str):
-            persona = [persona]
-        persona = [p for p in _str_list(persona, lineno, path, "persona") if p]
+        persona = _persona(row, lineno, path)
         # Empty history entries stay: dropping one would flip the Q/R labels of all older turns.
         history = _str_list(row["history"], lineno, path, "history")
         if not isinstance(row["response"], str):

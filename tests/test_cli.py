@@ -71,6 +71,25 @@ def test_resume_continues_to_the_same_result(model_dir, tmp_path, capsys):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+def test_generate_from_a_jsonl_file(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(train_args(model_dir, out, 1), capsys)[0] == 0
+    rows = tmp_path / "ctx.jsonl"
+    rows.write_text('{"persona": "i like tea .", "history": ["hi !"]}\n\n{"history": []}\n')
+    code, stdout, err = run(["generate", "--checkpoint", str(out), "--input", str(rows),
+                             "--max-new-tokens", "3"], capsys)
+    assert code == 0, err
+    replies = [json.loads(l) for l in stdout.splitlines() if l.startswith("{")]
+    assert len(replies) == 2 and all(0 <= r["prompt"] < 3 and isinstance(r["reply"], str) for r in replies)
+
+    rows.write_text('{"persona": "x"}\n{"history": ["a"]}\n')
+    code, _, err = run(["generate", "--checkpoint", str(out), "--input", str(rows)], capsys)
+    assert code == 2 and "ctx.jsonl:1: missing field 'history'" in err
+    rows.write_text('{"history": ["a"]}\n[1, 2]\n')
+    code, _, err = run(["generate", "--checkpoint", str(out), "--input", str(rows)], capsys)
+    assert code == 2 and "ctx.jsonl:2: expected a JSON object" in err
+
+
 @pytest.mark.parametrize("fixture,needle", [
     ("bad_no_number.txt", "bad_no_number.txt:"),
     ("bad_no_tab.txt", "bad_no_tab.txt:"),
