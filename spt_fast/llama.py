@@ -132,9 +132,11 @@ class KVCache(nn.Module):
             self.k_cache.index_copy_(2, pos, k.to(self.k_cache.dtype))
             self.v_cache.index_copy_(2, pos, v.to(self.v_cache.dtype))
         else:
-            index = pos[:, None, :, None].expand(k.shape)
-            self.k_cache.scatter_(2, index, k.to(self.k_cache.dtype))
-            self.v_cache.scatter_(2, index, v.to(self.v_cache.dtype))
+            # Indexed assignment, not scatter_: compiled, scatter_ into the cache buffer became a
+            # copy of the whole cache per layer (most of a batch-16 CPU step); this writes B*T slots.
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k_cache[rows, :, pos] = k.transpose(1, 2).to(self.k_cache.dtype)  # indexed: [B, T, Hkv, D]
+            self.v_cache[rows, :, pos] = v.transpose(1, 2).to(self.v_cache.dtype)
         return self.k_cache, self.v_cache
 
 
@@ -168,6 +170,25 @@ def _causal_sdpa(q, k, v):
 
 def _masked_sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _grouped_attention(q, k, v, mask):
+    """Masked attention written as broadcast products and sums, for a compiled CPU decode step.
+
+    Inductor fuses each product+sum into one vectorised loop that reads K/V once per KV group (no
+    expanded copies, nothing materialised); the fused SDPA kernel and small batched matmuls both
+    cost several times more per call at one query token. Softmax in fp32. q [B, H, T, D],
+    k/v [B, Hkv, S, D], mask bool [B, 1, T, S]. (Eager, this would materialise [.., S, D] products.)
+    """
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv
+    qg = q.reshape(b, hkv, g * t, 1, d).float()
+    scores = (qg * k[:, :, None].float()).sum(-1) * d ** -0.5  # [B, Hkv, g*T, S]
+    keep = mask[:, :, None].expand(b, 1, g, t, s).reshape(b, 1, g * t, s)
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # [B, Hkv, g*T, D]
+    return out.to(q.dtype).reshape(b, h, t, d)
 
 
 class Attention(nn.Module):
@@ -393,13 +414,15 @@ class Llama(nn.Module):
         cos, sin = self._rope(pos, seq_len - 1)
         slots = torch.arange(seq_len, device=pos.device)
         mask = slots[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, T, S]
+        compiled_cpu = pos.device.type == "cpu" and torch.compiler.is_compiling()
+        attention = _grouped_attention if compiled_cpu else _masked_sdpa
         h = inputs_embeds
         for layer, cache in zip(self.layers, caches):
             def attend(q, k, v, cache=cache):
                 kc, vc = cache.update(pos, k, v)
                 if seq_len < kc.shape[2]:
                     kc, vc = kc[:, :, :seq_len], vc[:, :, :seq_len]
-                return _masked_sdpa(q, kc, vc, mask)
+                return attention(q, kc, vc, mask)
             h = layer(h, cos, sin, attend)
         return self.norm(h)
 

@@ -246,6 +246,22 @@ def test_kv_cache_update():
     kc, vc = cache.update(torch.tensor([2, 3, 4]), k, v)
     assert torch.equal(kc[:, :, 2:5], k) and torch.equal(vc[:, :, 2:5], v)
     assert kc[:, :, :2].abs().sum() == 0 and kc[:, :, 5:].abs().sum() == 0
+    # Per-row positions: each row writes only its own slots.
+    k2, v2 = torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4)
+    kc, vc = cache.update(torch.tensor([[0, 1], [6, 7]]), k2, v2)
+    assert torch.equal(kc[0, :, 0:2], k2[0]) and torch.equal(vc[1, :, 6:8], v2[1])
+    assert torch.equal(kc[0, :, 2:5], k[0]) and kc[0, :, 6:].abs().sum() == 0 and kc[1, :, :2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_grouped_decode_attention_matches_sdpa(t):
+    from spt_fast.llama import _grouped_attention, _masked_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, t, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g)
+    pos = torch.tensor([[4 + i for i in range(t)], [7 + i for i in range(t)]])
+    mask = torch.arange(11)[None, None, None, :] <= pos[:, None, :, None]
+    torch.testing.assert_close(_grouped_attention(q, k, v, mask), _masked_sdpa(q, k, v, mask), rtol=1e-5, atol=1e-6)
 
 
 # --- bad models / configs -----------------------------------------------------------------------

@@ -399,10 +399,11 @@ def test_bench_generate_cli_writes_json(tmp_path, capsys):
         serve_bench.run(parser.parse_args(["generate", "--batch-sizes", "x"]))
 
 
-@pytest.mark.gpu
-def test_compiled_cuda_graph_decode_equals_eager(char_tok):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_decode_equals_eager(char_tok, device):
+    # CPU: inductor C++ with frozen, concatenated weights; CUDA: CUDA graphs.
     spt = spt_for(tiny(seed=9))
-    spt.to("cuda")
+    spt.to(device)
     eager = Engine(spt, char_tok, compile=False)
     compiled = Engine(spt, char_tok, compile=True)
     for kw in (dict(), dict(temperature=0.8, top_p=0.9, seed=1), dict(stops=(), max_new_tokens=40)):
