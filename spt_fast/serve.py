@@ -63,7 +63,7 @@ class FastBackend:
         self.compile = compile
         self.caches = None
         self._compiled = None
-        self._inductor_settings = None
+        self._compile_settings = None
 
     def batch_bucket(self, batch: int) -> int:
         # A compiled graph is specialised on the batch size: round it up to a power of two.
@@ -98,29 +98,32 @@ class FastBackend:
             # Eager: attend only to slots that can be live (a multiple of 16 keeps SDPA shapes tidy).
             return self._step(token, pos, done, state, noise, *args, kv_len=_round_up(max_pos + 1, 16))
         if self._compiled is None:
+            import contextlib
+
+            import torch._inductor.config as inductor_config
+
             from .quant import is_quantized
 
             mode = "reduce-overhead" if token.is_cuda else None
             # bitsandbytes' 4-bit matmul may break the graph: allow it there, demand one graph elsewhere.
             self._compiled = torch.compile(self._step, mode=mode, fullgraph=not is_quantized(self.llama),
                                            dynamic=False)
+            self._compile_settings = contextlib.nullcontext()
             if not token.is_cuda and not is_quantized(self.llama):
                 # CPU: freezing turns the frozen weights into constants that inductor prepacks for
                 # MKL, and concat-linear merges q/k/v and gate/up: 4 matmuls per layer instead of 7,
                 # the same bytes read in fewer, larger calls (see README). The step then no longer
                 # sees later changes to the base weights. Inductor reads these settings when it
                 # compiles, at a call (the first, or a recompile), not at torch.compile (where
-                # options={...} leaves freezing off): so every call runs under them.
-                self._inductor_settings = {"freezing": True, "cpp.enable_concat_linear": True}
-        if self._inductor_settings:
-            import torch._inductor.config as inductor_config
-
-            with inductor_config.patch(self._inductor_settings):
-                return self._compiled(token, pos, done, state, noise, *args)
+                # options={...} leaves freezing off): so every call runs under them (~15 us).
+                self._compile_settings = inductor_config.patch(
+                    {"freezing": True, "cpp.enable_concat_linear": True})
         if token.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
+        with self._compile_settings:
+            out = self._compiled(token, pos, done, state, noise, *args)
         # A CUDA graph reuses its output buffers on the next replay: keep copies.
-        return tuple(t.clone() for t in self._compiled(token, pos, done, state, noise, *args))
+        return tuple(t.clone() for t in out) if token.is_cuda else out
 
 
 class HFBackend:
