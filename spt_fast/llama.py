@@ -201,13 +201,15 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, kv_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, kv_dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.fused_qkv = None  # optional module computing (q, k, v) in one call (quant.attach_nf4_kernels)
 
     def qkv(self, x, cos, sin):
         """Rotated q [B, H, T, D] and k, v [B, Hkv, T, D]."""
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.fused_qkv(x) if self.fused_qkv is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin), v
 
     def forward(self, x, cos, sin, attend):
@@ -223,9 +225,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)  # down
+        self.fused_gate_up = None  # optional module computing (gate, up) in one call
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.fused_gate_up(x) if self.fused_gate_up is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

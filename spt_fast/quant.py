@@ -177,3 +177,59 @@ def guard_4bit(model: nn.Module) -> None:
             "guard_4bit: %d Linear4bit layer(s) had already been repacked for the CPU AVX512-BF16 "
             "kernel (a no-grad eval forward ran before the guard); converted back, with the "
             "block scales rounded through bf16. Call guard_4bit before the first forward.", undone)
+
+
+class NF4Fused(nn.Module):
+    """One or more NF4 layers that read the same input (q/k/v, gate/up), computed in one launch by
+    spt_fast.kernels.nf4 from the bitsandbytes tensors themselves (shared, not copied).
+
+    Output: one tensor per layer (a tuple), or the tensor itself for a single layer. Inference
+    only (no autograd): the generation engine attaches these to its own view of the model.
+    """
+
+    def __init__(self, layers):
+        super().__init__()
+        from .kernels.nf4 import group_from_bnb
+
+        self.group = group_from_bnb(list(layers), layers[0].compute_dtype)
+        # Registered as buffers, so torch.compile/CUDA graphs treat them as fixed-address module state.
+        for i, s in enumerate(self.group.segments):
+            for name in ("packed", "absmax", "absmax2", "offset"):
+                if getattr(s, name) is not None:
+                    self.register_buffer(f"{name}{i}", getattr(s, name), persistent=False)
+        self.register_buffer("code", self.group.code, persistent=False)
+        if self.group.code2 is not None:
+            self.register_buffer("code2", self.group.code2, persistent=False)
+
+    def forward(self, x):
+        from .kernels.nf4 import nf4_linear
+
+        y = nf4_linear(x.to(self.group.dtype), self.group)
+        if len(self.group.segments) == 1:
+            return y
+        return y.split(self.group.sizes, dim=-1)
+
+
+def attach_nf4_kernels(llama) -> bool:
+    """Give each block of a compact Llama view fused NF4 modules (q/k/v, o, gate/up, down).
+
+    The view's own Attention/FeedForward objects get them, so the HF model behind it (and any
+    training view) keep their bitsandbytes layers. Returns False (nothing attached) when any layer
+    is not NF4 or is of a shape the kernels do not take.
+    """
+    cls = _linear4bit_class()
+    plans = []
+    for block in llama.layers:
+        a, f = block.attention, block.feed_forward
+        groups = [[a.wq, a.wk, a.wv], [a.wo], [f.w1, f.w3], [f.w2]]
+        if not all(isinstance(m, cls) for g in groups for m in g):
+            return False
+        try:
+            plans.append([NF4Fused(g) for g in groups])
+        except ValueError as exc:
+            logger.info("NF4 kernels not used: %s", exc)
+            return False
+    for block, (qkv, o, gate_up, down) in zip(llama.layers, plans):
+        block.attention.fused_qkv, block.attention.wo = qkv, o
+        block.feed_forward.fused_gate_up, block.feed_forward.w2 = gate_up, down
+    return True

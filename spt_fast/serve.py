@@ -58,11 +58,13 @@ class FastBackend:
 
     name = "spt_fast"
 
-    def __init__(self, llama, compile: bool = False):
+    def __init__(self, llama, compile: bool = False, nf4: bool = False):
         self.llama = llama
         self.compile = compile
+        self.nf4 = nf4  # NF4 layers run on the project's kernels (no bitsandbytes call in a step)
         self.caches = None
         self._compiled = None
+        self._prefill = None
         self._compile_settings = None
 
     def batch_bucket(self, batch: int) -> int:
@@ -84,7 +86,15 @@ class FastBackend:
                 for cache in self.caches:  # CUDA graphs need the mutated buffers at fixed addresses
                     torch._dynamo.mark_static_address(cache.k_cache)
                     torch._dynamo.mark_static_address(cache.v_cache)
-        hidden = self.llama.prefill(rows, self.caches)
+        if self.compile and rows.is_cuda:
+            if self._prefill is None:
+                # GPU: an eager prefill of a 7B model is bound by the host launching ~20 ops per
+                # layer; compiled (dynamic shapes: one graph for every batch and length, no CUDA
+                # graphs since lengths vary) it fuses the elementwise work and launches far less.
+                self._prefill = torch.compile(self.llama.prefill, dynamic=True)
+            hidden = self._prefill(rows, self.caches)
+        else:
+            hidden = self.llama.prefill(rows, self.caches)
         last = hidden[torch.arange(B, device=rows.device), lengths - 1]
         return self.llama.logits(last).float()
 
@@ -105,9 +115,17 @@ class FastBackend:
             from .quant import is_quantized
 
             mode = "reduce-overhead" if token.is_cuda else None
-            # bitsandbytes' 4-bit matmul may break the graph: allow it there, demand one graph elsewhere.
-            self._compiled = torch.compile(self._step, mode=mode, fullgraph=not is_quantized(self.llama),
-                                           dynamic=False)
+            # bitsandbytes' 4-bit layers may break the graph: allow it there, demand one graph
+            # elsewhere (the project's NF4 kernels are custom ops inside the graph).
+            fullgraph = self.nf4 or not is_quantized(self.llama)
+            self._compiled = torch.compile(self._step, mode=mode, fullgraph=fullgraph, dynamic=False)
+            if token.is_cuda and self.nf4:
+                from .quant import NF4Fused
+
+                for m in self.llama.modules():  # CUDA graphs must not copy the weights per replay
+                    if isinstance(m, NF4Fused):
+                        for b in m.buffers(recurse=False):
+                            torch._dynamo.mark_static_address(b)
             self._compile_settings = contextlib.nullcontext()
             if not token.is_cuda and not is_quantized(self.llama):
                 # CPU: freezing turns the frozen weights into constants that inductor prepacks for
@@ -234,7 +252,7 @@ class Engine:
         from .engine import fast_path_problem
         from .llama import Llama, column_major_linears
 
-        from .quant import guard_4bit, is_quantized
+        from .quant import attach_nf4_kernels, guard_4bit, is_quantized
 
         if device is not None:
             spt.to(device)
@@ -246,16 +264,23 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = spt.config
         self.compile = compile
+        self.nf4_kernels = False
         problem = fast_path_problem(spt.base)
         if problem is None:
             llama = getattr(spt, "fast", None)
-            if not isinstance(llama, Llama):
+            nf4 = spt.device.type == "cuda" and is_quantized(spt.base)
+            if not isinstance(llama, Llama) or nf4:
                 llama = Llama.from_hf_modules(spt.base)
+            if nf4:
+                # NF4 on GPU: the view computes q/k/v, o, gate/up and down with the project's NF4
+                # kernels (one launch per group, bitsandbytes' tensors read in place); this private
+                # view keeps the model's own layers (training, the HF path) untouched.
+                self.nf4_kernels = attach_nf4_kernels(llama)
             if cpu_weight_layout and spt.device.type == "cpu":
                 # A decode step multiplies a few rows by every weight; column-major weights take
                 # the BLAS's fast path for that (values unchanged; shared with spt.base).
                 column_major_linears(llama)
-            self.backend = FastBackend(llama, compile=compile)
+            self.backend = FastBackend(llama, compile=compile, nf4=self.nf4_kernels)
             self.max_positions = llama.config.max_seq_len
         else:
             warnings.warn(f"the fast generation engine does not support this model ({problem}); falling back "

@@ -67,12 +67,22 @@ def random_preset_model(name: str, dtype: torch.dtype, device, seed: int = 0):
 
 
 def _weight_bytes(model) -> int:
-    seen, total = set(), 0
+    """Bytes of weights one decode step must read: every parameter and buffer (NF4 block scales
+    included) except the input embedding table, of which a step reads one row per sequence (a
+    tied table is the LM head too, so it counts)."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
+    seen, total = set() if tied else {emb.data_ptr()}, 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type == "meta" or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)  # bitsandbytes Params4bit: the block scales
+        while state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            state = getattr(state, "state2", None)
     return total
 
 

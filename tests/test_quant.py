@@ -237,6 +237,39 @@ def test_guard_on_unquantized_model_is_a_no_op():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_nf4_kernel_view_equals_bitsandbytes_layers():
+    """A compact-Llama view with the fused NF4 modules computes what the bitsandbytes layers do
+    (fp32 compute: the same dequantized weights), for a prefill (> 16 rows: dequantize + matmul)
+    and decode steps (<= 16 rows: the matmul kernel's op), and leaves the HF model's layers alone."""
+    from spt_fast.llama import Llama
+
+    model = quantize_linear_layers(tiny_llama(), compute_dtype=torch.float32)
+    plain, fused = Llama.from_hf_modules(model), Llama.from_hf_modules(model)
+    assert quant.attach_nf4_kernels(fused)
+    assert isinstance(fused.layers[0].attention.wo, quant.NF4Fused)
+    assert isinstance(plain.layers[0].attention.wo, bnb.nn.Linear4bit)
+    assert isinstance(model.model.layers[0].self_attn.o_proj, bnb.nn.Linear4bit)
+    x = torch.randn(3, 9, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outs = []
+        for view in (plain, fused):
+            caches = view.setup_caches(3, 16, torch.float32)
+            view.prefill(x, caches)
+            steps = [view.decode_one_token(torch.tensor([5, 6, 7]) + t, torch.tensor([9, 9, 9]) + t, caches)
+                     for t in range(3)]
+            outs.append((view(x), torch.stack(steps)))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_kernels_not_attached_to_unquantized_model():
+    from spt_fast.llama import Llama
+
+    view = Llama.from_hf_modules(tiny_llama())
+    assert not quant.attach_nf4_kernels(view)
+    assert view.layers[0].attention.fused_qkv is None
+
+
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu

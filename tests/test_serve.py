@@ -125,13 +125,17 @@ def test_kv_cache_decode_matches_full_forward():
                 torch.testing.assert_close(steps[t][b], ref[t], rtol=1e-4, atol=1e-4)
 
 
-def test_4bit_base_equals_hf_path(char_tok):
+@pytest.mark.parametrize("device,compile", [("cpu", False), pytest.param("cuda", False, marks=pytest.mark.gpu),
+                                            pytest.param("cuda", True, marks=pytest.mark.gpu)])
+def test_4bit_base_equals_hf_path(char_tok, device, compile):
+    # On CUDA the engine computes the NF4 layers with the project's kernels (fp32 compute here, so
+    # the same greedy tokens as bitsandbytes' layers in the HF path are expected).
     from spt_fast.quant import quantize_linear_layers
 
-    base = quantize_linear_layers(tiny(seed=2), compute_dtype=torch.float32)
-    spt = spt_for(base)
-    engine = Engine(spt, char_tok)
-    assert engine.fast
+    base = quantize_linear_layers(tiny(seed=2).to(device), compute_dtype=torch.float32)
+    spt = spt_for(base).to(device)
+    engine = Engine(spt, char_tok, compile=compile)
+    assert engine.fast and engine.nf4_kernels == (device == "cuda")
     ref, _ = oracle(spt, char_tok, CONVS, stops=(), prompts=[0, 1, 2, 1])
     assert engine.reply_batch(CONVS, max_new_tokens=24, stops=(), prompt=[0, 1, 2, 1]) == ref
     assert max(len(t) for t in ref) >= 8
