@@ -53,6 +53,19 @@ def _round_up(n: int, m: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # backends: prefill rows once, then one step at a time
 # ---------------------------------------------------------------------------------------------
+def _step_guards(entries) -> list[bool]:
+    """Which of dynamo's guards a compiled CPU step keeps (torch.compile's guard_filter_fn).
+
+    Some 4,000 guards walk the model's module tree on every call (~1 ms of a 10 ms CPU step). The
+    step's weights are frozen into it and the engine's private view is never restructured, so the
+    structural ones go. Kept: everything outside the model (inputs, options, the KV caches) and the
+    identity of the view's own rotary table: each engine builds its own view, so that tells engines
+    apart, and it retires the graph (a weak reference) when the view it froze is gone.
+    """
+    return [not (e.name == "self.llama" or e.name.startswith("self.llama."))
+            or (e.guard_type == "ID_MATCH" and e.name == "self.llama._buffers['rope_cos']") for e in entries]
+
+
 class FastBackend:
     """The compact Llama with static caches; the decode step optionally compiled."""
 
@@ -118,7 +131,14 @@ class FastBackend:
             # bitsandbytes' 4-bit layers may break the graph: allow it there, demand one graph
             # elsewhere (the project's NF4 kernels are custom ops inside the graph).
             fullgraph = self.nf4 or not is_quantized(self.llama)
-            self._compiled = torch.compile(self._step, mode=mode, fullgraph=fullgraph, dynamic=False)
+            # Every engine, batch bucket and cache length is one more graph of the same code object:
+            # past dynamo's default limit of 8 a fullgraph compile fails instead of recompiling.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 4096)
+            options = None if token.is_cuda else {"guard_filter_fn": _step_guards}
+            self._compiled = torch.compile(self._step, mode=mode, options=options, fullgraph=fullgraph,
+                                           dynamic=False)
             if token.is_cuda and self.nf4:
                 from .quant import NF4Fused
 
@@ -252,6 +272,7 @@ class Engine:
         from .engine import fast_path_problem
         from .llama import Llama, column_major_linears
 
+        from .cpu_decode import attach_cpu_projections
         from .quant import attach_nf4_kernels, guard_4bit, is_quantized
 
         if device is not None:
@@ -265,20 +286,27 @@ class Engine:
         self.config = spt.config
         self.compile = compile
         self.nf4_kernels = False
+        self.cpu_projections = False
         problem = fast_path_problem(spt.base)
         if problem is None:
             llama = getattr(spt, "fast", None)
             nf4 = spt.device.type == "cuda" and is_quantized(spt.base)
-            if not isinstance(llama, Llama) or nf4:
+            cpu_compile = compile and spt.device.type == "cpu" and not is_quantized(spt.base)
+            if not isinstance(llama, Llama) or nf4 or cpu_compile:
+                # A private view where layers get swapped below: the model's own layers (training,
+                # the HF path) stay untouched.
                 llama = Llama.from_hf_modules(spt.base)
             if nf4:
                 # NF4 on GPU: the view computes q/k/v, o, gate/up and down with the project's NF4
-                # kernels (one launch per group, bitsandbytes' tensors read in place); this private
-                # view keeps the model's own layers (training, the HF path) untouched.
+                # kernels (one launch per group, bitsandbytes' tensors read in place).
                 self.nf4_kernels = attach_nf4_kernels(llama)
-            if cpu_weight_layout and spt.device.type == "cpu":
-                # A decode step multiplies a few rows by every weight; column-major weights take
-                # the BLAS's fast path for that (values unchanged; shared with spt.base).
+            elif cpu_compile:
+                # Compiled CPU decode: projections written for one row (a streamed product-sum) and
+                # for a batch (oneDNN-packed fp32), see spt_fast.cpu_decode.
+                self.cpu_projections = attach_cpu_projections(llama)
+            if cpu_weight_layout and spt.device.type == "cpu" and not self.cpu_projections:
+                # Eager decode multiplies a few rows by every weight; column-major weights take the
+                # BLAS's fast path for that on some CPUs (values unchanged; shared with spt.base).
                 column_major_linears(llama)
             self.backend = FastBackend(llama, compile=compile, nf4=self.nf4_kernels)
             self.max_positions = llama.config.max_seq_len

@@ -35,10 +35,11 @@ def tiny(seed=0, **overrides):
     replies run long enough to compare, with config overrides (kv heads, tied head, layers)."""
     from transformers import LlamaForCausalLM
 
-    cfg = testing.tiny_llama().config.to_dict()
+    base_cfg = testing.tiny_llama().config  # (tiny_llama seeds the generator itself: before ours)
+    cfg = base_cfg.to_dict()
     cfg.update(initializer_range=0.1, **overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(type(testing.tiny_llama().config)(**cfg)).eval()
+    model = LlamaForCausalLM(type(base_cfg)(**cfg)).eval()
     with torch.no_grad():
         if not model.config.tie_word_embeddings:
             model.lm_head.weight[EOS] = 0.0
@@ -256,11 +257,12 @@ def test_stop_strings_and_early_exit(char_tok):
 def test_real_stop_string_cuts_the_reply(char_tok):
     engine = Engine(spt_for(tiny(seed=5)), char_tok)
     full = engine.generate(CONVS[:1], max_new_tokens=30, stops=())[0]
-    text = char_tok.decode(full.tokens)
-    stop = next(c for c in text[3:] if c.strip() and c not in text[:3])
-    cut = engine.generate(CONVS[:1], max_new_tokens=30, stops=(stop,))[0]
-    assert cut.finish == "stop" and cut.text == text[:text.index(stop)].strip()
-    assert cut.tokens == full.tokens[:text.index(stop) + 1]
+    pieces = [char_tok.decode([t], skip_special_tokens=True) for t in full.tokens]  # '' for specials
+    # The stop: the first visible character from the 4th token on that no earlier token produced.
+    at = next(i for i in range(3, len(pieces)) if pieces[i].strip() and pieces[i] not in "".join(pieces[:i]))
+    cut = engine.generate(CONVS[:1], max_new_tokens=30, stops=(pieces[at],))[0]
+    assert cut.finish == "stop" and cut.text == "".join(pieces[:at]).strip()
+    assert cut.tokens == full.tokens[:at + 1]
 
 
 def test_max_new_tokens_bounds_every_generation(char_tok):
@@ -405,15 +407,29 @@ def test_bench_generate_cli_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_compiled_decode_equals_eager(char_tok, device):
-    # CPU: inductor C++ with frozen, concatenated weights; CUDA: CUDA graphs.
+    # CPU: inductor C++ with frozen weights, one row as streamed product-sums and several through
+    # oneDNN-packed weights (spt_fast.cpu_decode); CUDA: CUDA graphs.
     spt = spt_for(tiny(seed=9))
     spt.to(device)
     eager = Engine(spt, char_tok, compile=False)
     compiled = Engine(spt, char_tok, compile=True)
-    for kw in (dict(), dict(temperature=0.8, top_p=0.9, seed=1), dict(stops=(), max_new_tokens=40)):
-        a = eager.generate(CONVS, **kw)
-        b = compiled.generate(CONVS, **kw)
-        assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert compiled.cpu_projections == (device == "cpu")
+    for convs in (CONVS, CONVS[:1]):
+        for kw in (dict(), dict(temperature=0.8, top_p=0.9, seed=1), dict(stops=(), max_new_tokens=40)):
+            a = eager.generate(convs, **kw)
+            b = compiled.generate(convs, **kw)
+            assert [r.tokens for r in a] == [r.tokens for r in b]
+    # A longer generation needs a longer cache: the compiled step must notice the new cache (the
+    # guards it keeps) instead of running the graph built for the old one.
+    kw = dict(stops=(), max_new_tokens=300, ignore_eos=True)
+    a, b = eager.generate(CONVS[:2], **kw), compiled.generate(CONVS[:2], **kw)
+    assert compiled.backend.caches[0].seq_len > 256
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    # Another model of the same shapes, compiled in the same process, runs its own weights.
+    other = spt_for(tiny(seed=10)).to(device)
+    want = Engine(other, char_tok).generate(CONVS)
+    got = Engine(other, char_tok, compile=True).generate(CONVS)
+    assert [r.tokens for r in got] == [r.tokens for r in want] != [r.tokens for r in eager.generate(CONVS)]
 
 
 # --- the real embedded model ------------------------------------------------------------------------
