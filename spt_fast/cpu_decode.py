@@ -1,21 +1,19 @@
-"""Projections for a compiled CPU decode step (`Engine(compile=True)` on CPU).
+"""CPU projections of the generation engine (`Engine` on CPU; see README "Generation engine").
 
 A decode step multiplies a few rows by every weight of the model, so it is bound by reading the
 weights. `attach_cpu_projections` gives the engine's private Llama view `CPUProjection` modules
-in place of its dense layers (q/k/v, o, gate/up, down, LM head); inside the compiled step they do:
+in place of its dense layers (q/k/v, o, gate/up, down, LM head). They run:
 
-- one row (batch 1): each projection is a product summed over the input width. Inductor turns it
-  into one loop that streams each weight row once, fused with the ops around it: close to the
-  memory bandwidth, where the BLAS / oneDNN matrix-vector calls reached 50-75% of it on the
-  2-vCPU machines (bench/cpu_projections.py prints the comparison).
-- more rows (batched decode), fp32: the weights are packed once for oneDNN and called through a
-  custom op, q/k/v and gate/up as one matrix each. Inductor packs fp32 linears for MKL, which ran
-  at a third of oneDNN's speed at 16 rows on an AMD Zen CPU. bf16: inductor's own packing (oneDNN)
-  is kept.
-Outside a compiled step (the prefill) they are plain `F.linear` on the original weights.
+- one row inside a compiled step (batch-1 decode): each projection as a product summed over the
+  input width. Inductor turns it into one loop that streams each weight row once, fused with the
+  ops around it: 27-49 GB/s of weights where the BLAS matrix-vector call reached 14-26 GB/s on the
+  2-vCPU machine (`python bench/cpu_projections.py` prints the comparison).
+- everything else (the prefill, batched decode, an eager engine): oneDNN on weights packed once,
+  q/k/v and gate/up as one matrix each, through a custom op that inductor leaves alone. Inductor
+  would pack fp32 linears for MKL, a third of oneDNN's speed at 16 rows on an AMD Zen CPU.
 
-The original weights are shared, not copied; the fp32 packed copies cost one more copy of the
-fp32 weights, as inductor's own frozen copies do.
+The original weights are shared, not copied; the packed copies cost one more copy of the dense
+weights.
 """
 from __future__ import annotations
 
@@ -43,7 +41,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class CPUProjection(nn.Module):
-    """One or more bias-free linear layers that read the same input, for a compiled CPU step.
+    """One or more bias-free linear layers that read the same input (q/k/v, gate/up) on the CPU.
 
     Returns one tensor per layer (a tuple), or the tensor itself for a single layer.
     """
@@ -53,10 +51,9 @@ class CPUProjection(nn.Module):
         weights = [layer.weight.detach() for layer in layers]
         self.sizes = [w.shape[0] for w in weights]
         for i, w in enumerate(weights):
-            # Row-major (the input width contiguous) for the product-and-sum; a copy only if a
-            # previous eager engine left this weight column-major.
+            # Row-major (the input width contiguous) for the product-and-sum: a copy only for a
+            # weight stored column-major (column_major_linears, by an engine without projections).
             self.register_buffer(f"w{i}", w.contiguous(), persistent=False)
-        self.one_row_gemv = True  # False: one row goes through oneDNN too (bench/cpu_projections.py)
         self.packed = None
         if _HAS_ONEDNN:
             merged = torch.cat(weights) if len(weights) > 1 else weights[0]
@@ -67,7 +64,7 @@ class CPUProjection(nn.Module):
 
     def forward(self, x):
         rows = x.shape[:-1].numel()
-        if rows == 1 and torch.compiler.is_compiling() and self.one_row_gemv:
+        if rows == 1 and torch.compiler.is_compiling():
             outs = [gemv(x, w) for w in self.weights()]
         elif self.packed is not None:
             y = _onednn_linear(x.reshape(rows, x.shape[-1]), self.packed, sum(self.sizes))

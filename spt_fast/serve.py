@@ -148,10 +148,11 @@ class FastBackend:
                             torch._dynamo.mark_static_address(b)
             self._compile_settings = contextlib.nullcontext()
             if not token.is_cuda and not is_quantized(self.llama):
-                # CPU: freezing turns the frozen weights into constants that inductor prepacks for
-                # MKL, and concat-linear merges q/k/v and gate/up: 4 matmuls per layer instead of 7,
-                # the same bytes read in fewer, larger calls (see README). The step then no longer
-                # sees later changes to the base weights. Inductor reads these settings when it
+                # CPU: freezing makes the weights constants of the step (the one-row product-sums of
+                # spt_fast.cpu_decode read them in place); for plain nn.Linear layers (no CPU
+                # projections attached) inductor also prepacks them and concat-linear merges q/k/v
+                # and gate/up. The step then no longer sees later changes to the base weights.
+                # Inductor reads these settings when it
                 # compiles, at a call (the first, or a recompile), not at torch.compile (where
                 # options={...} leaves freezing off): so every call runs under them (~15 us).
                 self._compile_settings = inductor_config.patch(

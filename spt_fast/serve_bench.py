@@ -146,7 +146,8 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
     spt.to(device).eval()
     hf_base = base
     if "hf" in impls and "spt_fast" in impls and device.type == "cpu":
-        # The engine re-lays its CPU weights out in place (column-major); transformers gets its own
+        # The engine may re-lay CPU weights out in place (column-major, where its packed projections
+        # do not apply); transformers gets its own
         # untouched copy, as a user of `generate` would have it.
         import copy
 
