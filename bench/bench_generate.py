@@ -4,16 +4,16 @@
 batch of synthetic contexts (each row its own prompt, mixed), on a tiny random Llama on CPU, and
 on GPU the Llama-2-7B shapes with random weights (skipped without CUDA).
 The latency table with TTFT, decode tokens/s and % of the HBM roofline is
-`spt-fast bench generate` (spt_fast/serve_bench.py: run_generate_bench).
+`spt-fast bench generate` (spt_fast/benchmarks/generate.py: run_generate_bench).
 """
 import pytest
 import torch
 
-from spt_fast.engine import build_spt_model
+from spt_fast.generation.engine import Engine
 from spt_fast.kernels.inject import inject_prompts
-from spt_fast.serve import Engine
-from spt_fast.serve_bench import random_preset_model
-from spt_fast.spt import SPTConfig
+from spt_fast.model.build import build_spt_model
+from spt_fast.model.loading import random_preset_model
+from spt_fast.model.spt import SPTConfig
 
 K, L, CTX, NEW = 4, 8, 128, 32
 
@@ -36,14 +36,15 @@ def _calls(base, spt, engine, batch, device):
     def hf():
         with torch.no_grad():
             emb = base.get_input_embeddings()(ids.to(device))
+            at = spt.prompt_positions(torch.full((batch,), CTX, device=device))
             rows = inject_prompts(emb, spt.prompts.weight.to(emb.dtype), torch.arange(batch, device=device),
-                                  torch.tensor(picks, device=device), torch.full((batch,), CTX, device=device))
+                                  torch.tensor(picks, device=device), at)
             mask = torch.ones(batch, CTX + L, dtype=torch.long, device=device)
             base.generate(inputs_embeds=rows, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
                           do_sample=False, pad_token_id=0)
 
     def ours():
-        engine.generate_ids(ids.tolist(), max_new_tokens=NEW, stops=(), ignore_eos=True, prompt=picks)
+        engine.generate_ids(ids.tolist(), [0] * batch, max_new_tokens=NEW, stops=(), ignore_eos=True, prompt=picks)
 
     def synced(fn):
         def run():
@@ -73,7 +74,7 @@ def test_generate_llama2_7b_gpu(benchmark, impl, batch):
 
 
 if __name__ == "__main__":
-    from spt_fast.serve_bench import format_rows, run_generate_bench
+    from spt_fast.benchmarks.generate import format_rows, run_generate_bench
 
     model = "preset:llama-2-7b" if torch.cuda.is_available() else "default"
     print(format_rows(run_generate_bench(model, dtype="bf16" if torch.cuda.is_available() else "fp32")))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from spt_fast.kernels import nf4
-from spt_fast.quant import _to_4bit
+from spt_fast.model.quant import to_nf4
 
 SHAPES = {"qkv": ([4096, 4096, 4096], 4096), "o": ([4096], 4096), "gate_up": ([11008, 11008], 4096),
           "down": ([4096], 11008)}
@@ -31,7 +31,7 @@ def make(sizes, k, seed):
     for i, n in enumerate(sizes):
         lin = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         lin.weight.data.normal_(0, 0.02, generator=torch.Generator("cuda").manual_seed(seed * 7 + i))
-        layers.append(_to_4bit(lin, torch.bfloat16, 64))
+        layers.append(to_nf4(lin, torch.bfloat16, 64))
     return layers, nf4.group_from_bnb(layers, torch.bfloat16)
 
 

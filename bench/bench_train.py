@@ -2,15 +2,15 @@
 straightforward (DESIGN §2) vs our prefix layout vs our shared layout, same batch.
 
 `pytest bench/bench_train.py` (pytest-benchmark). The real comparison on SmolLM2-135M or the
-Llama-2 shapes is `spt-fast bench train` (spt_fast/benchmark.py), which isolates each impl in its
+Llama-2 shapes is `spt-fast bench train` (spt_fast/benchmarks/train.py), which isolates each impl in its
 own process so its peak memory is its own.
 """
 import pytest
 import torch
 
-from spt_fast.benchmark import straightforward_loss, synthetic_batches
-from spt_fast.engine import build_spt_model
-from spt_fast.spt import SPTConfig
+from spt_fast.benchmarks.train import straightforward_loss, synthetic_batches
+from spt_fast.model.build import build_spt_model
+from spt_fast.model.spt import SPTConfig
 from spt_fast.testing import tiny_llama
 
 K, B, L, CTX, RESP, MAX_LEN = 4, 4, 8, 192, 24, 256

@@ -1,5 +1,5 @@
 """CPU projections of a decode step (SmolLM2-135M shapes): the BLAS vs oneDNN-packed vs the
-compiled product-sum that spt_fast.cpu_decode uses for one row.
+compiled product-sum that spt_fast.model.cpu_projections uses for one row.
 
 For each shape and row count it prints the time of one call and, for one row, the weight bytes
 read per second (the decode step is bound by reading weights); for 16 rows, GFLOP/s. Every timed
@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from spt_fast.cpu_decode import gemv
+from spt_fast.model.cpu_projections import gemv
 
 SHAPES = {"q/k/v": (960, 576), "o": (576, 576), "gate/up": (3072, 576), "down": (576, 1536), "lm head": (49152, 576)}
 

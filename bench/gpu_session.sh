@@ -18,10 +18,10 @@ for s in $steps; do
   case $s in
     nf4-quick) timeout 100 python3 bench/bench_nf4.py --quick 2>&1 | tail -13 | tee "$OUT/nf4_quick.log" ;;
     tests) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
-    generate) timeout 300 python3 -m spt_fast.cli bench generate --model preset:llama-2-7b --dtype bf16 --load-4bit --context-len 512 \
+    generate) timeout 300 python3 -m spt_fast bench generate --model preset:llama-2-7b --dtype bf16 --load-4bit --context-len 512 \
                 --compile --json "$OUT/gen_gpu.json" 2>&1 | tail -12 ;;
-    kernels) timeout 120 python3 -m spt_fast.cli bench kernels 2>&1 | tail -30 ;;
-    train) timeout 300 python3 -m spt_fast.cli bench train --model preset:llama-2-7b --dtype bf16 --load-4bit --batch-size 8 \
+    kernels) timeout 120 python3 -m spt_fast bench kernels 2>&1 | tail -30 ;;
+    train) timeout 300 python3 -m spt_fast bench train --model preset:llama-2-7b --dtype bf16 --load-4bit --batch-size 8 \
              --context-len 256 --response-len 32 --json "$OUT/train_gpu.json" 2>&1 | tail -12 ;;
     nf4) timeout 240 python3 bench/bench_nf4.py --write "$OUT/nf4_tiles.json" 2>&1 | tail -16 | tee "$OUT/nf4.log"
          [ -s "$OUT/nf4_tiles.json" ] && export SPT_FAST_NF4_TILES="$OUT/nf4_tiles.json" && cat "$OUT/nf4_tiles.json" ;;

@@ -8,10 +8,10 @@ import time
 
 import torch
 
-from spt_fast.engine import build_spt_model
-from spt_fast.serve import Engine
-from spt_fast.serve_bench import _load
-from spt_fast.spt import SPTConfig
+from spt_fast.generation.engine import Engine
+from spt_fast.model.build import build_spt_model
+from spt_fast.model.loading import load_any
+from spt_fast.model.spt import SPTConfig
 
 
 def main():
@@ -21,7 +21,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--eager", action="store_true")
     a = ap.parse_args()
-    base, _ = _load(a.model, torch.bfloat16, not a.no_4bit, "cuda")
+    base, _ = load_any(a.model, torch.bfloat16, not a.no_4bit, "cuda")
     spt = build_spt_model(base, SPTConfig(num_prompts=4, prompt_len=8, layout="shared", init="vocab")).cuda().eval()
     eng = Engine(spt, None, compile=not a.eager)
     ids = torch.randint(100, 32000, (a.batch, 512)).tolist()

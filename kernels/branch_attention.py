@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, use_triton
+from .runtime import dot_modes, native_gpu, use_triton
 
 _LOG2E = 1.4426950408889634
 
@@ -316,14 +316,6 @@ def _pick_blocks(tb: int, d: int, elem_bytes: int, on_gpu: bool):
     return 64, 64, (64 if d <= 64 else 32), warps, 2
 
 
-def _dot_modes(dtype: torch.dtype, on_gpu: bool):
-    # The interpreter computes bf16 tl.dot wrongly, so tiles are upcast there; on the GPU fp32
-    # inputs use exact ("ieee") products rather than tf32 so fp32 results match the reference.
-    dot_fp32 = (not on_gpu) or dtype == torch.float32
-    precision = "ieee" if dtype == torch.float32 or not on_gpu else "tf32"
-    return dot_fp32, precision
-
-
 def _index_tensors(ctx_len, sample_of, device):
     return (ctx_len.to(device=device, dtype=torch.int32).contiguous(),
             sample_of.to(device=device, dtype=torch.int32).contiguous())
@@ -332,9 +324,9 @@ def _index_tensors(ctx_len, sample_of, device):
 def _forward(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale):
     n, h, tb, d = q.shape
     hkv, tc = k.shape[1], ctx_k.shape[2]
-    on_gpu = q.is_cuda and not interpreting()
+    on_gpu = native_gpu(q)
     bm, bn, _, warps, stages = _pick_blocks(tb, d, q.element_size(), on_gpu)
-    dot_fp32, precision = _dot_modes(q.dtype, on_gpu)
+    dot_fp32, precision = dot_modes(q.dtype, on_gpu)
     out = torch.empty((n, h, tb, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((n, h, tb), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(tb, bm), n * h)
@@ -351,9 +343,9 @@ def _forward(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale):
 def _backward(do, q, k, v, ctx_k, ctx_v, ctx_len, sample_of, out, lse, scale):
     n, h, tb, d = q.shape
     hkv, tc = k.shape[1], ctx_k.shape[2]
-    on_gpu = q.is_cuda and not interpreting()
+    on_gpu = native_gpu(q)
     bm, bn, bm_kv, warps, stages = _pick_blocks(tb, d, q.element_size(), on_gpu)
-    dot_fp32, precision = _dot_modes(q.dtype, on_gpu)
+    dot_fp32, precision = dot_modes(q.dtype, on_gpu)
     block_d = max(16, triton.next_power_of_2(d))
     # delta_i = sum_d dO*O (FA2 preprocessing): one cheap elementwise pass, left to PyTorch.
     delta = (do.float() * out.float()).sum(-1).contiguous()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, use_triton
+from .runtime import dot_modes, native_gpu, use_triton
 
 IGNORE_INDEX = -100
 
@@ -185,14 +185,6 @@ def _pick_blocks(M, d, dtype, on_gpu):
     return (16 if M <= 16 else 32), 128, block_d, 4, 3
 
 
-def _dot_modes(dtype, on_gpu):
-    # The interpreter computes bf16 tl.dot wrongly, so tiles are upcast there; on the GPU fp32
-    # inputs use exact ("ieee") products rather than tf32 so fp32 results match the reference.
-    dot_fp32 = (not on_gpu) or dtype == torch.float32
-    precision = "ieee" if dot_fp32 else "tf32"
-    return dot_fp32, precision
-
-
 def _num_splits(row_blocks, v_tiles, device, on_gpu):
     if not on_gpu:
         return min(2, v_tiles)  # still exercises the split merge in CPU tests
@@ -206,9 +198,9 @@ def _lse_forward(X, weight, bias, bscale, Y):
     """Per row: lse, target logit, and E_softmax[bias] (zeros without bias). All fp32 [M]."""
     M, d = X.shape
     V = weight.shape[0]
-    on_gpu = X.is_cuda and not interpreting()
+    on_gpu = native_gpu(X)
     bm, bv, bd, warps, stages = _pick_blocks(M, d, X.dtype, on_gpu)
-    dot_fp32, precision = _dot_modes(X.dtype, on_gpu)
+    dot_fp32, precision = dot_modes(X.dtype, on_gpu)
     row_blocks, v_tiles = triton.cdiv(M, bm), triton.cdiv(V, bv)
     splits = _num_splits(row_blocks, v_tiles, X.device, on_gpu)
     # Whole tiles per split, so no split is empty and every row max is finite before merging.
@@ -234,9 +226,9 @@ def _grad_rows(X, weight, bias, bscale, Y, lse, coef):
     """dX [M, d] fp32 = sum_v coef * (softmax - onehot)[:, v] * W[v], G built chunk by chunk."""
     M, d = X.shape
     V = weight.shape[0]
-    on_gpu = X.is_cuda and not interpreting()
+    on_gpu = native_gpu(X)
     bm, bv, bd, warps, stages = _pick_blocks(M, d, X.dtype, on_gpu)
-    dot_fp32, precision = _dot_modes(X.dtype, on_gpu)
+    dot_fp32, precision = dot_modes(X.dtype, on_gpu)
     chunk = max(bm, (_GRAD_CHUNK_ELEMS // max(V, 1)) // bm * bm)
     chunk = min(chunk, triton.cdiv(M, bm) * bm)
     # G in the head's dtype feeds a tensor-core GEMM; cuBLAS accumulates it in fp32.

@@ -13,13 +13,11 @@ order: deterministic, no atomics. N is K*B (tens of rows), so the loop is cheap.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, use_triton
+from .runtime import device_guard, native_gpu, use_triton
 
 
 def _check_inputs(token_embeds, prompts, row_src, prompt_idx, prompt_pos):
@@ -137,10 +135,6 @@ def _grad_tokens_kernel(GOUT, ROW_SRC, PPOS, GT,
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _pick_blocks(rows: int, d: int, on_gpu: bool):
     """(BLOCK_ROWS, BLOCK_D) for a [rows x d] copy tile. GPU: ~4K elements per program, enough
     programs to fill the SMs on a pure copy. Interpreter: one program per row (each costs ~0.5 ms)."""
@@ -164,9 +158,9 @@ def _forward(token_embeds, prompts, row_src, prompt_idx, prompt_pos):
     out = torch.empty(N, T + L, d, device=token_embeds.device, dtype=token_embeds.dtype)
     if out.numel() == 0:
         return out
-    on_gpu = token_embeds.is_cuda and not interpreting()
+    on_gpu = native_gpu(token_embeds)
     bt, bd = _pick_blocks(T + L, d, on_gpu)
-    with _device_guard(token_embeds):
+    with device_guard(token_embeds):
         _inject_fwd_kernel[(N, triton.cdiv(T + L, bt), triton.cdiv(d, bd))](
             token_embeds, prompts, row_src, prompt_idx, prompt_pos, out, T, L, d,
             *token_embeds.stride(), *prompts.stride(), *out.stride(), BLOCK_T=bt, BLOCK_D=bd,
@@ -180,9 +174,9 @@ def _backward(grad_out, tok_shape, prompts_shape, tok_dtype, prompts_dtype, row_
     K, L, _ = prompts_shape
     N = row_src.shape[0]
     dev = grad_out.device
-    on_gpu = grad_out.is_cuda and not interpreting()
+    on_gpu = native_gpu(grad_out)
     g_tok = g_prompts = None
-    with _device_guard(grad_out):
+    with device_guard(grad_out):
         if need_prompts:
             g_prompts = torch.empty(prompts_shape, device=dev, dtype=prompts_dtype)
             if g_prompts.numel():

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from .runtime import use_triton
 
 
 

@@ -18,14 +18,12 @@ pool_context is a separate small kernel: the caller pools the frozen embeddings 
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, use_triton
+from .runtime import device_guard, native_gpu, pow2, use_triton
 
 COS_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 # The reference runs fp32 matmuls; TF32 would move the scores by ~1e-3 and can flip the arg-max.
@@ -59,8 +57,8 @@ def _retrieval_math(ctx_feat, prompts, weight, bias, beta, threshold, tau, topk,
     return scores, log_q, top
 
 
-def retrieval_ref(ctx_feat, prompts, weight, bias, beta: float = 10.0, threshold: float = 1.0,
-                  tau: float = 1.0, topk: int = 1):
+def retrieval_ref(ctx_feat, prompts, weight, bias, *, beta: float, threshold: float, tau: float = 1.0,
+                  topk: int = 1):
     """scores [B, K] = softplus(cos(W p̄_k + b, W x̄_b + b)), log_q = log_softmax(scores / tau),
     top_idx [B, topk] (ties -> lowest index). Computed in fp32; scores and log_q are fp32."""
     _check_inputs(ctx_feat, prompts, weight, bias, tau, topk)
@@ -296,14 +294,6 @@ def _project_bwd_kernel(GY, A, W, GW, GCTX, GPROMPTS,
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
-
-
 def _pick_blocks(B: int, K: int, d: int, on_gpu: bool) -> dict:
     """Tile sizes by heuristic (no autotune in the interpreter); tl.dot wants every dim >= 16.
 
@@ -315,14 +305,14 @@ def _pick_blocks(B: int, K: int, d: int, on_gpu: bool) -> dict:
     chunk = 64 if on_gpu else 128
     return {
         # _project_kernel: rows of A x output columns, looping over the input width in chunks
-        "proj_m": _pow2(M, 16, 64), "proj_n": _pow2(d, 16, cols), "proj_d": _pow2(d, 16, chunk),
+        "proj_m": pow2(M, 16, 64), "proj_n": pow2(d, 16, cols), "proj_d": pow2(d, 16, chunk),
         # _score_kernel: query rows x all K keys, looping over d in chunks
-        "score_b": _pow2(B, 16, 32 if K <= 64 else 16), "score_k": _pow2(K, 16, 1 << 20),
-        "score_d": _pow2(d, 16, chunk),
+        "score_b": pow2(B, 16, 32 if K <= 64 else 16), "score_k": pow2(K, 16, 1 << 20),
+        "score_d": pow2(d, 16, chunk),
         # _score_bwd_kernel: output columns per program
-        "bwd_n": _pow2(d, 16, chunk),
+        "bwd_n": pow2(d, 16, chunk),
         # _project_bwd_kernel: a strip of W's input columns per program, rows of dY, output chunk
-        "bwd_strip": _pow2(d, 16, cols), "bwd_m": _pow2(M, 16, 32), "bwd_strip_n": _pow2(d, 16, cols),
+        "bwd_strip": pow2(d, 16, cols), "bwd_m": pow2(M, 16, 32), "bwd_strip_n": pow2(d, 16, cols),
         "warps": 4,
     }
 
@@ -337,10 +327,10 @@ def pool_context_triton(embeds, lengths, start: int = 0):
     if B == 0 or d == 0:
         return out
     lengths = lengths.to(embeds.device).contiguous()
-    on_gpu = embeds.is_cuda and not interpreting()
-    block_d = _pow2(d, 16, 256 if on_gpu else 1024)
-    block_t = _pow2(T, 1, max(1, 4096 // block_d) if on_gpu else 64)
-    with _device_guard(embeds):
+    on_gpu = native_gpu(embeds)
+    block_d = pow2(d, 16, 256 if on_gpu else 1024)
+    block_t = pow2(T, 1, max(1, 4096 // block_d) if on_gpu else 64)
+    with device_guard(embeds):
         _pool_kernel[(B, triton.cdiv(d, block_d))](
             embeds, lengths, out, T, d, int(start), *embeds.stride(), BLOCK_T=block_t, BLOCK_D=block_d,
         )
@@ -352,14 +342,14 @@ def _forward(ctx_feat, prompts, weight, bias, beta, threshold, tau, topk):
     K, L = prompts.shape[0], prompts.shape[1]
     M = B + K
     dev = ctx_feat.device
-    on_gpu = ctx_feat.is_cuda and not interpreting()
+    on_gpu = native_gpu(ctx_feat)
     blk = _pick_blocks(B, K, d, on_gpu)
     f32 = dict(device=dev, dtype=torch.float32)
     y, a = torch.empty(M, d, **f32), torch.empty(M, d, **f32)
     scores, log_q, cos = torch.empty(B, K, **f32), torch.empty(B, K, **f32), torch.empty(B, K, **f32)
     norms = torch.empty(M, **f32)
     top = torch.empty(B, topk, device=dev, dtype=torch.int64)
-    with _device_guard(ctx_feat):
+    with device_guard(ctx_feat):
         _project_kernel[(triton.cdiv(M, blk["proj_m"]), triton.cdiv(d, blk["proj_n"]))](
             ctx_feat, prompts, weight, bias if bias is not None else weight, y, a,
             B, K, L, d, *ctx_feat.stride(), *prompts.stride(), *weight.stride(),
@@ -381,7 +371,7 @@ def _backward(g_scores, g_logq, saved, ctx_feat, prompts, weight, bias, beta, th
     K, L = prompts.shape[0], prompts.shape[1]
     M = B + K
     need_ctx, need_prompts, need_w, need_b = needs
-    on_gpu = ctx_feat.is_cuda and not interpreting()
+    on_gpu = native_gpu(ctx_feat)
     blk = _pick_blocks(B, K, d, on_gpu)
     dev = ctx_feat.device
     gy = torch.empty(M, d, device=dev, dtype=torch.float32)
@@ -393,7 +383,7 @@ def _backward(g_scores, g_logq, saved, ctx_feat, prompts, weight, bias, beta, th
     gctx = torch.empty(B, d, device=dev, dtype=ctx_feat.dtype) if need_ctx else None
     gprompts = torch.empty(K, L, d, device=dev, dtype=prompts.dtype) if need_prompts else None
     dummy = y
-    with _device_guard(ctx_feat):
+    with device_guard(ctx_feat):
         _score_bwd_kernel[(triton.cdiv(d, blk["bwd_n"]),)](
             y, norms, cos, log_q, gs if gs is not None else dummy, gl if gl is not None else dummy, gy,
             gbias if gbias is not None else dummy,
@@ -444,8 +434,8 @@ class _RetrievalFunction(torch.autograd.Function):
         return gctx, gprompts, gw, gbias, None, None, None, None
 
 
-def retrieval_triton(ctx_feat, prompts, weight, bias, beta: float = 10.0, threshold: float = 1.0,
-                     tau: float = 1.0, topk: int = 1):
+def retrieval_triton(ctx_feat, prompts, weight, bias, *, beta: float, threshold: float, tau: float = 1.0,
+                     topk: int = 1):
     _check_inputs(ctx_feat, prompts, weight, bias, tau, topk)
     return _RetrievalFunction.apply(ctx_feat, prompts, weight, bias, float(beta), float(threshold), float(tau),
                                     int(topk))
@@ -462,9 +452,10 @@ def pool_context(embeds, lengths, start: int = 0):
     return pool_context_ref(embeds, lengths, start)
 
 
-def retrieval(ctx_feat, prompts, weight, bias, beta: float = 10.0, threshold: float = 1.0, tau: float = 1.0,
-              topk: int = 1):
-    """(scores [B, K] fp32, log_q [B, K] fp32, top_idx [B, topk] int64); see retrieval_ref."""
+def retrieval(ctx_feat, prompts, weight, bias, *, beta: float, threshold: float, tau: float = 1.0, topk: int = 1):
+    """(scores [B, K] fp32, log_q [B, K] fp32, top_idx [B, topk] int64); see retrieval_ref.
+
+    beta/threshold are softplus's (the paper: 10 and 1, SPTConfig.score_beta/score_threshold)."""
     if use_triton(ctx_feat, prompts, weight, bias):
-        return retrieval_triton(ctx_feat, prompts, weight, bias, beta, threshold, tau, topk)
-    return retrieval_ref(ctx_feat, prompts, weight, bias, beta, threshold, tau, topk)
+        return retrieval_triton(ctx_feat, prompts, weight, bias, beta=beta, threshold=threshold, tau=tau, topk=topk)
+    return retrieval_ref(ctx_feat, prompts, weight, bias, beta=beta, threshold=threshold, tau=tau, topk=topk)

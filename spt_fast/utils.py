@@ -1,19 +1,35 @@
-"""Small shared helpers: dtypes, memory, seeding."""
+"""Helpers every stage uses: dtype names, peak memory, and atomic file writes."""
+import os
 import resource
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .errors import SPTError
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+# The one mapping between the dtype names users type and torch dtypes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_NAMES = tuple(DTYPES)
+_ALIASES = {"float32": "fp32", "bfloat16": "bf16"}
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name) -> torch.dtype:
+    """'fp32' / 'bf16' (or 'float32' / 'bfloat16', or a torch dtype of those) -> torch dtype."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
     try:
-        return _DTYPES[name]
-    except KeyError:
-        raise SPTError(f"dtype must be fp32 or bf16, got {name!r}") from None
+        return DTYPES[_ALIASES.get(name, name)]
+    except (KeyError, TypeError):
+        raise SPTError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}") from None
+
+
+def dtype_name(dtype) -> str:
+    """torch dtype (or a name) -> 'fp32' / 'bf16'."""
+    dtype = resolve_dtype(dtype)
+    return next(k for k, v in DTYPES.items() if v == dtype)
 
 
 def peak_memory_bytes() -> int:
@@ -22,3 +38,48 @@ def peak_memory_bytes() -> int:
         return int(torch.cuda.max_memory_allocated())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _readable(path) -> None:
+    # mkstemp/mkdtemp make owner-only entries; results, checkpoints and adapters are for everyone
+    # to read, as files written the ordinary way would be (umask applied).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
+def atomic_write(path, write) -> Path:
+    """Write a file through `write(tmp_path)` into a temporary sibling, then rename it into place:
+    a reader never sees half a file and a crash leaves any previous version intact."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_tensors_atomic(path, tensors: dict, metadata: dict | None = None) -> Path:
+    """A safetensors file of CPU copies of `tensors`, written atomically."""
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def make_temp_dir(parent, prefix: str) -> Path:
+    """A temporary folder beside its final place (renamed into place when complete), readable
+    like an ordinary folder."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    _readable(tmp)
+    return tmp

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spt_fast import checkpoint
+from spt_fast import utils
+from spt_fast.training import checkpoint
 from spt_fast.cli import main
 from spt_fast.testing import char_tokenizer, tiny_llama
 
@@ -141,7 +142,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", boom)
+    monkeypatch.setattr(utils, "save_file", boom)  # the one safetensors writer (spt_fast.utils)
     with pytest.raises(OSError):
         checkpoint.save(tmp_path, 2, {k: v * 2 for k, v in t.items()}, {"step": 2})
     tensors, cfg, folder = checkpoint.load(tmp_path)

@@ -1,4 +1,4 @@
-"""spt_fast.cpu_decode: the projections of a compiled CPU decode step against F.linear (eager and
+"""spt_fast.model.cpu_projections: the projections of a compiled CPU decode step against F.linear (eager and
 compiled, one row and several, fp32 and bf16, merged q/k/v-style groups), the swap on a private
 Llama view, and the engine's compiled batch-1 step against its eager one."""
 import pytest
@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spt_fast import testing
-from spt_fast.cpu_decode import CPUProjection, attach_cpu_projections, gemv
-from spt_fast.llama import Llama
+from spt_fast.model.cpu_projections import CPUProjection, attach_cpu_projections, gemv
+from spt_fast.model.llama import Llama
 
 # (dtype, atol, rtol): fp32 sums in another order than the BLAS; bf16 rounds the output once (the
 # reference is computed in fp32 from the same bf16 values, as both paths accumulate in fp32).

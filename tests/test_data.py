@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from spt_fast.data import (
+from spt_fast.data.corpora import (
     Sample, load_chitchat, load_convai2, load_jsonl, load_samples, split_by_dialog,
 )
 from spt_fast.errors import DataError, SPTError
-from spt_fast.text import Encoder, encode_all, format_context
+from spt_fast.data.text import Encoder, encode_all, format_context
 
 FIX = Path(__file__).parent / "fixtures"
 

@@ -3,11 +3,12 @@ chit-chat corpus: load offline, one SPT training step in each layout, and batche
 import pytest
 import torch
 
-from spt_fast.data import load_chitchat
-from spt_fast.generate import generate
-from spt_fast.model_io import load
-from spt_fast.spt import SPTConfig, SPTModel, collate
-from spt_fast.text import Encoder
+from spt_fast.data.corpora import load_chitchat
+from spt_fast.generation.engine import Engine
+from spt_fast.model.loading import load
+from spt_fast.data.batch import collate
+from spt_fast.model.spt import SPTConfig, SPTModel
+from spt_fast.data.text import Encoder
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +49,7 @@ def test_generation_on_real_model(smollm, samples):
     spt = SPTModel(base, SPTConfig(num_prompts=2, prompt_len=2)).eval()
     enc = Encoder(tok, 128, 2)
     encoded = [enc.encode(s, with_response=False) for s in samples]
-    texts, picks = generate(spt, tok, encoded, batch_size=4, max_new_tokens=6)
+    replies = Engine(spt, tok).generate_ids([e.context_ids for e in encoded], max_new_tokens=6)
+    texts, picks = [r.text for r in replies], [r.prompt for r in replies]
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
     assert any(t for t in texts) and set(picks) <= {0, 1}

@@ -4,12 +4,14 @@ losses and gradients, fp32, with and without a 4-bit base; and the layout dispat
 import pytest
 import torch
 
-from spt_fast.data import Sample
-from spt_fast.engine import SharedSPTModel, build_spt_model, resolve_layout
+from spt_fast.data.corpora import Sample
+from spt_fast.model.build import build_spt_model, resolve_layout
+from spt_fast.model.shared import SharedSPTModel
 from spt_fast.errors import ModelLoadError
-from spt_fast.spt import SPTConfig, SPTModel, collate
+from spt_fast.data.batch import collate
+from spt_fast.model.spt import SPTConfig, SPTModel
 from spt_fast.testing import tiny_llama
-from spt_fast.text import Encoder
+from spt_fast.data.text import Encoder
 
 SAMPLES = [
     Sample(("i like cats.",), ("hi there", "hello!", "how are you?"), "great, thanks.", "d0", 1),
@@ -51,7 +53,7 @@ def test_shared_fast_path_equals_full_forward(char_tok, K, L):
 
 
 def test_shared_fast_path_through_4bit_layers(char_tok):
-    from spt_fast.quant import quantize_linear_layers
+    from spt_fast.model.quant import quantize_linear_layers
 
     base = quantize_linear_layers(tiny_llama(init_std=0.1), compute_dtype=torch.float32)
     cfg = SPTConfig(num_prompts=2, prompt_len=3, layout="shared", init="random")

@@ -2,9 +2,9 @@
 our prefix path with that prompt."""
 import torch
 
-from spt_fast import checkpoint
-from spt_fast.export import export_peft
-from spt_fast.spt import SPTConfig, SPTModel
+from spt_fast.training import checkpoint
+from spt_fast.training.export import export_peft
+from spt_fast.model.spt import SPTConfig, SPTModel
 from spt_fast.testing import tiny_llama
 
 
@@ -31,3 +31,20 @@ def test_peft_adapter_matches_prefix_path(tmp_path, char_tok):
     with torch.no_grad():
         other = spt.base(inputs_embeds=torch.cat([spt.prompts.weight[0][None], emb], 1)).logits
     assert (other[:, -1] - theirs[:, -1]).abs().max() > 1e-3
+
+
+def test_exported_files_are_readable_like_checkpoint_files(tmp_path):
+    import os
+
+    cfg = SPTConfig(num_prompts=2, prompt_len=2, init="random")
+    spt = SPTModel(tiny_llama(), cfg)
+    folder = checkpoint.save(tmp_path / "run", 1, spt.trainable_state_dict(), {"spt": cfg.to_dict()})
+    out = export_peft(str(tmp_path / "run"), 1, str(tmp_path / "peft"))
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [out / "adapter_model.safetensors", out / "adapter_config.json", folder / checkpoint.TENSORS,
+             folder / checkpoint.CONFIG]
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))

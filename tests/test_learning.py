@@ -4,10 +4,11 @@ import random
 
 import torch
 
-from spt_fast.data import Sample
-from spt_fast.spt import SPTConfig, SPTModel, collate
+from spt_fast.data.corpora import Sample
+from spt_fast.data.batch import collate
+from spt_fast.model.spt import SPTConfig, SPTModel
 from spt_fast.testing import tiny_llama
-from spt_fast.text import Encoder
+from spt_fast.data.text import Encoder
 
 # Two kinds of speaker: whatever the partner says, one always answers in x's, the other in o's.
 KINDS = {"i shout a lot.": "xxxx xxxx", "i whisper softly.": "oooo oooo"}
@@ -83,7 +84,7 @@ def _own_kind_ce(spt, batch, kinds):
     K = spt.config.num_prompts
     B = batch.input_ids.shape[0]
     embeds = spt.embed(batch.input_ids)
-    hidden = spt._response_hidden(batch, embeds, torch.arange(K * B) // B)  # [K,B,R,d]
+    hidden = spt.response_hidden(batch, embeds, torch.arange(K * B) // B)  # [K,B,R,d]
     own = hidden[kinds, torch.arange(B)]  # [B,R,d]
     logits = spt.base.get_output_embeddings()(own)
     return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=-100)

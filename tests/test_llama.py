@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from spt_fast import testing
 from spt_fast.errors import ModelLoadError
-from spt_fast.llama import PRESETS, ContextKV, KVCache, Llama, LlamaConfig, column_major_linears
+from spt_fast.model.llama import PRESETS, ContextKV, KVCache, Llama, LlamaConfig, column_major_linears
 
 REL = 1e-4
 
@@ -190,7 +190,7 @@ def test_shared_layout_matches_full_forward_and_prompt_grads():
 
 def test_shared_layout_through_triton_kernel_interpreted(monkeypatch):
     # The branch_attention kernel under the Triton CPU interpreter, fed by the model's strided q/k/v.
-    from spt_fast import llama
+    from spt_fast.model import llama
     from spt_fast.kernels import branch_attention as ba
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -223,7 +223,7 @@ def test_context_pass_matches_full_forward_keys():
 
 def test_branch_pass_through_4bit_layers():
     # quant.quantize_linear_layers swaps the plain nn.Linear projections; the head stays exact.
-    from spt_fast import quant
+    from spt_fast.model import quant
 
     hf = testing.tiny_llama()
     model = quant.quantize_linear_layers(Llama.from_hf(hf), compute_dtype=torch.float32, skip=("output",))
@@ -255,13 +255,13 @@ def test_kv_cache_update():
 
 @pytest.mark.parametrize("t", [1, 3])
 def test_grouped_decode_attention_matches_sdpa(t):
-    from spt_fast.llama import _grouped_attention, _masked_sdpa
+    from spt_fast.model.llama import grouped_attention, masked_sdpa
 
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 6, t, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g)
     pos = torch.tensor([[4 + i for i in range(t)], [7 + i for i in range(t)]])
     mask = torch.arange(11)[None, None, None, :] <= pos[:, None, :, None]
-    torch.testing.assert_close(_grouped_attention(q, k, v, mask), _masked_sdpa(q, k, v, mask), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped_attention(q, k, v, mask), masked_sdpa(q, k, v, mask), rtol=1e-5, atol=1e-6)
 
 
 # --- bad models / configs -----------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spt_fast import losses
+from spt_fast.model import losses
 from spt_fast.kernels.fused_ce import fused_linear_ce
 from spt_fast.kernels.retrieval import retrieval
 
@@ -77,7 +77,7 @@ def test_retriever_score_softplus_of_cosine():
     d = 2
     ctx = torch.tensor([[1.0, 0.0]])
     prompts = torch.tensor([[[1.0, 1.0]], [[-1.0, 0.0]]])  # K=2, L=1
-    scores, log_q, top = retrieval(ctx, prompts, torch.eye(d), torch.zeros(d))
+    scores, log_q, top = retrieval(ctx, prompts, torch.eye(d), torch.zeros(d), beta=10.0, threshold=1.0)
     c = 1 / math.sqrt(2)
     # softplus(beta=10, threshold=1): linear above x=0.1, log(1+exp(10x))/10 below
     assert scores[0, 0].item() == pytest.approx(c, rel=1e-6)

@@ -6,7 +6,9 @@ import pytest
 import sacrebleu
 import torch
 
-from spt_fast import metrics, plots
+from spt_fast.data import pairs
+from spt_fast.evaluation import metrics, plots
+from spt_fast.generation import stops
 from spt_fast.errors import SPTError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -22,13 +24,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
     ("", ""),
 ])
 def test_cut_reply_each_stop(raw, want):
-    assert metrics.cut_reply(raw) == want
+    assert stops.cut_reply(raw) == want
 
 
 def test_cut_reply_takes_earliest_stop_not_first_listed():
     # "R:" comes before "\n" in the text, though "\n" is listed first.
-    assert metrics.cut_reply("yes R: no\nQ: maybe") == "yes"
-    assert metrics.cut_reply("a|b;c", stops=(";", "|")) == "a"
+    assert stops.cut_reply("yes R: no\nQ: maybe") == "yes"
+    assert stops.cut_reply("a|b;c", stops=(";", "|")) == "a"
 
 
 # ---- F1 -------------------------------------------------------------------------------------
@@ -65,10 +67,10 @@ def test_sentence_bleu_separates_persona_pairs():
     a = "i love dogs . i work as a nurse . my favourite colour is blue ."
     near = "i love dogs . i work as a nurse . my favourite colour is red ."
     far = "i surf every weekend and drive an old truck"
-    assert metrics.sentence_bleu(a, a) == pytest.approx(100.0)
-    assert metrics.sentence_bleu(near, a) > 20
-    assert metrics.sentence_bleu(far, a) < 20
-    assert metrics.sentence_bleu(near, a) == pytest.approx(sacrebleu.sentence_bleu(near, [a]).score)
+    assert pairs.sentence_bleu(a, a) == pytest.approx(100.0)
+    assert pairs.sentence_bleu(near, a) > 20
+    assert pairs.sentence_bleu(far, a) < 20
+    assert pairs.sentence_bleu(near, a) == pytest.approx(sacrebleu.sentence_bleu(near, [a]).score)
 
 
 # ---- ROUGE ----------------------------------------------------------------------------------

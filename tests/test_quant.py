@@ -17,8 +17,8 @@ from torch.nn import functional as F
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from spt_fast import quant  # noqa: E402
-from spt_fast.quant import dequantized_copy, guard_4bit, is_quantized, quantize_linear_layers  # noqa: E402
+from spt_fast.model import quant  # noqa: E402
+from spt_fast.model.quant import dequantized_copy, guard_4bit, is_quantized, quantize_linear_layers  # noqa: E402
 from spt_fast.testing import tiny_llama, tiny_opt  # noqa: E402
 
 VOCAB = 104
@@ -241,7 +241,7 @@ def test_nf4_kernel_view_equals_bitsandbytes_layers():
     """A compact-Llama view with the fused NF4 modules computes what the bitsandbytes layers do
     (fp32 compute: the same dequantized weights), for a prefill (> 16 rows: dequantize + matmul)
     and decode steps (<= 16 rows: the matmul kernel's op), and leaves the HF model's layers alone."""
-    from spt_fast.llama import Llama
+    from spt_fast.model.llama import Llama
 
     model = quantize_linear_layers(tiny_llama(), compute_dtype=torch.float32)
     plain, fused = Llama.from_hf_modules(model), Llama.from_hf_modules(model)
@@ -263,7 +263,7 @@ def test_nf4_kernel_view_equals_bitsandbytes_layers():
 
 
 def test_nf4_kernels_not_attached_to_unquantized_model():
-    from spt_fast.llama import Llama
+    from spt_fast.model.llama import Llama
 
     view = Llama.from_hf_modules(tiny_llama())
     assert not quant.attach_nf4_kernels(view)

@@ -1,5 +1,5 @@
-"""The generation engine (spt_fast.serve) against the generic Hugging Face path (spt_fast.generate,
-the oracle): greedy replies equal token for token on tiny random Llamas (GQA and not, tied head,
+"""The generation engine (spt_fast.generation.engine) against the generic Hugging Face path
+(spt_fast.generation.oracle): greedy replies equal token for token on tiny random Llamas (GQA and not, tied head,
 ragged batches, both layouts, retrieved and mixed forced prompts), a 4-bit base, the non-Llama
 fallback, and the real embedded model (slow). Then sampling, stop strings and early exit, the
 max-new-tokens bound, streaming, bad input, the chat loop and the benchmark function."""
@@ -9,16 +9,19 @@ import warnings
 import pytest
 import torch
 
-from spt_fast import checkpoint, testing
-from spt_fast.data import Sample
-from spt_fast.decoding import StopTable, TextDelta, advance, sample_next
-from spt_fast.engine import build_spt_model
+from spt_fast import testing
+from spt_fast.training import checkpoint
+from spt_fast.data.corpora import Sample
+from spt_fast.generation.decoding import advance, sample_next
+from spt_fast.generation.stops import StopTable, TextDelta
+from spt_fast.model.build import build_spt_model
 from spt_fast.errors import CheckpointError, SPTError
-from spt_fast.generate import generate_batch
-from spt_fast.llama import Llama
-from spt_fast.serve import Engine
-from spt_fast.spt import SPTConfig, collate
-from spt_fast.text import Encoder
+from spt_fast.generation.oracle import generate_batch
+from spt_fast.model.llama import Llama
+from spt_fast.generation.engine import Engine
+from spt_fast.data.batch import collate
+from spt_fast.model.spt import SPTConfig
+from spt_fast.data.text import Encoder
 
 # Ragged: contexts of very different lengths, one without persona, one without history.
 CONVS = [
@@ -131,7 +134,7 @@ def test_kv_cache_decode_matches_full_forward():
 def test_4bit_base_equals_hf_path(char_tok, device, compile):
     # On CUDA the engine computes the NF4 layers with the project's kernels (fp32 compute here, so
     # the same greedy tokens as bitsandbytes' layers in the HF path are expected).
-    from spt_fast.quant import quantize_linear_layers
+    from spt_fast.model.quant import quantize_linear_layers
 
     base = quantize_linear_layers(tiny(seed=2).to(device), compute_dtype=torch.float32)
     spt = spt_for(base).to(device)
@@ -348,7 +351,7 @@ def test_from_checkpoint_matches_in_memory_engine(saved, char_tok):
 def test_chat_with_fake_stdin(saved, char_tok):
     import argparse
 
-    from spt_fast import chat
+    from spt_fast.cli import chat
 
     ck, spt = saved
     parser = argparse.ArgumentParser()
@@ -375,7 +378,7 @@ def test_chat_with_fake_stdin(saved, char_tok):
 
 
 def test_generate_bench_rows():
-    from spt_fast.serve_bench import run_generate_bench
+    from spt_fast.benchmarks.generate import run_generate_bench
 
     rows = run_generate_bench("preset:tiny", batch_sizes=(1, 3), context_len=12, new_tokens=4, repeats=1)
     assert [(r["impl"], r["batch"]) for r in rows] == [("hf", 1), ("spt_fast", 1), ("hf", 3), ("spt_fast", 3)]
@@ -390,25 +393,25 @@ def test_bench_generate_cli_writes_json(tmp_path, capsys):
     import argparse
     import json
 
-    from spt_fast import serve_bench
+    from spt_fast.cli import bench
 
     parser = argparse.ArgumentParser()
-    serve_bench.add_parser(parser.add_subparsers(dest="bench_cmd"))
+    bench.add_parser(parser.add_subparsers(dest="cmd"))
     out = tmp_path / "gen.json"
-    args = parser.parse_args(["generate", "--model", "preset:tiny", "--batch-sizes", "2", "--context-len", "8",
-                              "--new-tokens", "3", "--repeats", "1", "--impls", "spt_fast", "--json", str(out)])
-    serve_bench.run(args)
+    args = parser.parse_args(["bench", "generate", "--model", "preset:tiny", "--batch-sizes", "2", "--context-len",
+                              "8", "--new-tokens", "3", "--repeats", "1", "--impls", "spt_fast", "--json", str(out)])
+    bench.run(args)
     rows = json.loads(out.read_text())
     assert [(r["impl"], r["batch"]) for r in rows] == [("spt_fast", 2)]
     assert "decode_tokens_per_s" in capsys.readouterr().out
     with pytest.raises(SPTError, match="batch-sizes"):
-        serve_bench.run(parser.parse_args(["generate", "--batch-sizes", "x"]))
+        bench.run(parser.parse_args(["bench", "generate", "--batch-sizes", "x"]))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_compiled_decode_equals_eager(char_tok, device):
     # CPU: inductor C++ with frozen weights, one row as streamed product-sums and several through
-    # oneDNN-packed weights (spt_fast.cpu_decode); CUDA: CUDA graphs.
+    # oneDNN-packed weights (spt_fast.model.cpu_projections); CUDA: CUDA graphs.
     spt = spt_for(tiny(seed=9))
     spt.to(device)
     eager = Engine(spt, char_tok, compile=False)
@@ -436,7 +439,7 @@ def test_compiled_decode_equals_eager(char_tok, device):
 
 @pytest.mark.slow
 def test_embedded_model_greedy_equals_hf_path():
-    from spt_fast.model_io import load
+    from spt_fast.model.loading import load
 
     base, tok = load("default")
     convs = [

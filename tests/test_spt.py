@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spt_fast.data import Sample
-from spt_fast.generate import generate_batch
-from spt_fast.spt import SPTConfig, SPTModel, collate
-from spt_fast.text import Encoder
+from spt_fast.data.corpora import Sample
+from spt_fast.generation.oracle import generate_batch
+from spt_fast.data.batch import collate
+from spt_fast.model.spt import SPTConfig, SPTModel
+from spt_fast.data.text import Encoder
 
 SAMPLES = [
     Sample(("i like cats.", "i am tall."), ("hi there", "hello!", "how are you?"), "great, thanks.", "d0", 1),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spt_fast import study
+from spt_fast.evaluation import study
 from spt_fast.cli import main
 
 DATA = str(Path(__file__).parent / "fixtures" / "tiny_self_original.txt")

@@ -16,7 +16,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from spt_fast.kernels import nf4  # noqa: E402
-from spt_fast.quant import _to_4bit  # noqa: E402
+from spt_fast.model.quant import to_nf4  # noqa: E402
 
 
 def make_layer(n, k, nested=True, dtype=torch.float32, device="cpu", seed=0):
@@ -24,7 +24,7 @@ def make_layer(n, k, nested=True, dtype=torch.float32, device="cpu", seed=0):
     lin = nn.Linear(k, n, bias=False)
     lin.weight.data = torch.randn(n, k, generator=g) * 0.02
     if nested:
-        layer = _to_4bit(lin.to(device), dtype, 64)
+        layer = to_nf4(lin.to(device), dtype, 64)
     else:
         layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=False,
                                   quant_type="nf4", device="meta")

@@ -18,6 +18,9 @@ SHAPES = [
 DTYPES = [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-3, 0.0)]
 NAMES = ["scores", "log_q", "d_ctx", "d_prompts", "d_weight", "d_bias"]
 
+# The paper's softplus(cos, beta=10, threshold=1) (SPTConfig.score_beta / score_threshold).
+PAPER = dict(beta=10.0, threshold=1.0)
+
 
 def make_inputs(b, k, l, d, dtype, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -35,7 +38,7 @@ def make_inputs(b, k, l, d, dtype, device="cpu", seed=0):
 
 def run(fn, leaves, upstream, topk, **kw):
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
-    scores, log_q, top = fn(*leaves, topk=topk, **kw)
+    scores, log_q, top = fn(*leaves, topk=topk, **{**PAPER, **kw})
     loss = (scores.float() * upstream[0]).sum() + (log_q.float() * upstream[1]).sum()
     grads = torch.autograd.grad(loss, leaves)
     return [scores.detach(), log_q.detach(), *grads], top
@@ -79,7 +82,7 @@ def test_matches_reference(shape, dtype, atol, rtol):
 
 def test_outputs_are_fp32_and_scores_in_range():
     leaves, _ = make_inputs(3, 4, 2, 24, torch.bfloat16)
-    scores, log_q, top = retrieval_triton(*leaves, topk=2)
+    scores, log_q, top = retrieval_triton(*leaves, **PAPER, topk=2)
     assert scores.dtype == log_q.dtype == torch.float32
     assert bool((scores > 0).all()) and bool((scores <= 1).all())
     torch.testing.assert_close(log_q.exp().sum(-1), torch.ones(3))
@@ -112,8 +115,8 @@ def test_ties_pick_lowest_index():
     prompts[3] = prompts[1]  # prompts 1 and 3 tie for every sample
     prompts[4] = prompts[0]
     leaves[1] = prompts
-    _, _, top = retrieval_triton(*leaves, topk=5)
-    _, _, want = retrieval_ref(*leaves, topk=5)
+    _, _, top = retrieval_triton(*leaves, **PAPER, topk=5)
+    _, _, want = retrieval_ref(*leaves, **PAPER, topk=5)
     assert torch.equal(top, want)
     for row in top.tolist():
         assert row.index(1) < row.index(3) and row.index(0) < row.index(4)
@@ -125,7 +128,7 @@ def test_partial_grads_scores_only_no_bias():
     grads = []
     for fn in (retrieval_triton, retrieval_ref):
         p, w = prompts.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        scores, _, _ = fn(ctx, p, w, None)
+        scores, _, _ = fn(ctx, p, w, None, **PAPER)
         grads.append(torch.autograd.grad((scores * g).sum(), (p, w)))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -144,7 +147,7 @@ def test_log_q_only_and_strided_inputs():
     for fn, strided in ((retrieval_triton, True), (retrieval_ref, False)):
         inputs = leaves(strided)
         assert inputs[2].is_contiguous() != strided
-        _, log_q, _ = fn(*inputs)
+        _, log_q, _ = fn(*inputs, **PAPER)
         grads.append(torch.autograd.grad((log_q * g).sum(), inputs))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -153,8 +156,8 @@ def test_log_q_only_and_strided_inputs():
 def test_no_grad_and_public_dispatch():
     leaves, _ = make_inputs(3, 4, 2, 24, torch.float32)
     with torch.no_grad():
-        got = retrieval_triton(*leaves, topk=2)
-    want = retrieval(*leaves, topk=2)  # CPU tensors: the public op is the reference
+        got = retrieval_triton(*leaves, **PAPER, topk=2)
+    want = retrieval(*leaves, **PAPER, topk=2)  # CPU tensors: the public op is the reference
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
     assert torch.equal(got[2], want[2])
 
@@ -166,17 +169,17 @@ def test_no_grad_and_public_dispatch():
 def test_bad_arguments(bad, match):
     leaves, _ = make_inputs(2, 4, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=match):
-        retrieval_triton(*leaves, **bad)
+        retrieval_triton(*leaves, **PAPER, **bad)
     with pytest.raises(ValueError, match=match):
-        retrieval_ref(*leaves, **bad)
+        retrieval_ref(*leaves, **PAPER, **bad)
 
 
 def test_bad_shapes():
     (ctx, prompts, weight, bias), _ = make_inputs(2, 4, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="weight"):
-        retrieval(ctx, prompts, weight[:, :8], bias)
+        retrieval(ctx, prompts, weight[:, :8], bias, **PAPER)
     with pytest.raises(ValueError, match="prompts"):
-        retrieval(ctx, prompts[:, :, :8], weight, bias)
+        retrieval(ctx, prompts[:, :, :8], weight, bias, **PAPER)
 
 
 # ---- pool_context ------------------------------------------------------------------------------

@@ -1,0 +1,178 @@
+"""Generation latency: transformers `generate` vs the spt_fast engine, same weights, same prompts.
+
+Every row is a synthetic context of `context_len` token ids followed by its soft prompt (shared
+layout); row b uses prompt b % K, so a batch mixes prompts. Both implementations get exactly the
+same input embeddings and decode greedily for exactly `new_tokens` tokens (eos and stop strings
+off). Reported per (impl, batch):
+- ttft_ms: a 1-token call, from token ids to the first new token (embedding, prompt injection,
+  prefill, first token);
+Times are the best of `repeats` runs, with the implementations alternating inside each repeat.
+- decode_tokens_per_s: batch * (new_tokens - 1) / (time(new_tokens) - time(1));
+- step_ms: the same as the time of one decode step;
+- on GPU, hbm_roofline_pct: (weight bytes / bandwidth) / step time, the share of the memory-bound
+  limit a decode step reaches (gpt-fast's "achieved bandwidth"), and achieved_GBps.
+Models: "default" (the embedded SmolLM2-135M), a local folder, or "preset:NAME" (a Llama preset
+from spt_fast.model.llama.PRESETS with random weights built on the device: nothing is downloaded).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import SPTError
+from ..model.loading import PRESET_PREFIX
+
+H100_SXM_BANDWIDTH = 3.35e12  # bytes/s
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of weights one decode step must read: every parameter and buffer (NF4 block scales
+    included) except the input embedding table, of which a step reads one row per sequence (a
+    tied table is the LM head too, so it counts)."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
+    seen, total = set() if tied else {emb.data_ptr()}, 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)  # bitsandbytes Params4bit: the block scales
+        while state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            state = getattr(state, "state2", None)
+    return total
+
+
+def _timed(fn, device, clock) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = clock()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clock() - t
+
+
+def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_sizes=(1, 16), dtype="fp32",
+                       load_4bit: bool = False, context_len: int = 128, new_tokens: int = 32, device=None,
+                       num_prompts: int = 4, prompt_len: int = 8, repeats: int = 3, compile: bool = False,
+                       bandwidth: float = H100_SXM_BANDWIDTH, seed: int = 0, clock: str = "wall") -> list[dict]:
+    """Rows {"impl","model","device","dtype","batch","ttft_ms","decode_tokens_per_s","step_ms",...}.
+
+    clock="process" times CPU runs by the process's CPU time instead of wall time: with one torch
+    thread that is the work done, unaffected by other jobs taking the cores (a shared machine).
+    """
+    from ..generation.engine import Engine
+    from ..kernels.inject import inject_prompts
+    from ..model.build import build_spt_model
+    from ..model.llama import LlamaConfig
+    from ..model.loading import load_any
+    from ..model.spt import SPTConfig
+    from ..utils import dtype_name, resolve_dtype
+
+    for impl in impls:
+        if impl not in ("hf", "spt_fast"):
+            raise SPTError(f"unknown impl {impl!r}: use 'hf' and/or 'spt_fast'")
+    if new_tokens < 2:
+        raise SPTError("new_tokens must be >= 2 (decode speed needs more than the first token)")
+    if context_len < 2:
+        raise SPTError("context_len must be >= 2")
+    if clock not in ("wall", "process"):
+        raise SPTError(f"clock must be 'wall' or 'process', got {clock!r}")
+    tdtype, dname = resolve_dtype(dtype), dtype_name(dtype)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model.startswith(PRESET_PREFIX) and device.type == "cpu":
+        try:
+            p = LlamaConfig.from_name(model[len(PRESET_PREFIX):])
+        except ValueError as exc:
+            raise SPTError(str(exc)) from None
+        if p.dim * p.n_layers > 576 * 30:
+            raise SPTError(f"{model} is a GPU benchmark (random weights of that size do not fit this CPU run); "
+                           "use preset:tiny, preset:smollm2-135m or 'default' on CPU")
+    if clock == "process" and device.type == "cuda":
+        raise SPTError("clock='process' is for CPU runs; GPU work does not show in the process's CPU time")
+    timer = time.process_time if clock == "process" else time.perf_counter
+    base, tok = load_any(model, tdtype, load_4bit, device)
+    spt = build_spt_model(base, SPTConfig(num_prompts=num_prompts, prompt_len=prompt_len, layout="shared",
+                                          init="vocab", seed=seed))
+    spt.to(device).eval()
+    hf_base = base
+    if "hf" in impls and "spt_fast" in impls and device.type == "cpu":
+        # The engine may re-lay CPU weights out in place (column-major, where its packed projections
+        # do not apply); transformers gets its own
+        # untouched copy, as a user of `generate` would have it.
+        import copy
+
+        hf_base = copy.deepcopy(base)
+    engine = Engine(spt, tok, compile=compile) if "spt_fast" in impls else None
+    weight_bytes = _weight_bytes(base)
+    vocab = base.get_input_embeddings().weight.shape[0]
+    bos = getattr(base.config, "bos_token_id", None)
+    pad = (tok.pad_token_id if tok is not None else None) or 0
+    rows_out = []
+    for B in batch_sizes:
+        g = torch.Generator().manual_seed(seed + B)
+        ids = torch.randint(min(100, vocab - 1), vocab, (B, context_len), generator=g)
+        if bos is not None:
+            ids[:, 0] = bos
+        picks = [b % num_prompts for b in range(B)]
+
+        def hf_call(n, ids=ids, picks=picks, B=B):
+            with torch.no_grad():
+                emb = hf_base.get_input_embeddings()(ids.to(device))
+                at = spt.prompt_positions(torch.full((B,), context_len, device=device))  # synthetic: no tag
+                rows = inject_prompts(emb, spt.prompts.weight.to(emb.dtype), torch.arange(B, device=device),
+                                      torch.tensor(picks, device=device), at)
+                mask = torch.ones(B, context_len + prompt_len, dtype=torch.long, device=device)
+                return hf_base.generate(inputs_embeds=rows, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                     do_sample=False, pad_token_id=pad)
+
+        def ours_call(n, ids=ids, picks=picks):
+            return engine.generate_ids(ids.tolist(), [0] * len(picks), max_new_tokens=n, stops=(), ignore_eos=True,
+                                       prompt=picks)
+
+        calls = {"hf": hf_call, "spt_fast": ours_call}
+        for impl in impls:
+            calls[impl](new_tokens)  # warm-up (and compilation)
+            calls[impl](1)
+        # Implementations alternate inside each repeat, and the best repeat counts: on a shared
+        # machine, load that comes and goes then hits every implementation alike.
+        t1 = {impl: [] for impl in impls}
+        tn = {impl: [] for impl in impls}
+        for _ in range(repeats):
+            for impl in impls:
+                t1[impl].append(_timed(lambda: calls[impl](1), device, timer))
+                tn[impl].append(_timed(lambda: calls[impl](new_tokens), device, timer))
+        for impl in impls:
+            first, total = min(t1[impl]), min(tn[impl])
+            step = max(total - first, 1e-9) / (new_tokens - 1)
+            row = {"impl": impl, "model": model, "device": device.type, "dtype": dname, "batch": B,
+                   "ttft_ms": round(first * 1e3, 3), "decode_tokens_per_s": round(B / step, 2),
+                   "step_ms": round(step * 1e3, 3), "context_len": context_len, "new_tokens": new_tokens,
+                   "load_4bit": bool(load_4bit), "compile": bool(compile and impl == "spt_fast"),
+                   "threads": torch.get_num_threads(), "clock": clock, "weight_bytes": weight_bytes}
+            if device.type == "cuda":
+                row["achieved_GBps"] = round(weight_bytes / step / 1e9, 1)
+                row["hbm_roofline_pct"] = round(100 * weight_bytes / bandwidth / step, 1)
+                row["gpu"] = torch.cuda.get_device_name(device)
+            rows_out.append(row)
+    return rows_out
+
+
+def format_rows(rows: list[dict]) -> str:
+    cols = ["impl", "batch", "ttft_ms", "decode_tokens_per_s", "step_ms"]
+    if any("hbm_roofline_pct" in r for r in rows):
+        cols += ["achieved_GBps", "hbm_roofline_pct"]
+    lines = ["  ".join(f"{c:>20}" for c in cols)]
+    for r in rows:
+        lines.append("  ".join(f"{str(r.get(c, '')):>20}" for c in cols))
+    base = {(r["batch"]): r for r in rows if r["impl"] == "hf"}
+    for r in rows:
+        if r["impl"] == "spt_fast" and r["batch"] in base:
+            h = base[r["batch"]]
+            lines.append(f"batch {r['batch']}: decode {r['decode_tokens_per_s'] / h['decode_tokens_per_s']:.2f}x "
+                         f"transformers generate, ttft {h['ttft_ms'] / r['ttft_ms']:.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""One module per kernel op: its benchmark shapes, inputs and steps, and `run(device)`."""

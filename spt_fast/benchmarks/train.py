@@ -1,0 +1,188 @@
+"""Training-step benchmark: the straightforward approach (DESIGN §2) vs the engine's prefix and
+shared layouts, same model, data, K and batch, each impl in its own process so peak memory is its own.
+
+`spt-fast bench train --json FILE` writes one row per impl with impl, model, device, dtype, K,
+batch, samples_per_s, tokens_per_s, peak_mem_bytes (plus the ratios against the others).
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batch import Batch, collate
+from ..errors import SPTError
+from ..model import losses
+from ..model.spt import SPTConfig, SPTModel
+
+IMPLS = ("straightforward", "prefix", "shared")
+
+
+# ---- the baseline, written the way DESIGN §2 describes it ------------------------------------
+def straightforward_loss(spt: SPTModel, batch: Batch, max_len: int) -> torch.Tensor:
+    """K sequential full passes (one per prompt), every row padded to max_len, fp32 logits over the
+    whole vocabulary at every position, gradient checkpointing on; then the same four losses."""
+    cfg = spt.config
+    base = spt.base
+    K, L, B = cfg.num_prompts, cfg.prompt_len, batch.input_ids.shape[0]
+    dev = spt.device
+    ids = torch.full((B, max_len), batch.input_ids[0, -1].item(), dtype=torch.long, device=dev)
+    ids[:, : batch.input_ids.shape[1]] = batch.input_ids
+    mask = torch.zeros(B, L + max_len, dtype=torch.long, device=dev)
+    labels = torch.full((B, L + max_len), -100, dtype=torch.long, device=dev)
+    for b in range(B):
+        c, r = int(batch.ctx_len[b]), int(batch.resp_len[b])
+        mask[b, : L + c + r] = 1
+        labels[b, L + c : L + c + r] = batch.input_ids[b, c : c + r]
+    emb = base.get_input_embeddings()(ids)
+    all_logits, ce = [], []
+    for k in range(K):
+        x = torch.cat([spt.prompts.weight[k].to(emb.dtype)[None].expand(B, L, -1), emb], 1)
+        logits = base(inputs_embeds=x, attention_mask=mask).logits.float()  # [B, L+max_len, V]
+        z, y = logits[:, :-1], labels[:, 1:]
+        per_tok = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), reduction="none").view(B, -1)
+        ce.append(per_tok.sum(1))
+        all_logits.append(z)
+    seq = torch.stack(ce)  # [K, B]
+    n = (labels[:, 1:] != -100).sum(1)
+    parts = {"lm": seq.sum() / (K * n.sum())}
+    if cfg.uses_retriever:
+        scores, _, _ = spt.scores(emb[:, :max_len], batch)
+        if cfg.use_fus:
+            fused = sum(scores[:, k, None, None] * all_logits[k] for k in range(K))
+            per = F.cross_entropy(fused.reshape(-1, fused.shape[-1]), labels[:, 1:].reshape(-1),
+                                  reduction="none").view(B, -1).sum(1) / n
+            parts["fus"] = per.mean()
+        if cfg.use_sel:
+            parts["sel"] = losses.selection_loss(seq / n[None], scores, cfg.tau_gold, cfg.tau_sim)
+        if cfg.use_ctr:
+            parts["ctr"] = losses.contrastive_loss(scores, spt.pair_labels(batch.persona_keys).to(dev))
+    return losses.combine(parts, cfg.lambda_sel, cfg.lambda_ctr)
+
+
+# ---- data --------------------------------------------------------------------------------------
+def synthetic_batches(vocab: int, B: int, n: int, ctx_len: int, resp_len: int, bos: int | None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (B, ctx_len + resp_len), generator=g)
+        if bos is not None:
+            ids[:, 0] = bos
+        out.append(Batch(ids, torch.full((B,), ctx_len), torch.full((B,), resp_len), ids[:, ctx_len:].clone(),
+                         [f"p{i % 2}" for i in range(B)], [0] * B, bos is not None))
+    return out
+
+
+def real_batches(tok, data: str, B: int, n: int, max_len: int, prompt_len: int, seed=0):
+    from ..data.corpora import load_samples
+    from ..data.text import Encoder
+
+    samples = load_samples(data)
+    rng = random.Random(seed)
+    enc = Encoder(tok, max_len, prompt_len)
+    out = []
+    while len(out) < n:
+        encoded = [e for e in (enc.encode(s) for s in rng.sample(samples, 4 * B)) if e][:B]
+        out.append(collate(encoded, tok.pad_token_id, tok.bos_token_id))
+    return out
+
+
+# ---- one impl, in this process ------------------------------------------------------------------
+def measure(impl: str, model: str, K: int, B: int, steps: int, dtype: str, load_4bit: bool, max_len: int,
+            data: str, context_len: int | None, response_len: int | None, prompt_len: int, device: str) -> dict:
+    from ..model.build import build_spt_model
+    from ..model.loading import load_any
+    from ..utils import peak_memory_bytes, resolve_dtype
+
+    torch.manual_seed(0)
+    base, tok = load_any(model, resolve_dtype(dtype), load_4bit, device)
+    if context_len:
+        batches = synthetic_batches(base.config.vocab_size, B, steps + 1, context_len, response_len or 32,
+                                    getattr(base.config, "bos_token_id", None))
+    else:
+        batches = real_batches(tok, data, B, steps + 1, max_len, prompt_len)
+    layout = "prefix" if impl == "straightforward" else impl
+    cfg = SPTConfig(num_prompts=K, prompt_len=prompt_len, layout=layout, max_len=max_len)
+    spt = build_spt_model(base, cfg)
+    spt.to(device)
+    if impl == "straightforward":
+        base.gradient_checkpointing_enable()
+        base.train()  # HF checkpointing only runs in training mode; these models have no dropout
+        step = lambda b: straightforward_loss(spt, b, max_len)  # noqa: E731
+    else:
+        step = lambda b: spt(b)["loss"]  # noqa: E731
+    opt = torch.optim.AdamW([p for p in spt.parameters() if p.requires_grad], lr=1e-4)
+
+    def one(b):
+        opt.zero_grad(set_to_none=True)
+        step(b.to(device)).backward()
+        opt.step()
+
+    one(batches[0])  # warm-up (allocator, lazy init)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for b in batches[1:]:
+        one(b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    tokens = sum(int((b.ctx_len + b.resp_len).sum()) for b in batches[1:])
+    return {"impl": impl, "model": model, "device": device, "dtype": dtype + ("+nf4" if load_4bit else ""),
+            "K": K, "batch": B, "steps": steps, "max_len": max_len,
+            "samples_per_s": steps * B / dt, "tokens_per_s": tokens / dt, "peak_mem_bytes": peak_memory_bytes()}
+
+
+def run_train_bench(model="default", impls=IMPLS, K=4, B=2, steps=3, dtype="fp32", load_4bit=False, max_len=512,
+                    data="chitchat", context_len=None, response_len=None, prompt_len=8, device=None,
+                    isolate=True) -> list[dict]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for impl in impls:
+        if impl not in IMPLS:
+            raise SPTError(f"unknown impl {impl!r}; choose from {IMPLS}")
+        kw = dict(impl=impl, model=model, K=K, B=B, steps=steps, dtype=dtype, load_4bit=load_4bit,
+                  max_len=max_len, data=data, context_len=context_len, response_len=response_len,
+                  prompt_len=prompt_len, device=device)
+        if impl == "straightforward" and load_4bit:
+            kw["load_4bit"] = False  # DESIGN §2: the straightforward approach has no 4-bit
+        if isolate:
+            code = f"import json; from {__name__} import measure; print(json.dumps(measure(**{kw!r})))"
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  env={**os.environ, "TQDM_DISABLE": "1"})
+            if proc.returncode != 0:
+                tail = (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
+                rows.append({**kw, "error": tail[0]})
+                print(f"{impl}: failed: {tail[0]}", file=sys.stderr, flush=True)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+        else:
+            row = measure(**kw)
+        rows.append(row)
+        print(f"{impl:>15}: {row['samples_per_s']:.3f} samples/s, {row['tokens_per_s']:.0f} tokens/s, "
+              f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB", flush=True)
+    ok = {r["impl"]: r for r in rows if "error" not in r}
+    for r in rows:
+        for other, o in ok.items():
+            if "error" not in r and other != r["impl"]:
+                r[f"speedup_vs_{other}"] = r["samples_per_s"] / o["samples_per_s"]
+    return rows
+
+
+def format_rows(rows) -> str:
+    head = f"| impl | model | device | dtype | K | batch | samples/s | tokens/s | peak mem GiB | × straightforward | × prefix |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['model']} | {r['device']} | {r['dtype']} | {r['K']} | {r['B']} | "
+                         f"failed: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['impl']} | {r['model']} | {r['device']} | {r['dtype']} | {r['K']} | {r['batch']} | "
+                     f"{r['samples_per_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_mem_bytes'] / 2**30:.2f} | "
+                     f"{r.get('speedup_vs_straightforward', 1.0):.2f} | {r.get('speedup_vs_prefix', 1.0):.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""`spt-fast bench train|generate|kernels`: the benchmarks of spt_fast.benchmarks, printed and
+optionally written as JSON."""
+import argparse
+
+import torch
+
+from ..errors import SPTError
+from ..utils import DTYPE_NAMES
+from .common import write_json
+
+
+def add_parser(sub) -> None:
+    from ..benchmarks.generate import H100_SXM_BANDWIDTH
+    from ..benchmarks.kernels import KERNEL_OPS
+    from ..benchmarks.train import IMPLS
+
+    b = sub.add_parser("bench", help="benchmarks: train (step throughput/memory), generate (latency), kernels")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = bsub.add_parser("train", help="training-step throughput and memory: straightforward vs prefix vs shared",
+                        formatter_class=fmt)
+    p.add_argument("--model", default="default", help="'default', a local folder, or preset:NAME (random weights)")
+    p.add_argument("--impl", action="append", choices=IMPLS, help="repeat to pick (default: all three)")
+    p.add_argument("--num-prompts", "-K", type=int, default=4)
+    p.add_argument("--prompt-len", "-L", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
+    p.add_argument("--load-4bit", action="store_true")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--data", default="chitchat")
+    p.add_argument("--context-len", type=int, default=None, help="synthetic data: context tokens per sample")
+    p.add_argument("--response-len", type=int, default=None, help="synthetic data: response tokens per sample")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="write the rows here")
+
+    g = bsub.add_parser("generate", help="decode latency: transformers generate vs the spt_fast engine",
+                        formatter_class=fmt)
+    g.add_argument("--model", default="default",
+                   help="'default', a local model folder, or preset:NAME (random weights, e.g. preset:llama-2-7b)")
+    g.add_argument("--impls", default="hf,spt_fast", help="comma-separated: hf, spt_fast")
+    g.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
+    g.add_argument("--load-4bit", action="store_true")
+    g.add_argument("--context-len", type=int, default=128)
+    g.add_argument("--new-tokens", type=int, default=32)
+    g.add_argument("--device", default=None)
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
+    g.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
+                   help="memory bandwidth (bytes/s) for the roofline")
+    g.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="process: CPU time of the process (CPU runs with one thread on a shared machine)")
+    g.add_argument("--json", default=None, help="write the rows here")
+
+    k = bsub.add_parser("kernels", help="Triton kernels vs their torch references (spt_fast.benchmarks.ops)",
+                        formatter_class=fmt)
+    k.add_argument("--op", action="append", choices=KERNEL_OPS, help="repeat to pick (default: all four)")
+    k.add_argument("--device", default=None,
+                   help="default: cuda if available, else cpu (on cpu only the references are timed)")
+    k.add_argument("--json", default=None, help="write the rows here")
+
+
+def run_train(a) -> list[dict]:
+    from ..benchmarks.train import IMPLS, format_rows, run_train_bench
+
+    rows = run_train_bench(a.model, tuple(a.impl or IMPLS), a.num_prompts, a.batch_size, a.steps, a.dtype,
+                           a.load_4bit, a.max_len, a.data, a.context_len, a.response_len, a.prompt_len, a.device)
+    print(format_rows(rows))
+    return rows
+
+
+def run_generate(a) -> list[dict]:
+    from ..benchmarks.generate import format_rows, run_generate_bench
+
+    try:
+        batch_sizes = tuple(int(x) for x in a.batch_sizes.split(",") if x.strip())
+    except ValueError:
+        raise SPTError(f"--batch-sizes must be comma-separated integers, got {a.batch_sizes!r}") from None
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise SPTError("--batch-sizes needs positive integers")
+    impls = tuple(x.strip() for x in a.impls.split(",") if x.strip())
+    rows = run_generate_bench(a.model, impls, batch_sizes, a.dtype, a.load_4bit, a.context_len, a.new_tokens,
+                              a.device, repeats=a.repeats, compile=a.compile, bandwidth=a.bandwidth, clock=a.clock)
+    print(format_rows(rows))
+    return rows
+
+
+def run_kernels(a) -> list[dict]:
+    from ..benchmarks.kernels import KERNEL_OPS, check_device, format_kernel_rows, run_kernel_benchmarks
+    from ..benchmarks.timing import default_device
+
+    device = a.device or default_device()
+    gpu = check_device(device)
+    if gpu:
+        print(f"kernel benchmarks on {device} ({torch.cuda.get_device_name(torch.device(device))}): "
+              f"Triton vs torch reference; speed-up = ref ms / triton ms")
+    else:
+        print(f"kernel benchmarks on {device}: only the torch references are timed (the Triton kernels would "
+              f"run in the interpreter, which measures nothing); fewer repetitions, and for the slow ops fewer "
+              f"shapes, than on GPU")
+    rows = run_kernel_benchmarks(list(dict.fromkeys(a.op or KERNEL_OPS)), device)
+    print(format_kernel_rows(rows, gpu))
+    return rows
+
+
+def run(a) -> list[dict]:
+    rows = {"train": run_train, "generate": run_generate, "kernels": run_kernels}[a.bench_cmd](a)
+    if a.json:
+        write_json(a.json, rows)
+        print(f"wrote {len(rows)} rows to {a.json}")
+    return rows

@@ -1,0 +1,70 @@
+"""`spt-fast train`: K soft prompts and the retriever on a frozen LM."""
+import argparse
+import json
+
+from ..model.layouts import layout_choices
+from ..model.spt import INITS, SPTConfig
+from ..training.trainer import TrainConfig, Trainer
+from .common import add_data_args, add_model_args
+
+
+def add_parser(sub) -> None:
+    s, t = SPTConfig(), TrainConfig()
+    p = sub.add_parser("train", help="train K soft prompts and the retriever on a frozen LM",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    add_data_args(p, t.data)
+    p.add_argument("--valid-data", default=t.valid_data,
+                   help="validation file (default: hold out 5%% of --data by dialogue)")
+    p.add_argument("--num-prompts", "-K", type=int, default=s.num_prompts, help="K, the number of soft prompts")
+    p.add_argument("--prompt-len", "-L", type=int, default=s.prompt_len, help="L, virtual tokens per prompt")
+    p.add_argument("--layout", choices=layout_choices(), default=s.layout,
+                   help="prefix: [P][context][response] (the paper's); shared: [context][P][response], the "
+                        "fast engine (Llama architectures); auto: shared where supported, else prefix")
+    p.add_argument("--init", choices=INITS, default=s.init, help="soft prompt init")
+    p.add_argument("--init-text", default=s.init_text, help="text for --init text")
+    p.add_argument("--max-steps", type=int, default=t.max_steps)
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--grad-accum", type=int, default=t.grad_accum)
+    p.add_argument("--lr", type=float, default=t.lr, help="learning rate of the soft prompts (paper: 1e-4)")
+    p.add_argument("--retriever-lr", type=float, default=t.retriever_lr,
+                   help="learning rate of the retriever (default: --lr)")
+    p.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    p.add_argument("--max-len", type=int, default=s.max_len, help="max tokens of prompt + context + response")
+    p.add_argument("--lambda-sel", type=float, default=s.lambda_sel)
+    p.add_argument("--lambda-ctr", type=float, default=s.lambda_ctr)
+    p.add_argument("--no-sel", action="store_true", help="drop the selection loss")
+    p.add_argument("--no-fus", action="store_true", help="drop the prompt-fusion loss")
+    p.add_argument("--no-ctr", action="store_true", help="drop the context-prompt contrastive loss")
+    p.add_argument("--pt", action="store_true", help="plain prompt tuning baseline: K=1, LM loss only")
+    p.add_argument("--eval-every", type=int, default=t.eval_every, help="validate every N steps (0: at the end only)")
+    p.add_argument("--eval-samples", type=int, default=t.eval_samples)
+    p.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--max-train-samples", type=int, default=t.max_train_samples)
+    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--output-dir", default=t.output_dir)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def spt_config(a) -> SPTConfig:
+    common = dict(prompt_len=a.prompt_len, layout=a.layout, max_len=a.max_len, seed=a.seed, init=a.init,
+                  init_text=a.init_text)
+    if a.pt:
+        return SPTConfig.prompt_tuning(**common)
+    return SPTConfig(num_prompts=a.num_prompts, lambda_sel=a.lambda_sel, lambda_ctr=a.lambda_ctr,
+                     use_sel=not a.no_sel, use_fus=not a.no_fus, use_ctr=not a.no_ctr, **common)
+
+
+def train_config(a) -> TrainConfig:
+    return TrainConfig(model=a.model, data=a.data, data_format=a.data_format, valid_data=a.valid_data,
+                       output_dir=a.output_dir, max_steps=a.max_steps, batch_size=a.batch_size,
+                       grad_accum=a.grad_accum, lr=a.lr, retriever_lr=a.retriever_lr, weight_decay=a.weight_decay,
+                       dtype=a.dtype, load_4bit=a.load_4bit, eval_every=a.eval_every, eval_samples=a.eval_samples,
+                       save_every=a.save_every, seed=a.seed, resume=a.resume,
+                       max_train_samples=a.max_train_samples, progress=not a.no_progress)
+
+
+def run(a) -> None:
+    summary = Trainer(spt_config(a).validate(), train_config(a)).fit()
+    print(json.dumps({k: v for k, v in summary.items() if k != "usage"}, indent=2))

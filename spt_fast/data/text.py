@@ -1,0 +1,158 @@
+"""The paper's prompt text and its tokenisation into (context, response) ids with truncation.
+
+Context: `given persona: {persona}; context: Q: {turn} R: {turn} ... R:`, target: ` {response}{eos}`.
+The single space between the final `R:` and the response belongs to the response, so the joined
+text is exactly the paper's while BPE tokenizers see the natural " word" token at the boundary.
+"""
+import warnings
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from ..errors import DataError, SPTError
+
+# Tokenised pieces are cached because an utterance reappears in the history of every later sample
+# of its dialogue. Samples of a dialogue are consecutive, so a small cache that is simply emptied
+# when full keeps nearly all hits while bounding memory on 100k-sample corpora.
+_CACHE_LIMIT = 50_000
+_PROGRESS_MIN = 2000
+# encode_all tokenises the new pieces of this many samples in one batched tokenizer call: the
+# per-call Python overhead of a Hugging Face tokenizer is larger than the tokenising itself.
+_CHUNK = 1024
+
+
+def persona_text(persona) -> str:
+    return " ".join(persona)
+
+
+def turn_labels(n_history: int) -> list[str]:
+    """Q/R label of each history utterance, counted from the end so history[-1] is always Q."""
+    return ["Q" if (n_history - 1 - i) % 2 == 0 else "R" for i in range(n_history)]
+
+
+# The final speaker tag: the reply follows it. Its token length comes from the tokenizer in use.
+REPLY_TAG = " R:"
+
+
+def context_pieces(persona, history) -> list[str]:
+    """[persona part, one piece per history utterance, final ' R:']; their concatenation is the context."""
+    head = f"given persona: {persona_text(persona)}; context:"
+    turns = [f" {label}: {text}" for label, text in zip(turn_labels(len(history)), history)]
+    return [head, *turns, REPLY_TAG]
+
+
+def format_context(persona, history) -> str:
+    """The paper's context string (no bos); the response follows as ' ' + response."""
+    return "".join(context_pieces(persona, history))
+
+
+@dataclass
+class Encoded:
+    context_ids: list[int]  # [bos] (when the tokenizer has one) + context tokens
+    response_ids: list[int]  # tokens of " " + response, then eos (a real target); [] without response
+    persona_key: str  # " ".join(persona): contrastive pair labels are computed once per persona pair
+    turn: int
+    dropped_turns: int  # oldest history utterances dropped to fit max_len
+    tag_len: int = 0  # tokens of the final REPLY_TAG, the last ones of context_ids
+
+
+class Encoder:
+    """Tokenises samples and truncates them to `prompt_len + context + response <= max_len`."""
+
+    def __init__(self, tokenizer, max_len: int = 512, prompt_len: int = 0):
+        if getattr(tokenizer, "eos_token_id", None) is None:
+            raise SPTError(
+                "the tokenizer has no eos_token_id; SPT trains EOS as a real target of every "
+                "response, so a tokenizer with an EOS token is required"
+            )
+        if prompt_len < 0:
+            raise SPTError(f"prompt_len must be >= 0, got {prompt_len}")
+        if max_len <= prompt_len:
+            raise SPTError(f"max_len ({max_len}) must be larger than prompt_len ({prompt_len})")
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.prompt_len = prompt_len
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.eos_id = tokenizer.eos_token_id
+        self.n_skipped = 0
+        self._cache: dict[str, list[int]] = {}
+
+    def tokens(self, piece: str) -> list[int]:
+        ids = self._cache.get(piece)
+        if ids is None:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            ids = self.tokenizer.encode(piece, add_special_tokens=False)
+            self._cache[piece] = ids
+        return ids
+
+    def warm(self, samples) -> None:
+        """Tokenise, in one batched call, every piece of `samples` that is not cached yet."""
+        pieces = {}
+        for sample in samples:
+            pieces.update(dict.fromkeys(context_pieces(sample.persona, sample.history)))
+            pieces[" " + sample.response] = None
+        missing = [p for p in pieces if p not in self._cache]
+        if len(self._cache) + len(missing) > _CACHE_LIMIT:
+            self._cache.clear()
+            missing = list(pieces)
+        if missing:
+            ids = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
+            self._cache.update(zip(missing, ids))
+
+    def encode(self, sample, with_response: bool = True) -> Encoded | None:
+        """Encode one sample, dropping its oldest history utterances to fit; None if it cannot fit."""
+        head, *turns, tail = context_pieces(sample.persona, sample.history)
+        head_ids, tail_ids = self.tokens(head), self.tokens(tail)
+        turn_ids = [self.tokens(t) for t in turns]
+        response_ids = self.tokens(" " + sample.response) + [self.eos_id] if with_response else []
+
+        budget = self.max_len - self.prompt_len - len(self.bos) - len(head_ids) - len(tail_ids) - len(response_ids)
+        if budget < 0:
+            self.n_skipped += 1
+            return None
+        # Keep the longest suffix of the history that fits: newest turns matter most for the reply.
+        start = len(turn_ids)
+        while start > 0 and len(turn_ids[start - 1]) <= budget:
+            start -= 1
+            budget -= len(turn_ids[start])
+
+        context_ids = list(self.bos) + head_ids
+        for ids in turn_ids[start:]:
+            context_ids += ids
+        context_ids += tail_ids
+        return Encoded(
+            context_ids=context_ids,
+            response_ids=response_ids,
+            persona_key=persona_text(sample.persona),
+            turn=sample.turn,
+            dropped_turns=start,
+            tag_len=len(tail_ids),
+        )
+
+
+def encode_all(encoder: Encoder, samples, desc: str = "encode") -> list[Encoded]:
+    """Encode every sample; too-long ones are skipped with one warning giving the count."""
+    if not samples:
+        raise DataError("no samples to encode")
+    skipped_before = encoder.n_skipped
+    out = []
+    with tqdm(total=len(samples), desc=desc, unit="sample", disable=len(samples) <= _PROGRESS_MIN) as bar:
+        for start in range(0, len(samples), _CHUNK):
+            chunk = samples[start:start + _CHUNK]
+            encoder.warm(chunk)
+            out += [e for e in map(encoder.encode, chunk) if e is not None]
+            bar.update(len(chunk))
+    skipped = encoder.n_skipped - skipped_before
+    if not out:
+        raise DataError(
+            f"{desc}: all {len(samples)} samples are too long for max_len={encoder.max_len} "
+            f"(prompt_len={encoder.prompt_len}) even with the whole history dropped"
+        )
+    if skipped:
+        warnings.warn(
+            f"{desc}: skipped {skipped} of {len(samples)} samples whose persona + response alone "
+            f"exceed max_len={encoder.max_len} (prompt_len={encoder.prompt_len})",
+            stacklevel=2,
+        )
+    return out

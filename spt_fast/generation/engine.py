@@ -1,0 +1,382 @@
+"""Low-latency SPT generation: `Engine` (Python API) over the compact Llama with a static KV cache.
+
+One generation call, for a batch where every row has its own persona, history and prompt:
+1. tokenise each (persona, history) into the paper's context (oldest turns dropped to fit);
+2. embed the right-padded contexts once; the retriever scores them from those embeddings
+   (pool_context + retrieval: Triton on CUDA) and picks one soft prompt per row;
+3. inject each row's prompt into the same embedding buffer where the layout's rule puts it
+   (model.layouts: ragged per-row positions);
+4. prefill the rows once into a static per-layer `KVCache` (the prompt is known before the
+   prefill, so one pass covers context and prompt); slot j of a row is its position j, so ragged
+   rows need no left padding and each decodes at its own position;
+5. decode one token per step for the whole batch. Token choice (greedy / temperature + top-p),
+   eos and stop-string detection (a token-level automaton, `stops.StopTable`) all run on the
+   device; the host looks only every `check_every` steps (1 on CPU, 8 on GPU, 1 when streaming),
+   and stops early once every row is finished. With `compile=True` the decode step (model +
+   sampling + stop check) is one torch.compile'd function, CUDA-graphed on GPU.
+
+Non-Llama models fall back to the Hugging Face forward with its own cache (backends.HFBackend),
+with one warning; everything else (retrieval, sampling, stops, streaming) is shared. Everything
+that reports a metric or serves a reply goes through this engine.
+
+Input rules: an empty history is allowed (the reply opens the conversation from the persona
+alone); a persona that leaves no room in the context budget is an SPTError naming the row; a
+context that would run past the model's positions with max_new_tokens is an SPTError too.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from ..data.corpora import Sample, clean
+from ..data.text import REPLY_TAG, Encoder
+from ..errors import SPTError
+from ..kernels.inject import inject_prompts
+from ..utils import dtype_name
+from .backends import FastBackend, HFBackend
+from .decoding import GenConfig, advance, row_tokens
+from .stops import StopTable, TextDelta, cut_reply
+
+
+@dataclass
+class Reply:
+    text: str  # the reply, cut at the first stop string and stripped
+    prompt: int  # the soft prompt used (retrieved or forced)
+    tokens: list[int]  # generated ids up to the finish (eos excluded)
+    finish: str  # "stop" (a stop string), "eos", or "length" (max_new_tokens reached)
+
+
+def decode_loop(backend, rows, lengths, gen: GenConfig, eos_id: int, stop_table, generator, live: int,
+                sync_every: int) -> Iterator[torch.Tensor]:
+    """Prefill, then decode; yields host chunks [B, n] of emitted ids (-1 once a row finished).
+
+    Rows at index >= live are padding (finished from the start). The host syncs once per chunk.
+    """
+    B, device = rows.shape[0], rows.device
+    n = gen.max_new_tokens
+    logits = backend.prefill(rows, lengths, n)
+    V = logits.shape[-1]
+    done = torch.arange(B, device=device) >= live
+    state = torch.zeros(B, dtype=torch.long, device=device)
+    out = torch.full((B, n), -1, dtype=torch.long, device=device)
+    table = None if stop_table is None else stop_table.table
+
+    def noise():
+        return None if gen.greedy else torch.empty(B, V, device=device).exponential_(generator=generator)
+
+    args = (gen.temperature, gen.top_p, table, eos_id, gen.ignore_eos)
+    token, emitted, done, state = advance(logits, done, state, eos_id, gen.temperature, gen.top_p, noise(), table,
+                                          gen.ignore_eos)
+    out[:, 0] = emitted
+    pos = lengths.clone()  # the first generated token sits right after each row's prompt + context
+    top = rows.shape[1]  # host-side bound: every row's pos < rows.shape[1] + t at step t
+    shown = 0
+    for t in range(1, n + 1):
+        if t == n or t % sync_every == 0:
+            # One transfer carries the new ids and the finished flags.
+            host = torch.cat([out[:, shown:t], done[:, None].long()], dim=1).cpu()
+            yield host[:, :-1]
+            shown = t
+            if t == n or bool(host[:, -1].all()):
+                return
+        token, emitted, done, state = backend.step(token, pos, done, state, noise(), *args, max_pos=top + t - 1)
+        pos = pos + 1
+        out[:, t] = emitted
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------------
+def _as_conversation(i, conv):
+    if isinstance(conv, dict):
+        persona, history = conv.get("persona", ()), conv.get("history")
+    elif isinstance(conv, (tuple, list)) and len(conv) == 2:
+        persona, history = conv
+    else:
+        raise SPTError(f"conversation {i}: expected (persona, history) or a dict with 'persona' and 'history'")
+    if isinstance(persona, str):
+        persona = [persona] if persona.strip() else []
+    if persona is None:
+        persona = []
+    if not isinstance(persona, (list, tuple)) or not all(isinstance(p, str) for p in persona):
+        raise SPTError(f"conversation {i}: persona must be a string or a list of strings")
+    if history is None:
+        history = []
+    if isinstance(history, str) or not isinstance(history, (list, tuple)) \
+            or not all(isinstance(h, str) for h in history):
+        raise SPTError(f"conversation {i}: history must be a list of utterances (strings), oldest first")
+    return tuple(clean(p) for p in persona if p.strip()), tuple(clean(h) for h in history)
+
+
+class Engine:
+    """Replies from a trained SPT checkpoint, one or many conversations at a time.
+
+    `last_prompts` (and `last_replies`) hold the soft prompt chosen for each row of the latest
+    call; for a stream they are set before the first piece of text is yielded.
+
+    On CPU, `cpu_weight_layout=True` (the default) runs the dense layers on oneDNN-packed copies of
+    their weights (one more copy of the dense weights in memory; see spt_fast.model.cpu_projections), and
+    column-major weights where those do not apply; False runs the model's own layers as they are.
+    `compile=True` on CPU always uses the packed copies.
+    """
+
+    def __init__(self, spt, tokenizer=None, device=None, compile: bool = False, cpu_weight_layout: bool = True):
+        from ..model.build import fast_path_problem
+        from ..model.cpu_projections import attach_cpu_projections
+        from ..model.llama import Llama, column_major_linears
+        from ..model.quant import attach_nf4_kernels, guard_4bit, is_quantized
+
+        if device is not None:
+            spt.to(device)
+        spt.eval()
+        if is_quantized(spt.base):
+            # Inference must not repack NF4 weights for the CPU kernel: the same model may train later.
+            guard_4bit(spt.base)
+        self.spt = spt
+        self.tokenizer = tokenizer
+        self.config = spt.config
+        self.compile = compile
+        self.nf4_kernels = False
+        self.cpu_projections = False
+        problem = fast_path_problem(spt.base)
+        if problem is None:
+            llama = getattr(spt, "fast", None)
+            nf4 = spt.device.type == "cuda" and is_quantized(spt.base)
+            cpu_dense = spt.device.type == "cpu" and not is_quantized(spt.base) and (compile or cpu_weight_layout)
+            if not isinstance(llama, Llama) or nf4 or cpu_dense:
+                # A private view where layers get swapped below: the model's own layers (training,
+                # the HF path) stay untouched.
+                llama = Llama.from_hf_modules(spt.base)
+            if nf4:
+                # NF4 on GPU: the view computes q/k/v, o, gate/up and down with the project's NF4
+                # kernels (one launch per group, bitsandbytes' tensors read in place).
+                self.nf4_kernels = attach_nf4_kernels(llama)
+            elif cpu_dense:
+                # CPU: projections on oneDNN-packed copies of the weights (the prefill, batched and
+                # eager decode: 1.2-2x faster than the BLAS here) and, in a compiled step, one row as
+                # a streamed product-sum; see spt_fast.model.cpu_projections.
+                self.cpu_projections = attach_cpu_projections(llama)
+            if cpu_weight_layout and spt.device.type == "cpu" and not self.cpu_projections:
+                # Eager decode multiplies a few rows by every weight; column-major weights take the
+                # BLAS's fast path for that on some CPUs (values unchanged; shared with spt.base).
+                column_major_linears(llama)
+            self.backend = FastBackend(llama, compile=compile, nf4=self.nf4_kernels)
+            self.max_positions = llama.config.max_seq_len
+        else:
+            warnings.warn(f"the fast generation engine does not support this model ({problem}); falling back "
+                          "to the Hugging Face generation path (slower)", stacklevel=2)
+            self.backend = HFBackend(spt.base)
+            self.max_positions = getattr(spt.base.config, "max_position_embeddings", None) or 1 << 30
+        cfg = spt.base.config
+        self.eos_id = tokenizer.eos_token_id if tokenizer is not None else cfg.eos_token_id
+        if isinstance(self.eos_id, (list, tuple)):
+            self.eos_id = self.eos_id[0]
+        if self.eos_id is None:
+            self.eos_id = -2  # no eos: never matches a token id
+        pad = tokenizer.pad_token_id if tokenizer is not None else None
+        self.pad_id = pad if pad is not None else 0
+        self.bos_id = tokenizer.bos_token_id if tokenizer is not None else getattr(cfg, "bos_token_id", None)
+        self._encoder = None
+        self._tag_ids = None
+        self._stop_tables: dict = {}
+        self.last_prompts: list[int] = []
+        self.last_replies: list[Reply] = []
+
+    @property
+    def fast(self) -> bool:
+        return isinstance(self.backend, FastBackend)
+
+    @property
+    def device(self) -> torch.device:
+        return self.spt.device
+
+    @classmethod
+    def from_checkpoint(cls, path, device=None, dtype=None, compile: bool = False, model: str | None = None,
+                        load_4bit: bool | None = None, layout: str | None = None) -> "Engine":
+        """An engine for a checkpoint (or training output) folder; the base model is the one recorded
+        there unless `model` overrides it. dtype: None (as trained), "fp32"/"bf16" or a torch dtype."""
+        from ..training.checkpoint import load_for_inference
+
+        if dtype is not None:
+            dtype = dtype_name(dtype)
+        spt, tok, _ = load_for_inference(str(path), model, dtype, load_4bit, layout)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(spt, tok, device=device, compile=compile)
+
+    # ---- text in, text out ---------------------------------------------------------------------
+    def reply(self, persona, history, **gen) -> str:
+        return self.generate([(persona, history)], **gen)[0].text
+
+    def reply_batch(self, conversations, **gen) -> list[str]:
+        return [r.text for r in self.generate(conversations, **gen)]
+
+    def generate(self, conversations, **gen) -> list[Reply]:
+        """Reply objects (text, prompt, tokens, finish) for a list of (persona, history)."""
+        for _ in self._run(*self.encode(conversations), self.options(**gen), stream=False):
+            pass
+        return self.last_replies
+
+    def stream(self, persona, history, **gen) -> Iterator[str]:
+        """Pieces of the reply as they are decoded; ''.join(them) == reply(persona, history)."""
+        for _, piece in self.stream_batch([(persona, history)], **gen):
+            yield piece
+
+    def stream_batch(self, conversations, **gen) -> Iterator[tuple[int, str]]:
+        """(row, piece) events for a batch; the pieces of a row join to its reply."""
+        yield from self._run(*self.encode(conversations), self.options(**gen), stream=True)
+
+    def generate_ids(self, context_ids: Sequence[Sequence[int]], tag_lens: Sequence[int] | None = None,
+                     **gen) -> list[Reply]:
+        """Generation from ready token ids (the context, bos included; no text formatting).
+
+        tag_lens: tokens of each context's final speaker tag (" R:"), which some layouts place the
+        prompt by; default: the tag's tokens for this tokenizer where a context ends with them.
+        """
+        ids = [list(map(int, c)) for c in context_ids]
+        if not ids or any(not c for c in ids):
+            raise SPTError("generate_ids: every context needs at least one token")
+        if tag_lens is None:
+            tag_lens = [self._tag_len(c) for c in ids]
+        elif len(tag_lens) != len(ids):
+            raise SPTError(f"generate_ids: {len(tag_lens)} tag lengths for {len(ids)} contexts")
+        for _ in self._run(ids, list(tag_lens), self.options(**gen), stream=False):
+            pass
+        return self.last_replies
+
+    # ---- internals -------------------------------------------------------------------------------
+    def options(self, **gen) -> GenConfig:
+        """The validated GenConfig for these keyword options (what every call takes as **gen)."""
+        cfg = GenConfig.build(None, **gen)
+        cfg.validate(self.config.num_prompts)
+        if cfg.stops and self.tokenizer is None:
+            raise SPTError("stop strings need a tokenizer; pass stops=() for token-only generation")
+        return cfg
+
+    def _tag_len(self, ids: list[int]) -> int:
+        if self.tokenizer is None:
+            return 0
+        if self._tag_ids is None:
+            self._tag_ids = self.tokenizer.encode(REPLY_TAG, add_special_tokens=False)
+        n = len(self._tag_ids)
+        return n if n and ids[-n:] == self._tag_ids else 0
+
+    def encode(self, conversations) -> tuple[list[list[int]], list[int]]:
+        """Context ids (the paper's format, oldest turns dropped to fit) and their tag lengths."""
+        if self.tokenizer is None:
+            raise SPTError("this engine has no tokenizer: use generate_ids")
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, (list, tuple)):
+            raise SPTError("conversations must be a list of (persona, history) pairs")
+        if not conversations:
+            raise SPTError("no conversations to reply to")
+        if self._encoder is None:
+            self._encoder = Encoder(self.tokenizer, self.config.max_len, self.config.prompt_len)
+        enc = self._encoder
+        out, tags = [], []
+        for i, conv in enumerate(conversations):
+            persona, history = _as_conversation(i, conv)
+            e = enc.encode(Sample(persona, history, "", "serve", len(history) // 2), with_response=False)
+            if e is None:
+                head = len(enc.tokens(f"given persona: {' '.join(persona)}; context:"))
+                raise SPTError(
+                    f"conversation {i}: the persona alone takes {head} tokens, more than the context budget "
+                    f"(max_len={self.config.max_len} minus {self.config.prompt_len} prompt tokens); "
+                    "shorten the persona")
+            out.append(e.context_ids)
+            tags.append(e.tag_len)
+        return out, tags
+
+    def _stop_table(self, stops) -> StopTable | None:
+        if not stops:
+            return None
+        key = (stops, str(self.device))
+        if key not in self._stop_tables:
+            vocab = self.spt.base.get_output_embeddings().weight.shape[0]
+            self._stop_tables[key] = StopTable.for_tokenizer(self.tokenizer, stops, vocab).to(self.device)
+        return self._stop_tables[key]
+
+    @torch.no_grad()
+    def _prepare(self, ids: list[list[int]], tag_lens: list[int], gen: GenConfig):
+        """Rows [B, T+L, d] with each row's prompt injected, their lengths, and the prompt per row."""
+        spt, device = self.spt, self.device
+        B, L = len(ids), self.config.prompt_len
+        T = max(len(c) for c in ids)
+        need = T + L + gen.max_new_tokens
+        if need > self.max_positions:
+            raise SPTError(f"a context of {T} tokens + {L} prompt tokens + max_new_tokens={gen.max_new_tokens} "
+                           f"needs {need} positions; the model has {self.max_positions}")
+        padded = torch.full((B, T), self.pad_id, dtype=torch.long)
+        for b, c in enumerate(ids):
+            padded[b, :len(c)] = torch.tensor(c, dtype=torch.long)
+        padded = padded.to(device)
+        ctx_len = torch.tensor([len(c) for c in ids], dtype=torch.long, device=device)
+        embeds = spt.embed(padded)
+        prompts = spt.prompts.weight
+        if gen.prompt is not None:
+            pick = gen.prompt if isinstance(gen.prompt, (list, tuple)) else [gen.prompt] * B
+            if len(pick) != B:
+                raise SPTError(f"prompt: {len(pick)} indices for {B} conversations")
+            idx = torch.tensor(pick, dtype=torch.long, device=device)
+        else:
+            # The retriever reads the frozen embeddings of the context (bos excluded), as in training.
+            has_bos = self.bos_id is not None and all(c[0] == self.bos_id for c in ids)
+            g = torch.Generator().manual_seed(gen.seed) if gen.seed is not None and gen.selection_noise > 0 else None
+            idx = spt.select_prompts(embeds, ctx_len, has_bos, gen.selection_noise, g)
+        at = spt.prompt_positions(ctx_len, torch.tensor(tag_lens, dtype=torch.long, device=device))
+        rows = inject_prompts(embeds, prompts.to(embeds.dtype), torch.arange(B, device=device), idx, at)
+        return rows, ctx_len + L, idx
+
+    @torch.no_grad()
+    def _run(self, ids: list[list[int]], tag_lens: list[int], gen: GenConfig,
+             stream: bool) -> Iterator[tuple[int, str]]:
+        device = self.device
+        rows, lengths, idx = self._prepare(ids, tag_lens, gen)
+        B = rows.shape[0]
+        self.last_prompts = idx.tolist()
+        self.last_replies = []
+        bucket = self.backend.batch_bucket(B)
+        if bucket > B:  # padding rows (copies of row 0) keep a compiled step's batch size fixed
+            rows = torch.cat([rows, rows[:1].expand(bucket - B, *rows.shape[1:])])
+            lengths = torch.cat([lengths, lengths[:1].expand(bucket - B)])
+        generator = None
+        if not gen.greedy:
+            generator = torch.Generator(device=device)
+            if gen.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(gen.seed)
+        stop_table = self._stop_table(gen.stops)
+        sync = 1 if stream else gen.check_every or (8 if device.type == "cuda" else 1)
+        emitted = [[] for _ in range(B)]
+        deltas = [TextDelta(gen.stops) for _ in range(B)] if stream else None
+        for chunk in decode_loop(self.backend, rows, lengths, gen, self.eos_id, stop_table, generator, B, sync):
+            for b in range(B):
+                emitted[b] += chunk[b].tolist()
+                if stream:
+                    tokens, _ = row_tokens(emitted[b], self.eos_id, gen.ignore_eos)
+                    piece = deltas[b].update(self._decode(tokens))
+                    if piece:
+                        yield b, piece
+        replies = []
+        for b in range(B):
+            tokens, finish = row_tokens(emitted[b], self.eos_id, gen.ignore_eos)
+            text = ""
+            if self.tokenizer is not None:
+                raw = self._decode(tokens)
+                text = cut_reply(raw, gen.stops)
+                if finish == "length" and stop_table is not None and any(s in raw for s in gen.stops):
+                    finish = "stop"  # the stop arrived with the very last allowed token
+            elif finish == "stop":
+                finish = "length"
+            replies.append(Reply(text, int(idx[b]), tokens, finish))
+            if stream:
+                piece = deltas[b].finish(text)
+                if piece:
+                    yield b, piece
+        self.last_replies = replies
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""

@@ -1,0 +1,510 @@
+"""The project's compact Llama forward (gpt-fast style), with the shared-context layout built in.
+
+Weights are Hugging Face Llama weights, unchanged: rotary uses the rotate-half convention of
+transformers' Llama, so no q/k permutation is needed on load. Three ways through the blocks:
+
+- `forward`: plain causal self-attention (SDPA) over `inputs_embeds`; right padding is harmless
+  because a causal query never sees a later (padded) key.
+- `context_pass`: the shared context, once per sample, under no_grad; keeps every layer's K/V.
+- `branch_pass`: K*B branches ([P_k][response]) with autograd, each attending to its sample's
+  context K/V (stored once, batch B) plus its own causal tokens, via `branch_attention`.
+
+Generation (gpt-fast style): `setup_caches` allocates a static `KVCache` per layer, `prefill` fills
+it from right-padded rows, `decode` / `decode_one_token` extend each row at its own positions
+(ragged batches need no left padding). spt_fast.generation drives them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ModelLoadError
+from ..kernels.branch_attention import branch_attention
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    intermediate_size: int = 11008
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig: dim {self.dim}, n_heads {self.n_heads}, n_kv_heads "
+                             f"{self.n_kv_heads} must divide evenly")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str) -> "LlamaConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown Llama preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "LlamaConfig":
+        """Read a transformers LlamaConfig; anything this forward would compute differently is an error."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type != "llama":
+            raise ModelLoadError(f"model_type {model_type!r} is not supported by the fast Llama path "
+                                 "(only 'llama'); use the generic prefix path instead")
+        # transformers 5 folds rope_scaling into rope_parameters; older versions keep both fields.
+        rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ModelLoadError(f"config field rope_scaling (rope_type={rope_type!r}) is not supported by "
+                                 "the fast Llama path; only unscaled rotary (rope_scaling=None)")
+        for field, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if getattr(hf_config, field, ok) != ok:
+                raise ModelLoadError(f"config field {field}={getattr(hf_config, field)!r} is not supported "
+                                     f"by the fast Llama path (needs {ok!r})")
+        n_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None)
+        if head_dim not in (None, hf_config.hidden_size // n_heads):
+            raise ModelLoadError(f"config field head_dim={head_dim} != hidden_size/num_attention_heads; "
+                                 "not supported by the fast Llama path")
+        return cls(
+            vocab_size=hf_config.vocab_size, dim=hf_config.hidden_size, n_layers=hf_config.num_hidden_layers,
+            n_heads=n_heads, n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or n_heads,
+            intermediate_size=hf_config.intermediate_size, rms_norm_eps=hf_config.rms_norm_eps,
+            rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
+            max_seq_len=hf_config.max_position_embeddings,
+            tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        )
+
+
+PRESETS = {
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         intermediate_size=1536, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                       intermediate_size=11008, max_seq_len=4096),
+    "llama-2-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40,
+                        intermediate_size=13824, max_seq_len=4096),
+    # Same shapes as spt_fast.testing.tiny_llama().
+    "tiny": dict(vocab_size=104, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                 max_seq_len=1024),
+}
+
+
+@dataclass
+class ContextKV:
+    """Per-layer rotated K and V of the shared contexts, [B, Hkv, Tc, D] each, one copy per sample."""
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    ctx_len: torch.Tensor  # [B] valid context tokens per sample; keys at or past it are padding
+
+
+class KVCache(nn.Module):
+    """Static preallocated cache (gpt-fast): fixed shapes let a compiled decode step keep one graph.
+
+    Slot j of row b holds the K/V of that row's position j, so rows of a ragged batch each write at
+    their own positions and a query at position p attends to slots 0..p of its row.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype=torch.bfloat16,
+                 device=None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        # Zeros, not empty: masked slots still enter the attention product as 0 * v, and garbage
+        # memory could hold NaN/inf.
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def seq_len(self) -> int:
+        return self.k_cache.shape[2]
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, Hkv, T, D] at slots pos [T] (every row) or [B, T] (per row); return the caches."""
+        if pos.dim() == 1:
+            self.k_cache.index_copy_(2, pos, k.to(self.k_cache.dtype))
+            self.v_cache.index_copy_(2, pos, v.to(self.v_cache.dtype))
+        else:
+            # Indexed assignment, not scatter_: compiled, scatter_ into the cache buffer became a
+            # copy of the whole cache per layer (most of a batch-16 CPU step); this writes B*T slots.
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k_cache[rows, :, pos] = k.transpose(1, 2).to(self.k_cache.dtype)  # indexed: [B, T, Hkv, D]
+            self.v_cache[rows, :, pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+        return self.k_cache, self.v_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 and scale after casting back, as transformers does: bf16 results match.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rotary(x, cos, sin):
+    # x [B, H, T, D]; cos/sin fp32 [B, 1, T, D]. Rotating in fp32 keeps bf16 positions exact-ish.
+    xf = x.float()
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+
+def _causal_sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def masked_sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def grouped_attention(q, k, v, mask):
+    """Masked attention written as broadcast products and sums, for a compiled CPU decode step.
+
+    Inductor fuses each product+sum into one vectorised loop that reads K/V once per KV group (no
+    expanded copies, nothing materialised); the fused SDPA kernel and small batched matmuls both
+    cost several times more per call at one query token. Softmax in fp32. q [B, H, T, D],
+    k/v [B, Hkv, S, D], mask bool [B, 1, T, S]. (Eager, this would materialise [.., S, D] products.)
+    """
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv
+    qg = q.reshape(b, hkv, g * t, 1, d).float()
+    scores = (qg * k[:, :, None].float()).sum(-1) * d ** -0.5  # [B, Hkv, g*T, S]
+    keep = mask[:, :, None].expand(b, 1, g, t, s).reshape(b, 1, g * t, s)
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # [B, Hkv, g*T, D]
+    return out.to(q.dtype).reshape(b, h, t, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        # Plain nn.Linear (not one fused wqkv) so quant.quantize_linear_layers can swap each for NF4.
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, kv_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, kv_dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.fused_qkv = None  # optional module computing (q, k, v) in one call (quant.attach_nf4_kernels)
+
+    def qkv(self, x, cos, sin):
+        """Rotated q [B, H, T, D] and k, v [B, Hkv, T, D]."""
+        b, t, _ = x.shape
+        q, k, v = self.fused_qkv(x) if self.fused_qkv is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, attend):
+        # `attend(q, k, v) -> [B, H, T, D]` is the one thing the three passes do differently.
+        out = attend(*self.qkv(x, cos, sin))
+        b, _, t, _ = out.shape
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)  # down
+        self.fused_gate_up = None  # optional module computing (gate, up) in one call
+
+    def forward(self, x):
+        gate, up = self.fused_gate_up(x) if self.fused_gate_up is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attend):
+        h = x + self.attention(self.attention_norm(x), cos, sin, attend)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# transformers' LlamaForCausalLM parameter names -> ours ({} = layer index).
+_HF_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+}
+
+
+def column_major_linears(model: nn.Module) -> int:
+    """Store every dense linear weight column-major: same shape and values, transposed strides.
+
+    On CPU, `F.linear` with a handful of rows (a decode step of a batch) reaches the BLAS's fast
+    small-M path only when the weight is column-major: 2-5x faster at 16 rows, the same at 1 and
+    at >= 128 rows (MKL, 2-vCPU Xeon; see README). Quantized layers are left alone. The change is
+    in place, so models sharing these modules (the HF model behind the compact Llama) see it too.
+    Returns how many weights were changed.
+    """
+    changed = 0
+    seen = set()
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(m, nn.Linear) or type(w) is not nn.Parameter or w.dim() != 2 \
+                or not w.dtype.is_floating_point or id(w) in seen:
+            continue
+        seen.add(id(w))  # tied weights (embedding = LM head) once
+        if w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
+            w.data = w.data.t().contiguous().t()
+            changed += 1
+    return changed
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self._build_rope(self.tok_embeddings.weight.device)
+
+    def _build_rope(self, device):
+        # Tables in fp32 for every position up to max_seq_len, with transformers' exact formula.
+        d = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
+        freqs = torch.arange(self.config.max_seq_len, dtype=torch.float, device=device)[:, None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) would round the rotary tables too; rebuild them in fp32 wherever they went.
+        super()._apply(fn, recurse)
+        self._build_rope(self.rope_cos.device)
+        return self
+
+    def _rope(self, positions, last: int):
+        """cos/sin (fp32) for integer positions [T] -> [1, 1, T, D] or [B, T] -> [B, 1, T, D].
+
+        `last` bounds the largest position from shapes alone, so no device sync is needed to check it.
+        """
+        if last >= self.config.max_seq_len:
+            raise ValueError(f"sequence reaches position {last}, past max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        return (cos[None, None], sin[None, None]) if positions.dim() == 1 else (cos[:, None], sin[:, None])
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal LM trunk: [B, T, d] embeddings -> [B, T, d] hidden after the final norm."""
+        t = inputs_embeds.shape[1]
+        if position_ids is None:
+            cos, sin = self._rope(torch.arange(t, device=inputs_embeds.device), t - 1)
+        else:  # explicit positions: out-of-range ones fail in the table lookup instead
+            cos, sin = self._rope(position_ids, 0)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, _causal_sdpa)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output(hidden)
+
+    @torch.no_grad()
+    def context_pass(self, ctx_embeds: torch.Tensor, ctx_len: torch.Tensor) -> ContextKV:
+        """Run the shared contexts [B, Tc, d] (right padded to Tc) once; keep each layer's K/V."""
+        tc = ctx_embeds.shape[1]
+        cos, sin = self._rope(torch.arange(tc, device=ctx_embeds.device), tc - 1)
+        ks, vs = [], []
+
+        def keep(q, k, v):
+            ks.append(k)
+            vs.append(v)
+            return _causal_sdpa(q, k, v)
+
+        h = ctx_embeds
+        for layer in self.layers[:-1]:
+            h = layer(h, cos, sin, keep)
+        # The last layer's K/V are all the branches need from it: skip its attention and MLP.
+        last = self.layers[-1]
+        _, k, v = last.attention.qkv(last.attention_norm(h), cos, sin)
+        ks.append(k)
+        vs.append(v)
+        return ContextKV(ks, vs, ctx_len.to(ctx_embeds.device, torch.long))
+
+    def branch_pass(self, branch_embeds: torch.Tensor, ctx: ContextKV, sample_of: torch.Tensor) -> torch.Tensor:
+        """Branches [N, Tb, d] after their sample's context: hidden [N, Tb, d] after the final norm.
+
+        Token j of branch n sits at position ctx.ctx_len[sample_of[n]] + j. Right padding is harmless.
+        """
+        tb = branch_embeds.shape[1]
+        sample_of = sample_of.to(branch_embeds.device, torch.long)
+        positions = ctx.ctx_len[sample_of][:, None] + torch.arange(tb, device=branch_embeds.device)
+        # ctx_len <= Tc, so Tc + Tb - 1 bounds every branch position.
+        cos, sin = self._rope(positions, ctx.k[0].shape[2] + tb - 1)
+        h = branch_embeds
+        for i, layer in enumerate(self.layers):
+            def attend(q, k, v, i=i):
+                return branch_attention(q, k, v, ctx.k[i], ctx.v[i], ctx.ctx_len, sample_of)
+            h = layer(h, cos, sin, attend)
+        return self.norm(h)
+
+    # ---- generation with a static KV cache ---------------------------------------------------
+    def setup_caches(self, batch: int, seq_len: int, dtype: torch.dtype | None = None, device=None) -> list[KVCache]:
+        """One zeroed KVCache per layer for `batch` rows of up to `seq_len` positions."""
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(f"cache of {seq_len} positions is past max_seq_len {self.config.max_seq_len}")
+        emb = self.tok_embeddings.weight
+        cfg = self.config
+        return [KVCache(batch, cfg.n_kv_heads, seq_len, cfg.head_dim, dtype or emb.dtype, device or emb.device)
+                for _ in range(cfg.n_layers)]
+
+    def prefill(self, inputs_embeds: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Right-padded rows [B, T, d] at positions 0..T-1: fill cache slots 0..T-1, return hidden [B, T, d].
+
+        Padding slots are filled too; a row's later tokens overwrite them before anything attends there.
+        """
+        t = inputs_embeds.shape[1]
+        pos = torch.arange(t, device=inputs_embeds.device)
+        if t > caches[0].seq_len:
+            raise ValueError(f"prefill of {t} positions does not fit a cache of {caches[0].seq_len}")
+        cos, sin = self._rope(pos, t - 1)
+        h = inputs_embeds
+        for layer, cache in zip(self.layers, caches):
+            def attend(q, k, v, cache=cache):
+                cache.update(pos, k, v)
+                return _causal_sdpa(q, k, v)
+            h = layer(h, cos, sin, attend)
+        return self.norm(h)
+
+    def decode(self, inputs_embeds: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
+               kv_len: int | None = None) -> torch.Tensor:
+        """Rows [B, T, d] at per-row positions pos [B, T] after what the caches hold: hidden [B, T, d].
+
+        Each token's K/V go to its own slot first, then it attends to slots <= its position of its
+        row. Positions must be < kv_len (default: the cache length; not checked, a device value
+        would cost a sync). A smaller kv_len skips reading never-used slots; a compiled step keeps
+        the default so its shapes never change.
+        """
+        seq_len = caches[0].seq_len if kv_len is None else min(kv_len, caches[0].seq_len)
+        cos, sin = self._rope(pos, seq_len - 1)
+        slots = torch.arange(seq_len, device=pos.device)
+        mask = slots[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, T, S]
+        compiled_cpu = pos.device.type == "cpu" and torch.compiler.is_compiling()
+        attention = grouped_attention if compiled_cpu else masked_sdpa
+        h = inputs_embeds
+        for layer, cache in zip(self.layers, caches):
+            def attend(q, k, v, cache=cache):
+                kc, vc = cache.update(pos, k, v)
+                if seq_len < kc.shape[2]:
+                    kc, vc = kc[:, :, :seq_len], vc[:, :, :seq_len]
+                return attention(q, kc, vc, mask)
+            h = layer(h, cos, sin, attend)
+        return self.norm(h)
+
+    def decode_one_token(self, token: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
+                         kv_len: int | None = None) -> torch.Tensor:
+        """Next-token logits [B, V] (fp32) for tokens [B] at per-row positions pos [B] (< kv_len)."""
+        h = self.decode(self.tok_embeddings(token)[:, None], pos[:, None], caches, kv_len)
+        return self.logits(h[:, 0]).float()
+
+    @classmethod
+    def from_hf(cls, hf_model, dtype: torch.dtype | None = None) -> "Llama":
+        """Build from a transformers LlamaForCausalLM. Shares its weight storage when dtype is unchanged."""
+        config = LlamaConfig.from_hf(hf_model.config)
+        names = {}
+        for hf, ours in _HF_NAMES.items():
+            for i in range(config.n_layers) if "{}" in hf else [None]:
+                names[hf.format(i)] = ours.format(i)
+        state = {}
+        for name, tensor in hf_model.state_dict().items():
+            if name not in names:
+                raise ModelLoadError(f"unexpected weight {name!r} in the Llama checkpoint (quantized "
+                                     "models must be converted before quantizing)")
+            if not (config.tie_embeddings and name == "lm_head.weight"):
+                state[names[name]] = tensor
+        # Built on the meta device, then the real tensors are assigned: no second copy of the weights.
+        with torch.device("meta"):
+            model = cls(config)
+        missing, _ = model.load_state_dict(state, strict=False, assign=True)
+        missing = [m for m in missing if not (config.tie_embeddings and m == "output.weight")]
+        if missing:
+            raise ModelLoadError(f"Llama checkpoint lacks weights: {', '.join(missing[:5])}")
+        if config.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model._build_rope(model.tok_embeddings.weight.device)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_hf_modules(cls, hf_model) -> "Llama":
+        """A view of a transformers LlamaForCausalLM that reuses its modules (no copy of anything).
+
+        Unlike `from_hf`, this also works after the HF model's linear layers were swapped for
+        bitsandbytes 4-bit ones, and both models keep sharing every weight.
+        """
+        config = LlamaConfig.from_hf(hf_model.config)
+        with torch.device("meta"):
+            model = cls(config)
+        trunk = hf_model.model
+        model.tok_embeddings = trunk.embed_tokens
+        model.norm.weight = trunk.norm.weight
+        model.output = hf_model.lm_head
+        for ours, theirs in zip(model.layers, trunk.layers):
+            a, sa = ours.attention, theirs.self_attn
+            a.wq, a.wk, a.wv, a.wo = sa.q_proj, sa.k_proj, sa.v_proj, sa.o_proj
+            f, mlp = ours.feed_forward, theirs.mlp
+            f.w1, f.w3, f.w2 = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+            ours.attention_norm.weight = theirs.input_layernorm.weight
+            ours.ffn_norm.weight = theirs.post_attention_layernorm.weight
+        model._build_rope(trunk.embed_tokens.weight.device)
+        return model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "Llama":
+        """Load a local Hugging Face Llama folder (safetensors) or a .gguf file, through transformers."""
+        import os
+
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = str(path)
+        kwargs = {}
+        if path.endswith(".gguf"):
+            path, kwargs["gguf_file"] = os.path.dirname(path) or ".", os.path.basename(path)
+        if not os.path.exists(os.path.join(path, kwargs.get("gguf_file", "config.json"))):
+            raise ModelLoadError(f"{path}: no Hugging Face model there (no config.json or .gguf file)")
+        try:
+            LlamaConfig.from_hf(AutoConfig.from_pretrained(path, **kwargs))  # fail before reading weights
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{path}: cannot load model: {e}") from e
+        return cls.from_hf(hf, dtype)

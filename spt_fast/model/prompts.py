@@ -1,0 +1,70 @@
+"""The K soft prompts and the retriever that picks one of them per context (DESIGN §1).
+
+- `SoftPrompts`: P ∈ R^{K×L×d}, trainable, kept in fp32 whatever the base dtype.
+- `Retriever`: one shared linear map W on both sides, s_{b,k} = softplus(cos(W p̄_k, W x̄_b)).
+- `select_prompts`: the pick every path uses (training-time validation and the engine alike):
+  top-1 of the scores, or the arg-max after optional Gaussian selection noise.
+"""
+import torch
+import torch.nn as nn
+
+from ..errors import SPTError
+from ..kernels.retrieval import pool_context, retrieval
+
+
+class SoftPrompts(nn.Module):
+    """P ∈ R^{K×L×d}, kept in fp32 whatever the base dtype (cast at injection)."""
+
+    def __init__(self, num_prompts, prompt_len, embedding: torch.Tensor, init="vocab", text_ids=None, seed=0):
+        super().__init__()
+        K, L, d = num_prompts, prompt_len, embedding.shape[1]
+        g = torch.Generator().manual_seed(seed)
+        vocab = embedding.detach().float().cpu()
+        sigma = vocab.std().item()
+        if init == "random":
+            weight = torch.randn(K, L, d, generator=g) * sigma
+        elif init == "vocab":
+            rows = torch.randint(0, vocab.shape[0], (K * L,), generator=g)
+            weight = vocab[rows].reshape(K, L, d).clone()
+        else:
+            if not text_ids:
+                raise SPTError("init 'text': the init text tokenizes to nothing")
+            rows = torch.tensor([text_ids[i % len(text_ids)] for i in range(L)])
+            weight = vocab[rows].unsqueeze(0).repeat(K, 1, 1)
+            # Identical prompts would get identical keys and gradients: break the tie slightly.
+            weight[1:] += 0.01 * sigma * torch.randn(K - 1, L, d, generator=g)
+        self.weight = nn.Parameter(weight.to(embedding.device))
+
+
+class Retriever(nn.Module):
+    """The paper's retriever: one shared linear map W on both sides, softplus(cos) scores."""
+
+    def __init__(self, dim: int, beta: float, threshold: float):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.beta, self.threshold = beta, threshold
+
+    def forward(self, ctx_feat, prompts, tau: float = 1.0, topk: int = 1):
+        """(scores [B, K], log_q [B, K], top [B, topk]) for pooled context features [B, d]."""
+        return retrieval(ctx_feat.float(), prompts, self.proj.weight, self.proj.bias, beta=self.beta,
+                         threshold=self.threshold, tau=tau, topk=topk)
+
+
+def context_features(embeds: torch.Tensor, ctx_len: torch.Tensor, has_bos: bool) -> torch.Tensor:
+    """x̄_b: mean frozen input embedding over the context tokens (bos excluded when present)."""
+    return pool_context(embeds, ctx_len, 1 if has_bos else 0)
+
+
+@torch.no_grad()
+def select_prompts(retriever: Retriever, prompts: torch.Tensor, embeds: torch.Tensor, ctx_len: torch.Tensor,
+                   has_bos: bool, tau: float = 1.0, noise: float = 0.0, generator=None) -> torch.Tensor:
+    """Index of the soft prompt each row uses, [B]: top-1 of the retriever's scores, or with
+    Gaussian selection noise (std `noise`, drawn on the CPU from `generator`) added first."""
+    B = embeds.shape[0]
+    if prompts.shape[0] == 1:
+        return torch.zeros(B, dtype=torch.long, device=embeds.device)
+    scores, _, top = retriever(context_features(embeds, ctx_len, has_bos), prompts, tau=tau)
+    if noise > 0:
+        jitter = torch.randn(scores.shape, generator=generator, device="cpu").to(scores.device)
+        return (scores + noise * jitter).argmax(-1)
+    return top[:, 0]

@@ -1,0 +1,48 @@
+"""SPT in a layout that shares the context, on the compact Llama forward (DESIGN §3, "shared").
+
+The part of each context before the prompt (`context[:pos]`, the layout's rule) does not depend
+on any trainable parameter: it runs once per sample under no_grad (`Llama.context_pass`) and its
+KV cache is read by the sample's K branches. Each branch runs only the prompt, the rest of the
+context after `pos` (if any) and the response, with autograd, attending to its sample's context
+KV plus its own tokens (`Llama.branch_pass`, the branch-attention kernel).
+"""
+import torch
+
+from ..data.batch import Batch
+from ..kernels.inject import inject_prompts
+from .llama import Llama
+from .spt import SPTConfig, SPTModel
+
+
+class SharedSPTModel(SPTModel):
+    """SPT for a context-sharing layout on a Llama-architecture model."""
+
+    def __init__(self, base, config: SPTConfig, tokenizer=None):
+        super().__init__(base, config, tokenizer)
+        # Shares the HF model's modules: generation keeps using the HF model, training this view.
+        self.fast = Llama.from_hf_modules(base)
+
+    def response_hidden(self, batch: Batch, embeds: torch.Tensor, prompt_idx: torch.Tensor):
+        B, T, d = embeds.shape
+        N = prompt_idx.shape[0]
+        L = self.config.prompt_len
+        R = batch.targets.shape[1]
+        dev = embeds.device
+        ctx_len = batch.ctx_len.to(dev)
+        split = self.prompt_positions(ctx_len, batch.tag_len)  # [B]: the shared part is context[:split]
+        ctx = self.fast.context_pass(embeds[:, :int(split.max())], split)
+        # Branch inputs after the prompt: the context after the split, then every response token
+        # but the last (which is only a target). Rows with a shorter tail carry harmless extra
+        # tokens at their end (causal attention never looks forward).
+        tail = ctx_len - split
+        t = torch.arange(int(tail.max()) + R - 1, device=dev)
+        where = (split[:, None] + t[None, :]).clamp_max(T - 1)
+        rest = torch.gather(embeds, 1, where[:, :, None].expand(B, t.shape[0], d))
+        row_src = torch.arange(N, device=dev) % B
+        rows = inject_prompts(rest, self.prompts.weight.to(embeds.dtype), row_src, prompt_idx,
+                              torch.zeros(N, dtype=torch.long, device=dev))
+        hidden = self.fast.branch_pass(rows, ctx, row_src)  # [N, L + tail + R - 1, d]
+        # Target r of row b is predicted by branch position L + tail_b - 1 + r.
+        at = (L + tail[:, None] - 1 + torch.arange(R, device=dev)[None, :])[row_src]  # [N, R]
+        out = torch.gather(hidden, 1, at[:, :, None].expand(N, R, hidden.shape[-1]))
+        return out.reshape(N // B, B, R, hidden.shape[-1])
