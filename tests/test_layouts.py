@@ -1,9 +1,11 @@
 """The placement rule (spt_fast.model.layouts) is the one place a layout is defined.
 
-A layout registered by this test alone (`tag-first`: the prompt before the context's final
-" R:" tag, whose token length comes from the encoder) is honoured by training on both paths
-(whole sequences, and the shared-context engine that runs `context[:pos]` once), by the
-generation engine and by the Hugging Face oracle, with no other change anywhere.
+The built-in `shared` layout, `[context][P_k][ R:][response]` (the prompt before the context's
+final " R:" tag, whose token length comes from the encoder), and a layout registered by this test
+alone (`middle`: the prompt in the middle of the context) are honoured by training on both paths
+(whole sequences, and the shared-context engine that runs `context[:pos]` once) against a naive
+full forward through transformers, by the generation engine and by the Hugging Face oracle, with
+no other change anywhere.
 """
 import pytest
 import torch
@@ -22,8 +24,8 @@ from spt_fast.model.spt import SPTConfig, SPTModel
 from spt_fast.testing import tiny_llama
 
 # The whole of what adding a placement takes:
-TAG_FIRST = Layout("tag-first", lambda ctx_len, tag_len: ctx_len - tag_len, shares_context=True,
-                   description="[context][P][ R:][response]")
+MIDDLE = Layout("middle", lambda ctx_len, tag_len: ctx_len // 2, shares_context=True,
+                description="[context (first half)][P][context (second half)][response]")
 
 SAMPLES = [
     Sample(("i like cats.",), ("hi there", "hello!", "how are you?"), "great, thanks.", "d0", 1),
@@ -33,17 +35,18 @@ SAMPLES = [
 
 
 @pytest.fixture
-def tag_first():
-    register_layout(TAG_FIRST)
-    yield TAG_FIRST.name
-    unregister_layout(TAG_FIRST.name)
+def middle():
+    register_layout(MIDDLE)
+    yield MIDDLE.name
+    unregister_layout(MIDDLE.name)
 
 
 def test_builtin_positions_and_unknown_names():
     ctx_len, tag_len = torch.tensor([5, 9]), torch.tensor([2, 2])
     assert prompt_positions("prefix", ctx_len, tag_len).tolist() == [0, 0]
-    assert prompt_positions("shared", ctx_len, tag_len).tolist() == [5, 9]
-    assert {"auto", "prefix", "shared"} <= set(layout_choices())
+    assert prompt_positions("shared", ctx_len, tag_len).tolist() == [3, 7]
+    assert prompt_positions("shared-old", ctx_len, tag_len).tolist() == [5, 9]
+    assert {"auto", "prefix", "shared", "shared-old"} <= set(layout_choices())
     with pytest.raises(SPTError, match="layout must be one of"):
         prompt_positions("sideways", ctx_len)
     with pytest.raises(SPTError, match="layout must be one of"):
@@ -61,14 +64,14 @@ def test_tag_length_comes_from_the_tokenizer(char_tok):
     assert collate([e], char_tok.pad_token_id, char_tok.bos_token_id).tag_len.tolist() == [3]
 
 
-def naive_seq_ce(spt, encoded, layout):
+def naive_seq_ce(spt, encoded, where):
     """Mean response CE of every prompt on every sample: one full HF forward of the sequence
-    built by hand, context[:pos] ++ P_k ++ context[pos:] ++ response."""
+    built by hand, context[:pos] ++ P_k ++ context[pos:] ++ response, pos = where(encoded)."""
     base, emb, P = spt.base, spt.base.get_input_embeddings(), spt.prompts.weight
     out = torch.zeros(P.shape[0], len(encoded))
     for b, e in enumerate(encoded):
         ctx, resp = emb(torch.tensor(e.context_ids)), emb(torch.tensor(e.response_ids))
-        pos = int(layout.position(torch.tensor(len(e.context_ids)), torch.tensor(e.tag_len)))
+        pos = where(e)
         for k in range(P.shape[0]):
             x = torch.cat([ctx[:pos], P[k], ctx[pos:], resp])[None]
             logits = base(inputs_embeds=x).logits[0]
@@ -77,9 +80,14 @@ def naive_seq_ce(spt, encoded, layout):
     return out
 
 
-def test_registered_layout_trains_the_same_everywhere(tag_first, char_tok):
+# Where each layout puts the prompt, written out by hand for the naive reference.
+BY_HAND = {"shared": lambda e: len(e.context_ids) - e.tag_len, "middle": lambda e: len(e.context_ids) // 2}
+
+
+@pytest.mark.parametrize("layout", ["shared", "middle"])
+def test_layout_trains_the_same_everywhere(layout, middle, char_tok):
     base = tiny_llama(init_std=0.1)
-    cfg = SPTConfig(num_prompts=3, prompt_len=4, layout=tag_first, init="random", max_len=256)
+    cfg = SPTConfig(num_prompts=3, prompt_len=4, layout=layout, init="random", max_len=256)
     shared = build_spt_model(base, cfg, char_tok)
     assert isinstance(shared, SharedSPTModel)  # a layout that shares the context gets the fast path
     whole = SPTModel(base, cfg, char_tok)
@@ -95,17 +103,20 @@ def test_registered_layout_trains_the_same_everywhere(tag_first, char_tok):
     for g_shared, g_whole in zip(*grads):
         torch.testing.assert_close(g_shared, g_whole, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        want = naive_seq_ce(whole, encoded, TAG_FIRST)
+        want = naive_seq_ce(whole, encoded, BY_HAND[layout])
     for out in outs:
         torch.testing.assert_close(out["seq_ce_mean"], want, atol=1e-5, rtol=1e-5)
-    # The prompt really sits before the tag: the same prompts placed after it score differently.
+    # The placement matters: the same prompts right after the whole context score differently.
     with torch.no_grad():
-        assert not torch.allclose(SPTModel(base, cfg.replace(layout="shared"), char_tok)(batch)["seq_ce_mean"], want)
+        old = SPTModel(base, cfg.replace(layout="shared-old"), char_tok)
+        old.load_trainable_state_dict(shared.trainable_state_dict())
+        assert not torch.allclose(old(batch)["seq_ce_mean"], want, atol=1e-3)
 
 
-def test_registered_layout_engine_equals_oracle(tag_first, char_tok):
+@pytest.mark.parametrize("layout", ["shared", "middle", "shared-old"])
+def test_layout_engine_equals_oracle(layout, middle, char_tok):
     base = tiny_llama(init_std=0.1)
-    spt = build_spt_model(base, SPTConfig(num_prompts=3, prompt_len=4, layout=tag_first, init="random",
+    spt = build_spt_model(base, SPTConfig(num_prompts=3, prompt_len=4, layout=layout, init="random",
                                           max_len=256), char_tok)
     convs = [(s.persona, s.history) for s in SAMPLES]
     engine = Engine(spt, char_tok)

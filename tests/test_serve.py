@@ -336,9 +336,30 @@ def saved(tmp_path_factory):
     base.save_pretrained(model_dir)
     testing.char_tokenizer().save_pretrained(model_dir)
     spt = spt_for(base, K=3, L=2)
-    cfg = {"model": str(model_dir), "spt": spt.config.to_dict(), "hidden_size": 64, "train": {"dtype": "fp32"}}
+    cfg = {"model": str(model_dir), "spt": spt.config.to_dict(), "hidden_size": 64, "train": {"dtype": "fp32"},
+           "placement": "[context][P][ R:][response]"}
     ck = checkpoint.save(root / "run", 1, spt.trainable_state_dict(), cfg)
     return ck, spt
+
+
+def test_checkpoint_from_before_the_tag_placement_keeps_its_layout(saved, tmp_path, char_tok):
+    # Written before 'shared' meant [context][P][ R:][response] (no "placement", no retriever
+    # statistics): it is read with the placement and the retriever it was trained with.
+    import json
+
+    ck, spt = saved
+    old = tmp_path / "old"
+    cfg = json.loads((ck / checkpoint.CONFIG).read_text())
+    del cfg["placement"]
+    for key in ("retriever", "score_beta", "score_threshold"):
+        del cfg["spt"][key]
+    tensors = {k: v for k, v in spt.trainable_state_dict().items() if k not in ("retriever.center", "retriever.scale")}
+    checkpoint.save(old, 1, tensors, cfg)
+    loaded = Engine.from_checkpoint(old, device="cpu")
+    assert loaded.config.layout == "shared-old" and loaded.config.retriever == "paper"
+    want = build_spt_model(spt.base, spt.config.replace(layout="shared-old", retriever="paper"))
+    want.load_trainable_state_dict(tensors)
+    assert loaded.reply_batch(CONVS) == Engine(want, char_tok).reply_batch(CONVS)
 
 
 def test_from_checkpoint_matches_in_memory_engine(saved, char_tok):

@@ -40,7 +40,9 @@ def naive_losses(spt: SPTModel, encoded, cfg: SPTConfig, bos_id: int):
         feats.append(ctx[start:].mean(0))
         per_k = []
         for k in range(K):
-            parts = [P[k], ctx, resp] if cfg.layout == "prefix" else [ctx, P[k], resp]
+            # prefix: [P][context][response]; shared: [context][P][ R:][response] (prompt before the tag)
+            cut = len(e.context_ids) - e.tag_len
+            parts = [P[k], ctx, resp] if cfg.layout == "prefix" else [ctx[:cut], P[k], ctx[cut:], resp]
             x = torch.cat(parts)[None]
             logits = base(inputs_embeds=x).logits[0]
             r0 = L + len(e.context_ids)
@@ -137,7 +139,8 @@ def test_batched_generation_matches_one_row_at_a_time(layout, char_tok, tiny_lla
         emb = spt.base.get_input_embeddings()
         ctx = emb(torch.tensor(e.context_ids))
         P = spt.prompts.weight[int(pick[b])]
-        x = torch.cat([P, ctx] if layout == "prefix" else [ctx, P])[None]
+        cut = len(e.context_ids) - e.tag_len  # shared: [context][P][ R:]
+        x = torch.cat([P, ctx] if layout == "prefix" else [ctx[:cut], P, ctx[cut:]])[None]
         ids = []
         for _ in range(6):
             nxt = int(spt.base(inputs_embeds=x).logits[0, -1].argmax())

@@ -3,6 +3,7 @@ import argparse
 import json
 
 from ..model.layouts import layout_choices
+from ..model.prompts import RETRIEVERS
 from ..model.spt import INITS, SPTConfig
 from ..training.trainer import TrainConfig, Trainer
 from .common import add_data_args, add_model_args
@@ -33,6 +34,11 @@ def add_parser(sub) -> None:
     p.add_argument("--max-len", type=int, default=s.max_len, help="max tokens of prompt + context + response")
     p.add_argument("--lambda-sel", type=float, default=s.lambda_sel)
     p.add_argument("--lambda-ctr", type=float, default=s.lambda_ctr)
+    p.add_argument("--retriever", choices=RETRIEVERS, default=s.retriever,
+                   help="centered: context features standardised with corpus statistics before W; "
+                        "paper: the paper's retriever exactly (raw pooled features)")
+    p.add_argument("--tau-gold", type=float, default=s.tau_gold,
+                   help="temperature of the selection target softmax(-CE / tau)")
     p.add_argument("--no-sel", action="store_true", help="drop the selection loss")
     p.add_argument("--no-fus", action="store_true", help="drop the prompt-fusion loss")
     p.add_argument("--no-ctr", action="store_true", help="drop the context-prompt contrastive loss")
@@ -53,7 +59,8 @@ def spt_config(a) -> SPTConfig:
     if a.pt:
         return SPTConfig.prompt_tuning(**common)
     return SPTConfig(num_prompts=a.num_prompts, lambda_sel=a.lambda_sel, lambda_ctr=a.lambda_ctr,
-                     use_sel=not a.no_sel, use_fus=not a.no_fus, use_ctr=not a.no_ctr, **common)
+                     use_sel=not a.no_sel, use_fus=not a.no_fus, use_ctr=not a.no_ctr, retriever=a.retriever,
+                     tau_gold=a.tau_gold, **common)
 
 
 def train_config(a) -> TrainConfig:

@@ -9,7 +9,11 @@ shared-context engine), generation (the engine and the Hugging Face oracle) and 
 all place prompts through `prompt_positions`; adding a layout means registering one here.
 
 - prefix: pos = 0, `[P_k][context][response]` (the paper's).
-- shared: pos = ctx_len, `[context][P_k][response]` (the engine's fast variant).
+- shared: pos = ctx_len - tag_len, `[context][P_k][ R:][response]` (the engine's fast variant): the
+  prompt sits before the context's final speaker tag, so the reply still starts right after
+  ` R:` as in the training text, and all of the context but its tag runs once for the K prompts.
+- shared-old: pos = ctx_len, `[context][P_k][response]`, the first shared placement (the prompt
+  read as the start of the reply: its first token suffered); kept so the study can compare.
 
 A layout that `shares_context` puts the prompt after a non-empty part of the context that never
 sees it (`context[:pos]`, pos > 0 for every row): that part runs once for all K prompts in
@@ -71,6 +75,8 @@ def prompt_positions(layout: str, ctx_len: torch.Tensor, tag_len: torch.Tensor |
 
 register_layout(Layout("prefix", lambda ctx_len, tag_len: torch.zeros_like(ctx_len), shares_context=False,
                        description="[P][context][response]: the paper's layout, any causal LM"))
-register_layout(Layout("shared", lambda ctx_len, tag_len: ctx_len, shares_context=True,
-                       description="[context][P][response]: the context runs once for all K prompts "
-                                   "(Llama architectures)"))
+register_layout(Layout("shared", lambda ctx_len, tag_len: ctx_len - tag_len, shares_context=True,
+                       description="[context][P][ R:][response]: the context but its final tag runs once "
+                                   "for all K prompts (Llama architectures)"))
+register_layout(Layout("shared-old", lambda ctx_len, tag_len: ctx_len, shares_context=True,
+                       description="[context][P][response]: the first shared placement, for comparison"))

@@ -36,17 +36,45 @@ class SoftPrompts(nn.Module):
         self.weight = nn.Parameter(weight.to(embedding.device))
 
 
-class Retriever(nn.Module):
-    """The paper's retriever: one shared linear map W on both sides, softplus(cos) scores."""
+RETRIEVERS = ("centered", "paper")
 
-    def __init__(self, dim: int, beta: float, threshold: float):
+
+class Retriever(nn.Module):
+    """One shared linear map W on both sides, s_{b,k} = softplus(cos(W p̄_k + b, W x̄_b + b)).
+
+    mode "paper": exactly that, on the raw pooled features. mode "centered" (the default): the
+    context features are first standardised with statistics of the training corpus,
+    x̄ -> (x̄ - mean) / spread: raw pooled embeddings of different contexts point almost the same
+    way, so every context ranked the prompts alike and the pick collapsed to one prompt (README,
+    "Quality study"). The statistics are fixed before training (fit_context_statistics) and
+    saved with the checkpoint; they are not trained.
+    """
+
+    def __init__(self, dim: int, beta: float, threshold: float, mode: str = "centered"):
         super().__init__()
+        if mode not in RETRIEVERS:
+            raise SPTError(f"retriever must be one of {RETRIEVERS}, got {mode!r}")
         self.proj = nn.Linear(dim, dim)
-        self.beta, self.threshold = beta, threshold
+        self.beta, self.threshold, self.mode = beta, threshold, mode
+        self.register_buffer("center", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(()))
+
+    @torch.no_grad()
+    def set_statistics(self, feats: torch.Tensor) -> None:
+        """Centre on the mean of these pooled features [N, d]; scale so their deviations have an
+        RMS norm of 1 (comparable to W's bias, so neither drowns the other)."""
+        feats = feats.float()
+        self.center.copy_(feats.mean(0))
+        spread = (feats - self.center).norm(dim=1).pow(2).mean().sqrt()
+        self.scale.copy_(spread.clamp_min(1e-6))
+
+    def features(self, ctx_feat: torch.Tensor) -> torch.Tensor:
+        feat = ctx_feat.float()
+        return feat if self.mode == "paper" else (feat - self.center) / self.scale
 
     def forward(self, ctx_feat, prompts, tau: float = 1.0, topk: int = 1):
         """(scores [B, K], log_q [B, K], top [B, topk]) for pooled context features [B, d]."""
-        return retrieval(ctx_feat.float(), prompts, self.proj.weight, self.proj.bias, beta=self.beta,
+        return retrieval(self.features(ctx_feat), prompts, self.proj.weight, self.proj.bias, beta=self.beta,
                          threshold=self.threshold, tau=tau, topk=topk)
 
 

@@ -18,9 +18,11 @@ from ..kernels.fused_ce import fused_linear_ce
 from ..kernels.inject import inject_prompts
 from . import losses
 from .layouts import AUTO, get_layout, prompt_positions
-from .prompts import Retriever, SoftPrompts, context_features, select_prompts
+from .prompts import RETRIEVERS, Retriever, SoftPrompts, context_features, select_prompts
 
 INITS = ("random", "vocab", "text")
+# Settings that configs written before a field existed meant (SPTConfig.from_dict fills them in).
+_LEGACY = {"retriever": "paper"}
 
 
 @dataclass
@@ -40,6 +42,7 @@ class SPTConfig:
     bleu_threshold: float = 20.0
     score_beta: float = 10.0  # the retriever's softplus(cos, beta, threshold), PyTorch semantics
     score_threshold: float = 1.0
+    retriever: str = "centered"  # "paper": W on the raw pooled features; see model.prompts.Retriever
     max_len: int = 512
     seed: int = 0
 
@@ -52,6 +55,8 @@ class SPTConfig:
             get_layout(self.layout)  # an unknown name is an SPTError listing the known ones
         if self.init not in INITS:
             raise SPTError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.retriever not in RETRIEVERS:
+            raise SPTError(f"retriever must be one of {RETRIEVERS}, got {self.retriever!r}")
         if self.init == "text" and not self.init_text:
             raise SPTError("init 'text' needs init_text")
         if self.max_len <= self.prompt_len + 2:
@@ -68,7 +73,7 @@ class SPTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SPTConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{**_LEGACY, **{k: v for k, v in d.items() if k in known}})
 
     @classmethod
     def prompt_tuning(cls, prompt_len: int = 8, **kw) -> "SPTConfig":
@@ -99,19 +104,26 @@ class SPTModel(nn.Module):
                 raise SPTError("init 'text' needs the tokenizer")
             text_ids = tokenizer(config.init_text, add_special_tokens=False).input_ids
         self.prompts = SoftPrompts(config.num_prompts, config.prompt_len, emb, config.init, text_ids, config.seed)
-        self.retriever = Retriever(emb.shape[1], config.score_beta, config.score_threshold).to(emb.device)
+        self.retriever = Retriever(emb.shape[1], config.score_beta, config.score_threshold,
+                                   config.retriever).to(emb.device)
         self.pairs = PersonaPairs(config.bleu_threshold)
 
     # ---- parameters that train and get saved -------------------------------------------------
     def trainable_state_dict(self) -> dict:
+        """What a checkpoint holds: the trained tensors and the retriever's feature statistics."""
         return {
             "prompts": self.prompts.weight.detach().contiguous(),
             "retriever.weight": self.retriever.proj.weight.detach().contiguous(),
             "retriever.bias": self.retriever.proj.bias.detach().contiguous(),
+            "retriever.center": self.retriever.center.detach().contiguous(),
+            "retriever.scale": self.retriever.scale.detach().contiguous(),
         }
 
     def load_trainable_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         want = self.trainable_state_dict()
+        if self.config.retriever == "paper":  # checkpoints from before the statistics existed
+            state = {"retriever.center": want["retriever.center"], "retriever.scale": want["retriever.scale"],
+                     **state}
         for name, tensor in want.items():
             if name not in state:
                 raise SPTError(f"{source}: missing tensor '{name}'")
@@ -124,6 +136,18 @@ class SPTModel(nn.Module):
             self.prompts.weight.copy_(state["prompts"])
             self.retriever.proj.weight.copy_(state["retriever.weight"])
             self.retriever.proj.bias.copy_(state["retriever.bias"])
+            self.retriever.center.copy_(state["retriever.center"])
+            self.retriever.scale.copy_(state["retriever.scale"])
+
+    @torch.no_grad()
+    def fit_context_statistics(self, batches) -> None:
+        """Set the retriever's feature statistics (mean and spread of the pooled context
+        features) from batches of training contexts; a no-op for the paper's retriever."""
+        if self.config.retriever == "paper":
+            return
+        feats = [context_features(self.embed(b.input_ids.to(self.device)), b.ctx_len.to(self.device), b.has_bos)
+                 for b in batches]
+        self.retriever.set_statistics(torch.cat(feats))
 
     def train(self, mode: bool = True):
         # The frozen base stays in eval mode (no dropout on a model we do not train).
@@ -221,17 +245,22 @@ class SPTModel(nn.Module):
 
     @torch.no_grad()
     def eval_losses(self, batch: Batch) -> dict:
-        """Validation: CE under the retriever's pick, under the best prompt (oracle), and the LM loss."""
+        """Validation sums: CE under the retriever's pick, under a random prompt (the mean over the
+        K), under the best prompt (oracle), the LM loss, and what the retriever saw (its picks,
+        how often the pick was the best prompt, the scores [B, K])."""
         out = self.forward(batch)
         ce = out["seq_ce_mean"]  # [K, B]
-        pick = self.select(batch)
+        pick = self.select(batch).to(ce.device)
         n = batch.resp_len.to(ce.device).float()
-        picked = ce.gather(0, pick[None, :].to(ce.device))[0]
-        best = ce.min(0).values
+        picked = ce.gather(0, pick[None, :])[0]
+        best = ce.min(0)
         return {
             "lm": float(out["lm"]),
             "selected_ce_sum": float((picked * n).sum()),
-            "oracle_ce_sum": float((best * n).sum()),
+            "random_ce_sum": float((ce.mean(0) * n).sum()),
+            "oracle_ce_sum": float((best.values * n).sum()),
             "n_tokens": float(n.sum()),
             "picks": pick.tolist(),
+            "pick_is_best": (pick == best.indices).tolist(),
+            "scores": None if out["scores"] is None else out["scores"].float().cpu(),
         }

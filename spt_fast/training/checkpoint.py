@@ -111,6 +111,12 @@ def load_for_inference(ckpt, model: str | None = None, dtype: str | None = None,
     train = config.get("train", {})
     model_path = model or config.get("model") or train.get("model", "default")
     changes = {"layout": layout} if layout else {}
+    recorded = config.get("spt", {}).get("layout")
+    if not layout and recorded == "shared" and "placement" not in config:
+        # Trained before 'shared' put the prompt before the final " R:" tag: keep its placement.
+        print(f"note: {folder} was trained with the first shared placement [context][P][response]; "
+              "using layout 'shared-old' for it", flush=True)
+        changes = {"layout": "shared-old"}
     spt_cfg = SPTConfig.from_dict(config.get("spt", {})).replace(**changes)
     if spt_cfg.init == "text":
         spt_cfg = spt_cfg.replace(init="vocab")  # the tensors are loaded right after; no need to re-tokenize

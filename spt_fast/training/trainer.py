@@ -13,6 +13,7 @@ from ..data.corpora import Sample, load_samples, split_by_dialog
 from ..data.text import Encoder
 from ..errors import CheckpointError, SPTError
 from ..model.build import build_spt_model
+from ..model.layouts import get_layout
 from ..model.loading import load
 from ..model.spt import SPTConfig
 from ..utils import DTYPE_NAMES, peak_memory_bytes, resolve_dtype
@@ -70,6 +71,25 @@ def load_splits(tc: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     return train, valid
 
 
+def retrieval_stats(picks: list[int], pick_is_best: list[bool], scores: torch.Tensor | None, K: int) -> dict:
+    """How the retriever chooses on held-out contexts.
+
+    usage_entropy: entropy (nats) of its top-1 picks (0: one prompt for everything, ln K: uniform);
+    pick_best_rate: how often the pick is the prompt with the lowest CE (chance: 1/K);
+    score_std_contexts / score_std_prompts: the spread of the scores s[b, k] across contexts (for
+    a fixed prompt) and across prompts (for a fixed context), each averaged: when the first is far
+    below the second, every context ranks the prompts alike and the pick cannot depend on it.
+    """
+    usage = torch.bincount(torch.tensor(picks, dtype=torch.long), minlength=K).float() / max(len(picks), 1)
+    used = usage[usage > 0]
+    out = {"usage_entropy": max(0.0, float(-(used * used.log()).sum())), "usage": usage.tolist(),
+           "pick_best_rate": sum(pick_is_best) / max(len(pick_is_best), 1)}
+    if scores is not None and scores.shape[0] > 1 and K > 1:
+        out["score_std_contexts"] = float(scores.std(0).mean())
+        out["score_std_prompts"] = float(scores.std(1).mean())
+    return out
+
+
 class Trainer:
     def __init__(self, spt_cfg: SPTConfig, tc: TrainConfig, model=None, tokenizer=None, splits=None):
         self.spt_cfg = spt_cfg.validate()
@@ -94,8 +114,8 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict] = []
         self._valid_encoded = None
-        if tc.resume:
-            self._resume()
+        if not (tc.resume and self._resume()):
+            self.model.fit_context_statistics(self._statistics_batches())
 
     # ---- data order: a seeded permutation per epoch, resumable by (epoch, cursor) ----------
     def _order(self) -> list[int]:
@@ -119,6 +139,15 @@ class Trainer:
                 raise SPTError(f"{self.tc.data}: almost no sample fits max_len={self.spt_cfg.max_len}")
         return got
 
+    def _statistics_batches(self, n: int = 1024, size: int = 64):
+        """Batches of up to n training contexts (a seeded sample) for the retriever's statistics."""
+        rng = random.Random(self.tc.seed)
+        picked = rng.sample(self.train_samples, min(n, len(self.train_samples)))
+        enc = Encoder(self.tokenizer, self.spt_cfg.max_len, self.spt_cfg.prompt_len)  # own skip count
+        encoded = [e for e in (enc.encode(s) for s in picked) if e is not None]
+        pad, bos = self.tokenizer.pad_token_id, self.tokenizer.bos_token_id
+        return [collate(encoded[i:i + size], pad, bos) for i in range(0, len(encoded), size)]
+
     def _valid(self) -> list:
         if self._valid_encoded is None:
             enc = [self.encoder.encode(s) for s in self.valid_samples[: self.tc.eval_samples]]
@@ -133,6 +162,8 @@ class Trainer:
             "train": asdict(self.tc),
             "model": getattr(base.config, "spt_model_path", self.tc.model),
             "model_type": getattr(base.config, "model_type", None),
+            # Which sequence the layout name meant when this was trained (layouts can be redefined).
+            "placement": get_layout(self.model.config.layout).description.split(":")[0],
             "hidden_size": int(self.model.prompts.weight.shape[-1]),
             "step": self.step,
         }
@@ -148,13 +179,14 @@ class Trainer:
         }
         return checkpoint.save(self.out, self.step, self.model.trainable_state_dict(), self.config_dict(), state)
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
+        """Load the latest checkpoint of the output folder; False when there is none."""
         try:
             tensors, config, folder = checkpoint.load(self.out)
         except CheckpointError:
             if not (self.out / checkpoint.LATEST).exists():
                 print(f"--resume: no checkpoint in {self.out}, starting fresh", flush=True)
-                return
+                return False
             raise
         if config.get("spt", {}).get("num_prompts") != self.spt_cfg.num_prompts:
             raise CheckpointError(f"{folder}: trained with K={config['spt'].get('num_prompts')}, "
@@ -168,28 +200,32 @@ class Trainer:
         self.history = state["history"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed from {folder} at step {self.step}", flush=True)
+        return True
 
     # ---- loop -----------------------------------------------------------------------------------
     def validate(self) -> dict:
+        """Held-out losses and what the retriever does (see retrieval_stats)."""
         self.model.eval()
-        sel = orc = lm = n = 0.0
-        picks = []
         enc = self._valid()
         if not enc:
             return {}
+        sums = {"selected_ce_sum": 0.0, "random_ce_sum": 0.0, "oracle_ce_sum": 0.0, "n_tokens": 0.0, "lm": 0.0}
+        picks, best, scores = [], [], []
         bs = max(self.tc.batch_size, 4)
         for i in range(0, len(enc), bs):
             batch = collate(enc[i : i + bs], self.tokenizer.pad_token_id, self.tokenizer.bos_token_id)
             r = self.model.eval_losses(batch.to(self.model.device))
-            sel, orc, n = sel + r["selected_ce_sum"], orc + r["oracle_ce_sum"], n + r["n_tokens"]
-            lm += r["lm"] * r["n_tokens"]
+            for k in sums:
+                sums[k] += r[k] * (r["n_tokens"] if k == "lm" else 1.0)
             picks += r["picks"]
+            best += r["pick_is_best"]
+            if r["scores"] is not None:
+                scores.append(r["scores"])
         self.model.train()
-        K = self.spt_cfg.num_prompts
-        usage = torch.bincount(torch.tensor(picks), minlength=K).float() / max(len(picks), 1)
-        ent = float(-(usage[usage > 0] * usage[usage > 0].log()).sum())
-        return {"val_loss": sel / n, "val_oracle_loss": orc / n, "val_lm_loss": lm / n,
-                "usage_entropy": ent, "usage": usage.tolist()}
+        n = sums["n_tokens"]
+        return {"val_loss": sums["selected_ce_sum"] / n, "val_random_loss": sums["random_ce_sum"] / n,
+                "val_oracle_loss": sums["oracle_ce_sum"] / n, "val_lm_loss": sums["lm"] / n,
+                **retrieval_stats(picks, best, torch.cat(scores) if scores else None, self.spt_cfg.num_prompts)}
 
     def fit(self) -> dict:
         from tqdm.auto import tqdm
@@ -234,7 +270,7 @@ class Trainer:
                 self.save()
         bar.close()
         last = self.history[-1] if self.history else {}
-        final = {k: v for k, v in last.items() if k.startswith("val_") or k.startswith("usage")}
+        final = {k: v for k, v in last.items() if k.startswith(("val_", "usage", "pick_", "score_"))}
         if "val_loss" not in final:
             final = self.validate()
         folder = self.save()
