@@ -23,16 +23,22 @@ def test_study_runs_reports_and_resumes(model_dir, tmp_path, monkeypatch, capsys
     assert main(study_args(model_dir, out)) == 0
     rows = json.loads((out / "results.json").read_text())
     specs = study.run_specs(3)
-    assert sorted((r["run"], r["seed"]) for r in rows) == sorted((n, s) for n in specs for s in (0, 1))
+    # Every run for every seed, but the old shared placement only once (the first seed).
+    assert sorted((r["run"], r["seed"]) for r in rows) == sorted(
+        (n, s) for n in specs for s in (0, 1) if specs[n].every_seed or s == 0)
+    assert {r["layout"] for r in rows if r["run"] == "spt-shared-old"} == {"shared-old"}
     for r in rows:
-        layout, K, losses = specs[r["run"]]
+        layout, K, losses = specs[r["run"]].layout, specs[r["run"]].K, specs[r["run"]].losses
         assert (r["layout"], r["K"], r["losses"], r["steps"]) == (layout, K, ["lm", *losses], 2)
         for key in ("f1", "bleu", "rouge1", "rouge2", "rougeL", "dist1", "dist2", "val_loss", "usage_entropy",
-                    "first_token_ce", "later_token_ce"):
+                    "first_token_ce", "later_token_ce", "empty", "val_random_loss", "val_oracle_loss",
+                    "pick_best_rate"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (r["run"], key)
         assert 0.0 <= r["usage_entropy"] <= math.log(K) + 1e-9
+        assert r["val_oracle_loss"] <= r["val_loss"] + 1e-9 and r["val_oracle_loss"] <= r["val_random_loss"] + 1e-9
+        assert 0.0 <= r["empty"] <= 100.0
         if K == 1:
-            assert r["usage_entropy"] == 0.0
+            assert r["usage_entropy"] == 0.0 and r["val_loss"] == pytest.approx(r["val_random_loss"])
     assert "sel" not in next(r for r in rows if r["run"] == "spt-shared-no-sel")["losses"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["runs"]["spt-shared"]["f1"]["n"] == 2

@@ -33,7 +33,7 @@ class DemoConfig:
     layout: str = "prefix"
     max_len: int = 128
     lr: float = 3e-3  # a short run needs more than the paper's 1e-4 for the prompts
-    retriever_lr: float = 1e-4
+    retriever_lr: float = 1e-3
     seed: int = 0
     progress: bool = True
 

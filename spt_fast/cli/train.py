@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=t.grad_accum)
     p.add_argument("--lr", type=float, default=t.lr, help="learning rate of the soft prompts (paper: 1e-4)")
     p.add_argument("--retriever-lr", type=float, default=t.retriever_lr,
-                   help="learning rate of the retriever (default: --lr)")
+                   help="learning rate of the retriever (the paper: the same as --lr)")
     p.add_argument("--weight-decay", type=float, default=t.weight_decay)
     p.add_argument("--max-len", type=int, default=s.max_len, help="max tokens of prompt + context + response")
     p.add_argument("--lambda-sel", type=float, default=s.lambda_sel)

@@ -37,6 +37,8 @@ def evaluate(engine, samples, max_samples: int | None = None, batch_size: int = 
         picks += [r.prompt for r in replies]
     refs = [s.response for s in kept]
     metrics = compute_metrics(preds, refs, bertscore_model)
+    # Replies that came out empty (a stop string or eos first): the layout's first-token failure.
+    metrics["empty"] = 100.0 * sum(not p for p in preds) / max(len(preds), 1)
     return {"metrics": metrics, "preds": preds, "refs": refs, "picks": picks,
             "turns": [s.turn for s in kept], "skipped": enc.n_skipped}
 

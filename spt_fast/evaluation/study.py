@@ -23,20 +23,29 @@ from ..utils import write_text_atomic
 from .evaluate import evaluate, write_predictions
 
 ALL_LOSSES = ("sel", "fus", "ctr")
-METRICS = ("f1", "bleu", "rouge1", "rouge2", "rougeL", "dist1", "dist2", "val_loss", "usage_entropy",
+GENERATION_METRICS = ("f1", "bleu", "rouge1", "rouge2", "rougeL", "dist1", "dist2", "empty")
+METRICS = (*GENERATION_METRICS, "val_loss", "val_random_loss", "val_oracle_loss", "usage_entropy", "pick_best_rate",
            "first_token_ce", "later_token_ce")
 
 
-def run_specs(num_prompts: int) -> dict[str, tuple[str, int, tuple]]:
-    """name -> (layout, K, extra losses on). The LM loss is always on."""
+@dataclass(frozen=True)
+class RunSpec:
+    layout: str
+    K: int
+    losses: tuple  # extra losses on; the LM loss always is
+    every_seed: bool = True  # False: only the study's first seed (a comparison made once)
+
+
+def run_specs(num_prompts: int) -> dict[str, RunSpec]:
     specs = {
-        "pt-prefix": ("prefix", 1, ()),
-        "pt-shared": ("shared", 1, ()),
-        "spt-prefix": ("prefix", num_prompts, ALL_LOSSES),
-        "spt-shared": ("shared", num_prompts, ALL_LOSSES),
+        "pt-prefix": RunSpec("prefix", 1, ()),
+        "pt-shared": RunSpec("shared", 1, ()),
+        "spt-prefix": RunSpec("prefix", num_prompts, ALL_LOSSES),
+        "spt-shared": RunSpec("shared", num_prompts, ALL_LOSSES),
+        "spt-shared-old": RunSpec("shared-old", num_prompts, ALL_LOSSES, every_seed=False),
     }
     for drop in ALL_LOSSES:
-        specs[f"spt-shared-no-{drop}"] = ("shared", num_prompts, tuple(x for x in ALL_LOSSES if x != drop))
+        specs[f"spt-shared-no-{drop}"] = RunSpec("shared", num_prompts, tuple(x for x in ALL_LOSSES if x != drop))
     return specs
 
 
@@ -46,16 +55,17 @@ class StudyConfig:
     model: str = "default"
     data: str = "chitchat"
     data_format: str | None = None
-    steps: int = 40
+    steps: int = 200
     batch_size: int = 2
-    seeds: list = field(default_factory=lambda: [0, 1])
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
     num_prompts: int = 4
     prompt_len: int = 8
     max_len: int = 128
     lr: float = 3e-3
-    retriever_lr: float = 1e-4
-    eval_samples: int = 48  # held-out samples for generation metrics
-    val_samples: int = 48  # held-out samples for validation loss
+    retriever_lr: float = 1e-3
+    retriever: str = "centered"
+    eval_samples: int = 64  # held-out samples for generation metrics
+    val_samples: int = 200  # held-out samples for the validation losses and the retriever's picks
     max_new_tokens: int = 32
     runs: list | None = None  # None: all of run_specs()
     progress: bool = True
@@ -63,7 +73,7 @@ class StudyConfig:
     def settings(self) -> dict:
         """What a finished run must share with this study to be reused."""
         keep = ("model", "data", "data_format", "steps", "batch_size", "num_prompts", "prompt_len", "max_len",
-                "lr", "retriever_lr", "eval_samples", "val_samples", "max_new_tokens")
+                "lr", "retriever_lr", "retriever", "eval_samples", "val_samples", "max_new_tokens")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -108,8 +118,8 @@ def first_token_stats(spt, tok, samples, batch_size: int = 8) -> dict:
             "first_token_top": tops.most_common(4)}
 
 
-def _one_run(sc: StudyConfig, name: str, spec: tuple, seed: int, base, tok, splits, held_out) -> dict:
-    layout, K, losses = spec
+def _one_run(sc: StudyConfig, name: str, spec: RunSpec, seed: int, base, tok, splits, held_out) -> dict:
+    layout, K, losses = spec.layout, spec.K, spec.losses
     folder = Path(sc.output_dir) / "runs" / f"{name}-seed{seed}"
     done = folder / "result.json"
     if done.exists():
@@ -127,7 +137,8 @@ def _one_run(sc: StudyConfig, name: str, spec: tuple, seed: int, base, tok, spli
             write_text_atomic(done, json.dumps(row))
         return row
     cfg = SPTConfig(num_prompts=K, prompt_len=sc.prompt_len, layout=layout, max_len=sc.max_len, seed=seed,
-                    use_sel="sel" in losses, use_fus="fus" in losses, use_ctr="ctr" in losses)
+                    use_sel="sel" in losses, use_fus="fus" in losses, use_ctr="ctr" in losses,
+                    retriever=sc.retriever)
     tc = TrainConfig(model=sc.model, data=sc.data, data_format=sc.data_format, output_dir=str(folder),
                      max_steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr, retriever_lr=sc.retriever_lr,
                      seed=seed, eval_samples=sc.val_samples, eval_every=0,
@@ -143,8 +154,10 @@ def _one_run(sc: StudyConfig, name: str, spec: tuple, seed: int, base, tok, spli
     write_predictions(folder / "predictions.jsonl", result)
     first = first_token_stats(trainer.model, tok, held_out[: sc.val_samples])
     row = {"run": name, "layout": layout, "K": K, "losses": ["lm", *losses], "seed": seed, "steps": summary["steps"],
-           **{k: result["metrics"][k] for k in METRICS[:7]},
-           "val_loss": summary.get("val_loss"), "usage_entropy": usage_entropy(result["picks"], K),
+           **{k: result["metrics"][k] for k in GENERATION_METRICS},
+           **{k: summary.get(k) for k in ("val_loss", "val_random_loss", "val_oracle_loss", "pick_best_rate",
+                                           "score_std_contexts", "score_std_prompts")},
+           "usage_entropy": usage_entropy(result["picks"], K),
            "n_eval": result["metrics"].get("n"), "train_seconds": summary["seconds"],
            "seconds": time.perf_counter() - t0, "settings": sc.settings(),
            **first, "picks": result["picks"], "turns": result["turns"],
@@ -173,14 +186,16 @@ def aggregate(rows: list[dict]) -> dict:
 
 def format_markdown(agg: dict) -> str:
     cols = [("F1", "f1"), ("BLEU", "bleu"), ("R-1", "rouge1"), ("R-2", "rouge2"), ("R-L", "rougeL"),
-            ("D-1", "dist1"), ("D-2", "dist2"), ("val loss", "val_loss"), ("usage H", "usage_entropy"),
+            ("D-1", "dist1"), ("D-2", "dist2"), ("empty %", "empty"), ("val loss (pick)", "val_loss"),
+            ("random-prompt CE", "val_random_loss"), ("best-prompt CE", "val_oracle_loss"),
+            ("usage H", "usage_entropy"), ("pick = best", "pick_best_rate"),
             ("1st-token CE", "first_token_ce"), ("later CE", "later_token_ce")]
     lines = ["| run | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for run, ms in agg.items():
         cells = []
         for _, key in cols:
             m = ms.get(key)
-            digits = 3 if key.endswith(("loss", "entropy", "_ce")) else 2
+            digits = 3 if key.endswith(("loss", "entropy", "_ce", "_rate")) else 2
             cells.append("-" if m is None else f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}")
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -241,7 +256,7 @@ def run_study(sc: StudyConfig) -> dict:
         raise SPTError(f"{sc.data}: the held-out split is empty")
     base, tok = load(sc.model, resolve_dtype("fp32"))
     rows = [_one_run(sc, name, specs[name], seed, base, tok, splits, held_out)
-            for seed in sc.seeds for name in names]
+            for i, seed in enumerate(sc.seeds) for name in names if specs[name].every_seed or i == 0]
     agg = write_report(sc, rows)
     print("\n" + format_markdown(agg), flush=True)
     print(f"\nwrote {Path(sc.output_dir) / 'results.json'} ({time.perf_counter() - t0:.0f}s)", flush=True)
