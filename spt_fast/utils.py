@@ -1,4 +1,5 @@
 """Helpers every stage uses: dtype names, peak memory, and atomic file writes."""
+import math
 import os
 import resource
 import sys
@@ -83,3 +84,14 @@ def make_temp_dir(parent, prefix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     _readable(tmp)
     return tmp
+
+
+def check_number(name: str, value, low: float = 0.0, strict: bool = True, integer: bool = False) -> None:
+    """SPTError naming `name` (a flag, say) unless value is a finite number > low (>= low when not
+    strict), and an integer when asked."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if strict else value >= low)
+    if not ok:
+        what = "an integer" if integer else "a finite number"
+        raise SPTError(f"{name} must be {what} {'>' if strict else '>='} {low:g}, got {value!r}")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from spt_fast import utils
+from spt_fast.errors import CheckpointError
 from spt_fast.training import checkpoint
 from spt_fast.cli import main
 from spt_fast.testing import char_tokenizer, tiny_llama
@@ -64,7 +65,10 @@ def test_resume_continues_to_the_same_result(model_dir, tmp_path, capsys):
     straight, split = tmp_path / "a", tmp_path / "b"
     assert run(train_args(model_dir, straight, 4), capsys)[0] == 0
     assert run(train_args(model_dir, split, 2), capsys)[0] == 0
+    # More steps is a change of a setting that shapes the run: refused, then applied on request.
     code, _, err = run(train_args(model_dir, split, 4, "--resume"), capsys)
+    assert code == 2 and "max_steps: 2 -> 4" in err and "--allow-changes" in err
+    code, _, err = run(train_args(model_dir, split, 4, "--resume", "--allow-changes"), capsys)
     assert code == 0, err
     a, _, _ = checkpoint.load(straight)
     b, _, _ = checkpoint.load(split)
@@ -143,7 +147,8 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(utils, "save_file", boom)  # the one safetensors writer (spt_fast.utils)
-    with pytest.raises(OSError):
+    # A failed write is one line naming the checkpoint and the cause (not a raw OSError).
+    with pytest.raises(CheckpointError, match=r"checkpoint-000002: cannot write the checkpoint \(disk full\)"):
         checkpoint.save(tmp_path, 2, {k: v * 2 for k, v in t.items()}, {"step": 2})
     tensors, cfg, folder = checkpoint.load(tmp_path)
     assert folder.name == "checkpoint-000001" and cfg["step"] == 1

@@ -88,7 +88,6 @@ def test_convai2_crlf_and_blank_lines(tmp_path):
     [
         ("bad_no_number.txt", 3, "line number"),
         ("bad_no_tab.txt", 4, "no tab"),
-        ("bad_empty_response.txt", 3, "empty response"),
     ],
 )
 def test_convai2_malformed_line_names_file_and_line(name, lineno, words):
@@ -98,6 +97,32 @@ def test_convai2_malformed_line_names_file_and_line(name, lineno, words):
     msg = str(err.value)
     assert msg.startswith(f"{path}:{lineno}: ")
     assert words in msg
+
+
+def test_empty_responses_are_skipped_and_summed_up_or_errors_with_strict(tmp_path, capsys):
+    path = FIX / "bad_empty_response.txt"
+    samples = load_convai2(path)
+    assert [s.response for s in samples] == ["hello !"]  # the line with nothing to learn is skipped
+    err = capsys.readouterr().err
+    assert f"skipped 1 sample(s) with an empty response ({path}:3)" in err and "--strict" in err
+    with pytest.raises(DataError) as exc:
+        load_convai2(path, strict=True)
+    assert str(exc.value).startswith(f"{path}:3: empty response")
+    # The empty turn keeps its place in the history, so later Q/R labels stay right.
+    many = tmp_path / "gaps.txt"
+    many.write_text("1 your persona: i sing .\n2 hi\thello .\n3 how ?\t\n4 and you ?\tfine .\n"
+                    "5 ok\t \n6 bye\t\n7 see ya\tbye .\n")
+    got = load_convai2(many)
+    assert [s.response for s in got] == ["hello .", "fine .", "bye ."]
+    assert got[1].history == ("hi", "hello .", "how ?", "", "and you ?")
+    err = capsys.readouterr().err
+    assert "skipped 3 sample(s)" in err and f"{many}:3, {many}:5, {many}:6" in err
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"persona": [], "history": ["hi"], "response": " "}\n'
+                    '{"persona": [], "history": ["hi"], "response": "yo"}\n')
+    assert [s.response for s in load_jsonl(rows)] == ["yo"]
+    with pytest.raises(DataError, match=f"{rows}:1: field 'response' is empty"):
+        load_jsonl(rows, strict=True)
 
 
 @pytest.mark.parametrize("name", ["empty.txt", "persona_only.txt"])

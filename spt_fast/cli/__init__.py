@@ -5,6 +5,7 @@ import os
 import sys
 
 from ..errors import SPTError
+from ..training.trainer import TrainingInterrupted
 from . import bench, chat, demo, evaluate, export, generate, study, train
 
 COMMANDS = {"train": train, "eval": evaluate, "generate": generate, "chat": chat, "export": export,
@@ -22,9 +23,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv, start=1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 reach Python as lone surrogates
+            shown = arg.encode("utf-8", "replace").decode("utf-8")
+            flag = f", the value of {argv[i - 2]}" if i > 1 and argv[i - 2].startswith("-") else ""
+            print(f"spt-fast: error: argument {i} ({shown!r}{flag}) is not valid UTF-8", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         COMMANDS[args.cmd].run(args)
+    except TrainingInterrupted as exc:
+        print(f"spt-fast {args.cmd}: interrupted: {exc}", file=sys.stderr)
+        return 130
     except SPTError as exc:
         print(f"spt-fast {args.cmd}: error: {exc}", file=sys.stderr)
         return 2

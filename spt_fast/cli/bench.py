@@ -1,12 +1,11 @@
 """`spt-fast bench train|generate|kernels`: the benchmarks of spt_fast.benchmarks, printed and
 optionally written as JSON."""
-import argparse
 
 import torch
 
 from ..errors import SPTError
 from ..utils import DTYPE_NAMES
-from .common import write_json
+from .common import HelpFormatter, write_json
 
 
 def add_parser(sub) -> None:
@@ -16,7 +15,7 @@ def add_parser(sub) -> None:
 
     b = sub.add_parser("bench", help="benchmarks: train (step throughput/memory), generate (latency), kernels")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     p = bsub.add_parser("train", help="training-step throughput and memory: straightforward vs prefix vs shared",
                         formatter_class=fmt)

@@ -11,7 +11,7 @@ import sys
 
 from ..errors import SPTError
 from ..generation.decoding import GenConfig
-from .common import add_model_args
+from .common import HelpFormatter, add_model_args
 
 HELP = """commands:
   /persona             show the persona
@@ -27,7 +27,7 @@ anything else is your next message"""
 def add_parser(subparsers) -> argparse.ArgumentParser:
     g = GenConfig()
     c = subparsers.add_parser("chat", help="chat with a trained checkpoint in the terminal (shows the chosen prompt)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     c.add_argument("--checkpoint", required=True, help="a checkpoint folder or a training output folder")
     add_model_args(c, from_checkpoint=True)
     c.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")

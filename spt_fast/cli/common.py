@@ -1,6 +1,9 @@
-"""Flags several commands share, with their defaults read from the config dataclasses, and the
-one way a command writes a JSON result."""
+"""What the commands share: flags with their defaults read from the config dataclasses, the help
+formatter, which flags a command line gave, checking an output path before any expensive work,
+and the one way a command writes a JSON result."""
+import argparse
 import json
+import os
 from pathlib import Path
 
 from ..data.corpora import FORMATS
@@ -28,6 +31,45 @@ def add_data_args(p, default: str | None = "chitchat") -> None:
                    help="'chitchat' (the corpus of the chitchat-dataset package) or a ConvAI2 .txt / JSONL file")
     p.add_argument("--data-format", choices=FORMATS, default=None,
                    help="format of --data (default: from the file extension)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default once: not when its help already says it, not for on/off switches
+    or defaults that are None (their help says what happens then)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
+def explicit_flags(add_arguments, argv: list[str]) -> set[str]:
+    """The dests a command line set explicitly (its defaults do not count)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    # A namespace that already holds every dest gets no defaults: what changes was given.
+    unset = object()
+    namespace = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args([]))})
+    got = parser.parse_known_args(argv, namespace=namespace)[0]
+    return {dest for dest, value in vars(got).items() if value is not unset}
+
+
+def check_writable(path, flag: str) -> None:
+    """SPTError naming the flag when `path` (a file to be written) cannot be written: checked
+    before the work whose result it is to hold."""
+    if path is None:
+        return
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        probe = p.parent / f".{p.name}.{os.getpid()}.tmp"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SPTError(f"{flag} {path}: cannot write ({e.strerror or e})") from None
 
 
 def write_json(path, obj, flag: str = "--json") -> None:

@@ -1,7 +1,6 @@
 """`spt-fast demo`, the main job on the embedded default: train SPT (K=4) and the PT baseline (K=1)
 with the same steps on the chit-chat corpus, then let the engine reply to the same held-out
 samples and print the metrics table."""
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from ..model.loading import load
 from ..model.spt import SPTConfig
 from ..training.trainer import TrainConfig, Trainer, load_splits
 from ..utils import resolve_dtype, write_text_atomic
+from .common import HelpFormatter
 
 
 @dataclass
@@ -53,7 +53,8 @@ def run_demo(dc: DemoConfig) -> dict:
     held_out = splits[1][:dc.eval_samples]
     for name, cfg in runs.items():
         slug = "spt" if cfg.num_prompts > 1 else "pt"
-        run_tc = TrainConfig(**{**asdict(tc), "output_dir": str(out / slug)})
+        # The demo's own folders: a second demo replaces the first one's runs.
+        run_tc = TrainConfig(**{**asdict(tc), "output_dir": str(out / slug), "overwrite": True})
         trainer = Trainer(cfg, run_tc, model=base, tokenizer=tok, splits=splits)
         print(f"== training {name}: {dc.max_steps} steps, batch {dc.batch_size}, layout "
               f"{trainer.model.config.layout}", flush=True)
@@ -77,7 +78,7 @@ def run_demo(dc: DemoConfig) -> dict:
 def add_parser(sub) -> None:
     d = DemoConfig()
     p = sub.add_parser("demo", help="the main job: SPT (K=4) vs PT (K=1) on the embedded default, then the table",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--data", default=d.data,
                    help="'chitchat' (the corpus of the chitchat-dataset package) or a ConvAI2 .txt / JSONL file")
     p.add_argument("--data-format", choices=FORMATS, default=d.data_format)

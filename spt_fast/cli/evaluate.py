@@ -1,5 +1,4 @@
 """`spt-fast eval`: the engine's replies to held-out samples, scored with the paper's metrics."""
-import argparse
 from pathlib import Path
 
 from ..data.corpora import load_samples, split_by_dialog
@@ -7,13 +6,14 @@ from ..evaluation.evaluate import evaluate, write_predictions
 from ..evaluation.metrics import format_table
 from ..evaluation.plots import plot_prompt_usage
 from ..generation.decoding import GenConfig
-from .common import add_data_args, add_model_args, write_json
+from ..utils import check_number
+from .common import HelpFormatter, add_data_args, add_model_args, check_writable, write_json
 
 
 def add_parser(sub) -> None:
     g = GenConfig()
     p = sub.add_parser("eval", help="generate for held-out samples and print F1/BLEU/ROUGE/Distinct",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a training output folder")
     add_model_args(p, from_checkpoint=True)
     add_data_args(p)
@@ -45,6 +45,13 @@ def eval_samples(a):
 def run(a) -> None:
     from ..generation.engine import Engine
 
+    for flag, value in (("--json", a.json), ("--predictions", a.predictions), ("--plot", a.plot)):
+        check_writable(value, flag)  # before loading and generating, not after
+    check_number("--batch-size", a.batch_size, 1, strict=False, integer=True)
+    check_number("--max-new-tokens", a.max_new_tokens, 1, strict=False, integer=True)
+    check_number("--selection-noise", a.selection_noise, strict=False)
+    if a.max_samples is not None:
+        check_number("--max-samples", a.max_samples, 1, strict=False, integer=True)
     samples = eval_samples(a)
     engine = Engine.from_checkpoint(a.checkpoint, device=a.device, dtype=a.dtype, model=a.model,
                                     load_4bit=a.load_4bit)

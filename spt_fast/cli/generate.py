@@ -1,17 +1,17 @@
 """`spt-fast generate`: reply to one context, or to each row of a JSONL file, through the engine."""
-import argparse
 import json
 
 from ..data.corpora import load_contexts
 from ..errors import SPTError
 from ..generation.decoding import GenConfig
-from .common import add_model_args
+from ..utils import check_number
+from .common import HelpFormatter, add_model_args
 
 
 def add_parser(sub) -> None:
     g = GenConfig()
     p = sub.add_parser("generate", help="reply to one context (or each row of a JSONL file)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True)
     add_model_args(p, from_checkpoint=True)
     p.add_argument("--persona", action="append", default=[], help="a persona sentence (repeat for more)")
@@ -33,8 +33,9 @@ def run(a) -> None:
         convs = [(a.persona, a.history)]
     else:
         raise SPTError("generate: give at least one --history utterance (the partner's last message), or --input FILE")
-    if a.batch_size < 1:
-        raise SPTError(f"--batch-size must be >= 1, got {a.batch_size}")
+    check_number("--batch-size", a.batch_size, 1, strict=False, integer=True)
+    check_number("--max-new-tokens", a.max_new_tokens, 1, strict=False, integer=True)
+    check_number("--selection-noise", a.selection_noise, strict=False)
     engine = Engine.from_checkpoint(a.checkpoint, device=a.device, dtype=a.dtype, model=a.model,
                                     load_4bit=a.load_4bit)
     opts = dict(max_new_tokens=a.max_new_tokens, selection_noise=a.selection_noise, seed=0)

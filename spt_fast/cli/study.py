@@ -3,12 +3,13 @@ from ..data.corpora import FORMATS
 from ..evaluation import study
 from ..evaluation.study import StudyConfig, run_specs, run_study
 from ..model.prompts import RETRIEVERS
+from .common import HelpFormatter
 
 
 def add_parser(sub) -> None:
     d = StudyConfig()
     p = sub.add_parser("study", help="quality study: PT vs SPT, prefix vs shared, loss ablations (resumable)",
-                       description=study.__doc__)
+                       description=study.__doc__, formatter_class=HelpFormatter)
     p.add_argument("--output-dir", default=d.output_dir)
     p.add_argument("--model", default=d.model, help="'default' (embedded SmolLM2-135M-Instruct) or a local HF folder")
     p.add_argument("--data", default=d.data, help="'chitchat' or a ConvAI2/JSONL file")

@@ -1,26 +1,35 @@
-"""`spt-fast train`: K soft prompts and the retriever on a frozen LM."""
-import argparse
+"""`spt-fast train`: K soft prompts and the retriever on a frozen LM.
+
+With --resume, every setting not given on the command line is the one the run was started with
+(read from its newest intact checkpoint); a setting given that differs is refused unless it is
+safe to change and --allow-changes is given (spt_fast.training.resume)."""
 import json
+from dataclasses import fields
 
 from ..model.layouts import layout_choices
 from ..model.prompts import RETRIEVERS
 from ..model.spt import INITS, SPTConfig
+from ..training import checkpoint
 from ..training.trainer import TrainConfig, Trainer
-from .common import add_data_args, add_model_args
+from .common import HelpFormatter, add_data_args, add_model_args, explicit_flags
+
+# Flags that set other config fields than their own name (the rest set the field of their name).
+_SETS = {"no_sel": ["use_sel"], "no_fus": ["use_fus"], "no_ctr": ["use_ctr"], "strict": ["strict_data"],
+         "pt": ["num_prompts", "use_sel", "use_fus", "use_ctr"], "no_progress": ["progress"]}
 
 
-def add_parser(sub) -> None:
+def add_arguments(p) -> None:
     s, t = SPTConfig(), TrainConfig()
-    p = sub.add_parser("train", help="train K soft prompts and the retriever on a frozen LM",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     add_data_args(p, t.data)
     p.add_argument("--valid-data", default=t.valid_data,
                    help="validation file (default: hold out 5%% of --data by dialogue)")
+    p.add_argument("--strict", action="store_true",
+                   help="samples with an empty response are errors (default: skipped, with one summary line)")
     p.add_argument("--num-prompts", "-K", type=int, default=s.num_prompts, help="K, the number of soft prompts")
     p.add_argument("--prompt-len", "-L", type=int, default=s.prompt_len, help="L, virtual tokens per prompt")
     p.add_argument("--layout", choices=layout_choices(), default=s.layout,
-                   help="prefix: [P][context][response] (the paper's); shared: [context][P][response], the "
+                   help="prefix: [P][context][response] (the paper's); shared: [context][P][ R:][response], the "
                         "fast engine (Llama architectures); auto: shared where supported, else prefix")
     p.add_argument("--init", choices=INITS, default=s.init, help="soft prompt init")
     p.add_argument("--init-text", default=s.init_text, help="text for --init text")
@@ -45,12 +54,22 @@ def add_parser(sub) -> None:
     p.add_argument("--pt", action="store_true", help="plain prompt tuning baseline: K=1, LM loss only")
     p.add_argument("--eval-every", type=int, default=t.eval_every, help="validate every N steps (0: at the end only)")
     p.add_argument("--eval-samples", type=int, default=t.eval_samples)
-    p.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N steps (0: off)")
+    p.add_argument("--save-minutes", type=float, default=t.save_minutes,
+                   help="checkpoint at least every N minutes (0: off); always at the end and on Ctrl-C/SIGTERM")
     p.add_argument("--max-train-samples", type=int, default=t.max_train_samples)
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--output-dir", default=t.output_dir)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: apply a changed --max-steps, --lr, --retriever-lr, --weight-decay or --model")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir (removes it)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_parser(sub) -> None:
+    add_arguments(sub.add_parser("train", help="train K soft prompts and the retriever on a frozen LM",
+                                 formatter_class=HelpFormatter))
 
 
 def spt_config(a) -> SPTConfig:
@@ -68,10 +87,28 @@ def train_config(a) -> TrainConfig:
                        output_dir=a.output_dir, max_steps=a.max_steps, batch_size=a.batch_size,
                        grad_accum=a.grad_accum, lr=a.lr, retriever_lr=a.retriever_lr, weight_decay=a.weight_decay,
                        dtype=a.dtype, load_4bit=a.load_4bit, eval_every=a.eval_every, eval_samples=a.eval_samples,
-                       save_every=a.save_every, seed=a.seed, resume=a.resume,
+                       save_every=a.save_every, save_minutes=a.save_minutes, seed=a.seed, resume=a.resume,
+                       overwrite=a.overwrite, allow_changes=a.allow_changes, strict_data=a.strict,
                        max_train_samples=a.max_train_samples, progress=not a.no_progress)
 
 
+def resumed_configs(a, spt: SPTConfig, tc: TrainConfig) -> tuple[SPTConfig, TrainConfig]:
+    """The run's recorded settings, with the ones given on this command line on top."""
+    _, config, _ = checkpoint.load(a.output_dir)
+    given = set()
+    for dest in explicit_flags(add_arguments, a.argv[1:]):
+        given.update(_SETS.get(dest, [dest]))
+    rec_spt = SPTConfig.from_dict(config.get("spt", {}))
+    rec_tc = TrainConfig.from_dict(config.get("train", {}))
+    spt = spt.replace(**{f.name: getattr(rec_spt, f.name) for f in fields(SPTConfig) if f.name not in given})
+    keep = {f.name: getattr(rec_tc, f.name) for f in fields(TrainConfig)
+            if f.name not in given and f.name not in ("output_dir", "resume", "overwrite", "allow_changes", "progress")}
+    return spt, TrainConfig(**{**vars(tc), **keep})
+
+
 def run(a) -> None:
-    summary = Trainer(spt_config(a).validate(), train_config(a)).fit()
+    spt, tc = spt_config(a), train_config(a)
+    if a.resume and checkpoint.holds_checkpoint(a.output_dir):
+        spt, tc = resumed_configs(a, spt, tc)
+    summary = Trainer(spt.validate(), tc).fit()
     print(json.dumps({k: v for k, v in summary.items() if k != "usage"}, indent=2))

@@ -6,6 +6,7 @@ utterance of the dialogue (oldest first, the partner's last utterance at the end
 import json
 import os
 import re
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -55,9 +56,29 @@ def _read_lines(path) -> list[str]:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def load_convai2(path) -> list[Sample]:
+class Skipped:
+    """Samples with nothing to learn (an empty response): skipped and summed up in one line, or,
+    with strict, an error at the first one. Structural errors always stop the load."""
+
+    def __init__(self, path, strict: bool):
+        self.path, self.strict, self.places = path, strict, []
+
+    def add(self, lineno: int, what: str) -> None:
+        if self.strict:
+            raise DataError(f"{self.path}:{lineno}: {what} (without --strict such samples are skipped)")
+        self.places.append(f"{self.path}:{lineno}")
+
+    def report(self) -> None:
+        if self.places:
+            shown = ", ".join(self.places[:3]) + (", ..." if len(self.places) > 3 else "")
+            print(f"{self.path}: skipped {len(self.places)} sample(s) with an empty response ({shown}); "
+                  "--strict makes them errors", file=sys.stderr, flush=True)
+
+
+def load_convai2(path, strict: bool = False) -> list[Sample]:
     """ParlAI text: `N your persona: ...` lines, then `N partner\\tself[\\treward][\\tcands]` lines."""
     name = os.path.basename(path)
+    skipped = Skipped(path, strict)
     samples: list[Sample] = []
     persona: list[str] = []
     history: list[str] = []
@@ -88,13 +109,16 @@ def load_convai2(path) -> list[Sample]:
         if len(fields) < 2:
             raise DataError(f"{path}:{lineno}: turn line has no tab between partner utterance and response")
         partner, response = clean(fields[0]), clean(fields[1])
-        if not response:
-            raise DataError(f"{path}:{lineno}: empty response (field 2)")
         # Fields after the response (reward, candidates) are not used by SPT.
         if partner and partner != SILENCE:
             history.append(partner)
-        samples.append(_make_sample(persona, history, response, dialog_id))
+        if response:
+            samples.append(_make_sample(persona, history, response, dialog_id))
+        else:
+            skipped.add(lineno, "empty response (field 2)")
+        # An empty turn stays in the history: dropping it would flip the Q/R labels of older turns.
         history.append(response)
+    skipped.report()
     if not samples:
         raise DataError(f"{path}: no dialogue turns found (empty file or persona lines only)")
     return samples
@@ -141,9 +165,10 @@ def load_contexts(path) -> list[Sample]:
     return samples
 
 
-def load_jsonl(path) -> list[Sample]:
+def load_jsonl(path, strict: bool = False) -> list[Sample]:
     """One JSON object per line: {"persona": [..] | "..", "history": [..], "response": "..", "dialog_id"?}."""
     name = os.path.basename(path)
+    skipped = Skipped(path, strict)
     samples: list[Sample] = []
     # Rows of one dialogue share the persona and the opening utterance; grouping by that key keeps
     # a dialogue on one side of the train/valid split when the file has no dialog_id.
@@ -159,7 +184,8 @@ def load_jsonl(path) -> list[Sample]:
             raise DataError(f"{path}:{lineno}: field 'response' must be a string")
         response = clean(row["response"])
         if not response:
-            raise DataError(f"{path}:{lineno}: field 'response' is empty")
+            skipped.add(lineno, "field 'response' is empty")
+            continue
         if "dialog_id" in row:
             if not isinstance(row["dialog_id"], (str, int)):
                 raise DataError(f"{path}:{lineno}: field 'dialog_id' must be a string or an integer")
@@ -168,8 +194,9 @@ def load_jsonl(path) -> list[Sample]:
             key = (tuple(persona), history[0] if history else response)
             dialog_id = opening_ids.setdefault(key, f"{name}:{lineno}")
         samples.append(_make_sample(persona, history, response, dialog_id))
+    skipped.report()
     if not samples:
-        raise DataError(f"{path}: no samples (empty file)")
+        raise DataError(f"{path}: no samples (empty file, or no row with a response)")
     return samples
 
 
@@ -241,16 +268,18 @@ def detect_format(path) -> str:
     return _EXTENSIONS[ext]
 
 
-def load_samples(data: str, data_format: str | None = None) -> list[Sample]:
-    """`data` is "chitchat" (the packaged corpus) or a path; the format defaults to the extension's."""
+def load_samples(data: str, data_format: str | None = None, strict: bool = False) -> list[Sample]:
+    """`data` is "chitchat" (the packaged corpus) or a path; the format defaults to the extension's.
+
+    Samples with an empty response are skipped with one summary line (errors when `strict`)."""
     data = str(data)
     if data == "chitchat" and data_format in (None, "auto", "chitchat"):
         return load_chitchat()
     fmt = detect_format(data) if data_format in (None, "auto") else data_format
     if fmt == "convai2":
-        return load_convai2(data)
+        return load_convai2(data, strict)
     if fmt == "jsonl":
-        return load_jsonl(data)
+        return load_jsonl(data, strict)
     if fmt == "chitchat":
         return load_chitchat(path=data)
     raise DataError(f"{data}: unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")

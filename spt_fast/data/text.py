@@ -54,6 +54,12 @@ class Encoded:
     turn: int
     dropped_turns: int  # oldest history utterances dropped to fit max_len
     tag_len: int = 0  # tokens of the final REPLY_TAG, the last ones of context_ids
+    cut: bool = False  # the newest utterance alone did not fit: only its end was kept
+
+    @property
+    def truncated(self) -> bool:
+        """Some of the conversation did not fit max_len (old turns dropped, or the newest cut)."""
+        return self.dropped_turns > 0 or self.cut
 
 
 class Encoder:
@@ -74,7 +80,8 @@ class Encoder:
         self.prompt_len = prompt_len
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.eos_id = tokenizer.eos_token_id
-        self.n_skipped = 0
+        self.n_skipped = 0  # samples that cannot fit at all (persona + response too long)
+        self.n_cut = 0  # newest utterances cut to their end to fit
         self._cache: dict[str, list[int]] = {}
 
     def tokens(self, piece: str) -> list[int]:
@@ -116,9 +123,16 @@ class Encoder:
         while start > 0 and len(turn_ids[start - 1]) <= budget:
             start -= 1
             budget -= len(turn_ids[start])
+        cut = None
+        if start == len(turn_ids) and turn_ids:
+            # The newest utterance alone is over budget: keep its end rather than lose it all.
+            cut = self._cut_to_fit(turns[-1], budget)
+            if cut is not None:
+                start -= 1
+                self.n_cut += 1
 
         context_ids = list(self.bos) + head_ids
-        for ids in turn_ids[start:]:
+        for ids in ([cut] if cut is not None else turn_ids[start:]):
             context_ids += ids
         context_ids += tail_ids
         return Encoded(
@@ -128,14 +142,39 @@ class Encoder:
             turn=sample.turn,
             dropped_turns=start,
             tag_len=len(tail_ids),
+            cut=cut is not None,
         )
+
+    def _cut_to_fit(self, piece: str, budget: int) -> list[int] | None:
+        """Ids of `piece` (" Q: text") with its text cut from the front to fit `budget` tokens
+        (at a word boundary where one is near); None when not even its label fits."""
+        label, _, text = piece.partition(": ")
+        label += ":"
+
+        def ids(keep: int) -> list[int]:
+            tail = text[len(text) - keep:]
+            return self.tokenizer.encode(f"{label} {tail}" if tail else label, add_special_tokens=False)
+
+        if len(ids(0)) > budget:
+            return None
+        lo, hi = 0, len(text)  # the most characters kept from the end that still fit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(ids(mid)) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        space = text.find(" ", len(text) - lo)
+        keep = len(text) - space - 1 if 0 <= space < len(text) - 1 and lo - (len(text) - space - 1) < 24 else lo
+        return ids(keep)
 
 
 def encode_all(encoder: Encoder, samples, desc: str = "encode") -> list[Encoded]:
-    """Encode every sample; too-long ones are skipped with one warning giving the count."""
+    """Encode every sample; too-long ones are skipped, over-long newest utterances cut, with one
+    warning giving the counts."""
     if not samples:
         raise DataError("no samples to encode")
-    skipped_before = encoder.n_skipped
+    skipped_before, cut_before = encoder.n_skipped, encoder.n_cut
     out = []
     with tqdm(total=len(samples), desc=desc, unit="sample", disable=len(samples) <= _PROGRESS_MIN) as bar:
         for start in range(0, len(samples), _CHUNK):
@@ -143,16 +182,17 @@ def encode_all(encoder: Encoder, samples, desc: str = "encode") -> list[Encoded]
             encoder.warm(chunk)
             out += [e for e in map(encoder.encode, chunk) if e is not None]
             bar.update(len(chunk))
-    skipped = encoder.n_skipped - skipped_before
+    skipped, cut = encoder.n_skipped - skipped_before, encoder.n_cut - cut_before
     if not out:
         raise DataError(
             f"{desc}: all {len(samples)} samples are too long for max_len={encoder.max_len} "
             f"(prompt_len={encoder.prompt_len}) even with the whole history dropped"
         )
-    if skipped:
+    if skipped or cut:
         warnings.warn(
             f"{desc}: skipped {skipped} of {len(samples)} samples whose persona + response alone "
-            f"exceed max_len={encoder.max_len} (prompt_len={encoder.prompt_len})",
+            f"exceed max_len={encoder.max_len} (prompt_len={encoder.prompt_len}); cut {cut} over-long "
+            "newest utterances to their end",
             stacklevel=2,
         )
     return out

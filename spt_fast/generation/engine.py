@@ -47,6 +47,7 @@ class Reply:
     prompt: int  # the soft prompt used (retrieved or forced)
     tokens: list[int]  # generated ids up to the finish (eos excluded)
     finish: str  # "stop" (a stop string), "eos", or "length" (max_new_tokens reached)
+    truncated: bool = False  # the conversation did not fit max_len: old turns dropped or the newest cut
 
 
 def decode_loop(backend, rows, lengths, gen: GenConfig, eos_id: int, stop_table, generator, live: int,
@@ -243,7 +244,7 @@ class Engine:
             tag_lens = [self._tag_len(c) for c in ids]
         elif len(tag_lens) != len(ids):
             raise SPTError(f"generate_ids: {len(tag_lens)} tag lengths for {len(ids)} contexts")
-        for _ in self._run(ids, list(tag_lens), self.options(**gen), stream=False):
+        for _ in self._run(ids, list(tag_lens), None, self.options(**gen), stream=False):
             pass
         return self.last_replies
 
@@ -264,8 +265,9 @@ class Engine:
         n = len(self._tag_ids)
         return n if n and ids[-n:] == self._tag_ids else 0
 
-    def encode(self, conversations) -> tuple[list[list[int]], list[int]]:
-        """Context ids (the paper's format, oldest turns dropped to fit) and their tag lengths."""
+    def encode(self, conversations) -> tuple[list[list[int]], list[int], list[bool]]:
+        """Context ids (the paper's format, oldest turns dropped to fit), their tag lengths, and
+        whether each was truncated to fit."""
         if self.tokenizer is None:
             raise SPTError("this engine has no tokenizer: use generate_ids")
         if isinstance(conversations, (str, bytes)) or not isinstance(conversations, (list, tuple)):
@@ -275,7 +277,7 @@ class Engine:
         if self._encoder is None:
             self._encoder = Encoder(self.tokenizer, self.config.max_len, self.config.prompt_len)
         enc = self._encoder
-        out, tags = [], []
+        out, tags, cut = [], [], []
         for i, conv in enumerate(conversations):
             persona, history = _as_conversation(i, conv)
             e = enc.encode(Sample(persona, history, "", "serve", len(history) // 2), with_response=False)
@@ -287,7 +289,8 @@ class Engine:
                     "shorten the persona")
             out.append(e.context_ids)
             tags.append(e.tag_len)
-        return out, tags
+            cut.append(e.truncated)
+        return out, tags, cut
 
     def _stop_table(self, stops) -> StopTable | None:
         if not stops:
@@ -330,7 +333,7 @@ class Engine:
         return rows, ctx_len + L, idx
 
     @torch.no_grad()
-    def _run(self, ids: list[list[int]], tag_lens: list[int], gen: GenConfig,
+    def _run(self, ids: list[list[int]], tag_lens: list[int], truncated: list[bool] | None, gen: GenConfig,
              stream: bool) -> Iterator[tuple[int, str]]:
         device = self.device
         rows, lengths, idx = self._prepare(ids, tag_lens, gen)
@@ -371,7 +374,7 @@ class Engine:
                     finish = "stop"  # the stop arrived with the very last allowed token
             elif finish == "stop":
                 finish = "length"
-            replies.append(Reply(text, int(idx[b]), tokens, finish))
+            replies.append(Reply(text, int(idx[b]), tokens, finish, bool(truncated and truncated[b])))
             if stream:
                 piece = deltas[b].finish(text)
                 if piece:

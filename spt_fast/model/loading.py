@@ -17,6 +17,7 @@ from ..errors import ModelLoadError
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m-instruct"
+DEFAULT_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
 
 
 def cache_dir() -> Path:
@@ -123,7 +124,6 @@ def load_base_model(model: str, dtype: torch.dtype = torch.float32, load_4bit: b
 
         compute = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         quant.quantize_linear_layers(base, compute_dtype=compute)
-    base.config.spt_model_path = str(path)
     return base
 
 

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 from ..errors import SPTError
+from ..model.loading import DEFAULT_HUB_NAME
 from ..utils import save_tensors_atomic, write_text_atomic
 from . import checkpoint
 
@@ -27,7 +28,8 @@ def export_peft(ckpt: str, prompt_index: int, output_dir: str) -> Path:
         "prompt_tuning_init": "RANDOM",
         "prompt_tuning_init_text": None,
         "tokenizer_name_or_path": None,
-        "base_model_name_or_path": config.get("model"),
+        # The checkpoint names the embedded default 'default'; PEFT users know it by its hub name.
+        "base_model_name_or_path": DEFAULT_HUB_NAME if config.get("model") in (None, "default") else config["model"],
         "inference_mode": True,
         "revision": None,
     }

@@ -1,7 +1,12 @@
 """The SPT trainer: AdamW on the soft prompts and the retriever only, the base stays frozen."""
+import contextlib
 import json
 import math
+import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -11,13 +16,15 @@ import torch
 from ..data.batch import collate
 from ..data.corpora import Sample, load_samples, split_by_dialog
 from ..data.text import Encoder
-from ..errors import CheckpointError, SPTError
+from ..errors import SPTError
 from ..model.build import build_spt_model
 from ..model.layouts import get_layout
 from ..model.loading import load
 from ..model.spt import SPTConfig
-from ..utils import DTYPE_NAMES, peak_memory_bytes, resolve_dtype
+from ..utils import DTYPE_NAMES, check_number, peak_memory_bytes, resolve_dtype
 from . import checkpoint
+from .resume import (compare_settings, load_optimizer_state, load_rng_state, optimizer_state, read_log, rewrite_log,
+                     rng_state, run_settings)
 
 
 @dataclass
@@ -39,21 +46,34 @@ class TrainConfig:
     load_4bit: bool = False
     eval_every: int = 0  # 0: only at the end
     eval_samples: int = 64
-    save_every: int = 0  # 0: only at the end
+    save_every: int = 0  # checkpoint every N steps (0: off) ...
+    save_minutes: float = 5.0  # ... and at least every this many minutes (0: off); always at the end
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # replace a run already in output_dir (without resume)
+    allow_changes: bool = False  # on resume, apply changed max_steps / learning rates / weight decay / model
     valid_fraction: float = 0.05
     max_train_samples: int | None = None
+    strict_data: bool = False  # samples with nothing to learn (empty response) are errors, not skipped
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
         for name in ("max_steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise SPTError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            check_number(f"--{name.replace('_', '-')}", getattr(self, name), 1, strict=False, integer=True)
+        for name in ("eval_every", "save_every"):
+            check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0, strict=False, integer=True)
+        check_number("--eval-samples", self.eval_samples, 1, strict=False, integer=True)
         if self.dtype not in DTYPE_NAMES:
-            raise SPTError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
-        if self.lr <= 0:
-            raise SPTError(f"lr must be > 0, got {self.lr}")
+            raise SPTError(f"--dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        check_number("--lr", self.lr)
+        if self.retriever_lr is not None:
+            check_number("--retriever-lr", self.retriever_lr)
+        check_number("--weight-decay", self.weight_decay, strict=False)
+        check_number("--save-minutes", self.save_minutes, strict=False)
+        if self.max_train_samples is not None:
+            check_number("--max-train-samples", self.max_train_samples, 1, strict=False, integer=True)
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise SPTError(f"valid_fraction must be between 0 and 1 (exclusive), got {self.valid_fraction}")
         return self
 
     @classmethod
@@ -62,10 +82,14 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+class TrainingInterrupted(SPTError):
+    """SIGINT/SIGTERM during training: a checkpoint was saved first."""
+
+
 def load_splits(tc: TrainConfig) -> tuple[list[Sample], list[Sample]]:
-    train = load_samples(tc.data, tc.data_format)
+    train = load_samples(tc.data, tc.data_format, strict=tc.strict_data)
     if tc.valid_data:
-        valid = load_samples(tc.valid_data, tc.data_format)
+        valid = load_samples(tc.valid_data, tc.data_format, strict=tc.strict_data)
     else:
         train, valid = split_by_dialog(train, tc.valid_fraction)
     if tc.max_train_samples:
@@ -93,10 +117,17 @@ def retrieval_stats(picks: list[int], pick_is_best: list[bool], scores: torch.Te
 
 
 class Trainer:
+    """Trains the prompts and the retriever of `spt_cfg` with `tc`; `fit()` runs the loop.
+
+    Never loses work: a checkpoint every `save_every` steps and every `save_minutes`, one on
+    SIGINT/SIGTERM (a second Ctrl-C stops at once), one at the end. A resume continues from the
+    newest intact checkpoint and refuses changed settings (resume.compare_settings)."""
+
     def __init__(self, spt_cfg: SPTConfig, tc: TrainConfig, model=None, tokenizer=None, splits=None):
         self.spt_cfg = spt_cfg.validate()
         self.tc = tc.validate()
         self.out = Path(tc.output_dir)
+        self._prepare_output()  # before any expensive work: an unusable folder fails now
         torch.manual_seed(tc.seed)
         self.train_samples, self.valid_samples = splits if splits is not None else load_splits(tc)
         if not self.train_samples:
@@ -106,8 +137,6 @@ class Trainer:
         self.tokenizer = tokenizer
         self.model = build_spt_model(model, spt_cfg, tokenizer)
         self.encoder = Encoder(tokenizer, spt_cfg.max_len, spt_cfg.prompt_len)
-        # The retriever's W is a dense d×d map: Adam moves every entry by ~lr per step, which at the
-        # prompts' learning rate can swing all cosines at once, so it may get its own rate.
         groups = [{"params": [self.model.prompts.weight], "lr": tc.lr},
                   {"params": list(self.model.retriever.parameters()), "lr": tc.retriever_lr or tc.lr}]
         self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -115,9 +144,31 @@ class Trainer:
         self.cursor = 0  # position in the current epoch's order
         self.epoch = 0
         self.history: list[dict] = []
+        self.changed: dict = {}  # settings a resume changed (with allow_changes), {name: (old, new)}
         self._valid_encoded = None
+        self._stop = None  # the signal that asked the loop to stop
         if not (tc.resume and self._resume()):
             self.model.fit_context_statistics(self._statistics_batches())
+
+    # ---- the output folder ------------------------------------------------------------------
+    def _prepare_output(self) -> None:
+        tc = self.tc
+        if tc.resume or tc.overwrite or not checkpoint.holds_run(self.out):
+            pass
+        else:
+            raise SPTError(f"--output-dir {self.out} already holds a training run: add --resume to continue it, "
+                           "--overwrite to replace it, or choose another folder")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / f".write-test-{os.getpid()}.tmp"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise SPTError(f"--output-dir {self.out}: cannot write there ({exc.strerror or exc})") from None
+        if tc.overwrite and not tc.resume and checkpoint.holds_run(self.out):
+            checkpoint.remove_run(self.out)
+            print(f"--overwrite: removed the previous run in {self.out}", flush=True)
+        checkpoint.clean_stale(self.out)
 
     # ---- data order: a seeded permutation per epoch, resumable by (epoch, cursor) ----------
     def _order(self) -> list[int]:
@@ -145,15 +196,15 @@ class Trainer:
         """Batches of up to n training contexts (a seeded sample) for the retriever's statistics."""
         rng = random.Random(self.tc.seed)
         picked = rng.sample(self.train_samples, min(n, len(self.train_samples)))
-        enc = Encoder(self.tokenizer, self.spt_cfg.max_len, self.spt_cfg.prompt_len)  # own skip count
+        enc = Encoder(self.tokenizer, self.spt_cfg.max_len, self.spt_cfg.prompt_len)  # own counts
         encoded = [e for e in (enc.encode(s) for s in picked) if e is not None]
         pad, bos = self.tokenizer.pad_token_id, self.tokenizer.bos_token_id
         return [collate(encoded[i:i + size], pad, bos) for i in range(0, len(encoded), size)]
 
     def _valid(self) -> list:
         if self._valid_encoded is None:
-            enc = [self.encoder.encode(s) for s in self.valid_samples[: self.tc.eval_samples]]
-            self._valid_encoded = [e for e in enc if e is not None]
+            enc = Encoder(self.tokenizer, self.spt_cfg.max_len, self.spt_cfg.prompt_len)
+            self._valid_encoded = [e for e in map(enc.encode, self.valid_samples[: self.tc.eval_samples]) if e]
         return self._valid_encoded
 
     # ---- checkpoints --------------------------------------------------------------------------
@@ -162,7 +213,8 @@ class Trainer:
         return {
             "spt": self.model.config.to_dict(),  # the layout as resolved, not 'auto'
             "train": asdict(self.tc),
-            "model": getattr(base.config, "spt_model_path", self.tc.model),
+            # As the user named it ('default' or the folder given): portable across machines.
+            "model": self.tc.model,
             "model_type": getattr(base.config, "model_type", None),
             # Which sequence the layout name meant when this was trained (layouts can be redefined).
             "placement": get_layout(self.model.config.layout).description.split(":")[0],
@@ -171,37 +223,38 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "history": self.history,
-            "torch_rng": torch.get_rng_state(),
-        }
-        return checkpoint.save(self.out, self.step, self.model.trainable_state_dict(), self.config_dict(), state)
+        opt_tensors, opt_meta = optimizer_state(self.optimizer)
+        meta = {"step": self.step, "epoch": self.epoch, "cursor": self.cursor, "optimizer": opt_meta}
+        state = ({**opt_tensors, **rng_state()}, meta)
+        folder = checkpoint.save(self.out, self.step, self.model.trainable_state_dict(), self.config_dict(), state)
+        self._saved_at = time.perf_counter()
+        return folder
 
     def _resume(self) -> bool:
-        """Load the latest checkpoint of the output folder; False when there is none."""
-        try:
-            tensors, config, folder = checkpoint.load(self.out)
-        except CheckpointError:
-            if not (self.out / checkpoint.LATEST).exists():
-                print(f"--resume: no checkpoint in {self.out}, starting fresh", flush=True)
-                return False
-            raise
-        if config.get("spt", {}).get("num_prompts") != self.spt_cfg.num_prompts:
-            raise CheckpointError(f"{folder}: trained with K={config['spt'].get('num_prompts')}, "
-                                  f"asked to resume with K={self.spt_cfg.num_prompts}")
+        """Load the newest intact checkpoint of the output folder; False when there is none."""
+        if not checkpoint.holds_checkpoint(self.out):
+            print(f"--resume: no checkpoint in {self.out}, starting fresh", flush=True)
+            if (self.out / checkpoint.LOG).exists():
+                rewrite_log(self.out / checkpoint.LOG, [])  # steps that were never saved
+            return False
+        tensors, config, folder = checkpoint.load(self.out, need_state=True)
+        recorded = run_settings(SPTConfig.from_dict(config.get("spt", {})), TrainConfig.from_dict(config.get("train", {})))
+        self.changed = compare_settings(recorded, run_settings(self.model.config, self.tc), self.tc.allow_changes,
+                                        str(folder))
         self.model.load_trainable_state_dict(tensors, str(folder))
-        state = checkpoint.load_trainer_state(folder)
-        if state is None:
-            raise CheckpointError(f"{folder}: no trainer_state.pt, cannot resume")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.epoch, self.cursor = state["step"], state["epoch"], state["cursor"]
-        self.history = state["history"]
-        torch.set_rng_state(state["torch_rng"])
+        state_tensors, meta = checkpoint.load_trainer_state(folder)
+        load_optimizer_state(self.optimizer, state_tensors, meta["optimizer"])
+        # The rates and decay now asked for (unchanged ones are the same as recorded).
+        for group, lr in zip(self.optimizer.param_groups, (self.tc.lr, self.tc.retriever_lr or self.tc.lr)):
+            group["lr"], group["weight_decay"] = lr, self.tc.weight_decay
+        self.step, self.epoch, self.cursor = meta["step"], meta["epoch"], meta["cursor"]
+        load_rng_state(state_tensors)
+        log = self.out / checkpoint.LOG
+        self.history = read_log(log, self.step)
+        rewrite_log(log, self.history)  # steps after the checkpoint will be logged again, once
         print(f"resumed from {folder} at step {self.step}", flush=True)
+        for name, (old, new) in self.changed.items():
+            print(f"--allow-changes: {name} {old!r} -> {new!r}", flush=True)
         return True
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -229,7 +282,45 @@ class Trainer:
                 "val_oracle_loss": sums["oracle_ce_sum"] / n, "val_lm_loss": sums["lm"] / n,
                 **retrieval_stats(picks, best, torch.cat(scores) if scores else None, self.spt_cfg.num_prompts)}
 
+    def _one_step(self) -> dict:
+        tc = self.tc
+        self.optimizer.zero_grad(set_to_none=True)
+        parts_sum: dict = {}
+        tokens = samples = 0
+        for _ in range(tc.grad_accum):
+            batch = collate(self._next_encoded(tc.batch_size), self.tokenizer.pad_token_id,
+                            self.tokenizer.bos_token_id).to(self.model.device)
+            parts = self.model(batch)
+            (parts["loss"] / tc.grad_accum).backward()
+            for k in ("loss", "lm", "sel", "fus", "ctr"):
+                if parts.get(k) is not None:
+                    parts_sum[k] = parts_sum.get(k, 0.0) + parts[k].detach().item() / tc.grad_accum
+            tokens += int((batch.ctx_len + batch.resp_len).sum())
+            samples += batch.input_ids.shape[0]
+        if not math.isfinite(parts_sum["loss"]):
+            raise SPTError(f"loss became {parts_sum['loss']} at step {self.step + 1}; try a lower --lr")
+        self.optimizer.step()
+        self.step += 1
+        return {"parts": parts_sum, "tokens": tokens, "samples": samples}
+
+    def _due_for_save(self) -> bool:
+        tc = self.tc
+        if self.step >= tc.max_steps:
+            return False  # the final save follows
+        by_steps = tc.save_every and self.step % tc.save_every == 0
+        by_time = tc.save_minutes and time.perf_counter() - self._saved_at >= 60 * tc.save_minutes
+        return bool(by_steps or by_time)
+
+    def _log(self, record: dict) -> None:
+        path = self.out / checkpoint.LOG
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise SPTError(f"{path}: cannot write the training log ({exc.strerror or exc})") from None
+
     def fit(self) -> dict:
+        """Train up to max_steps; TrainingInterrupted (after saving) on SIGINT/SIGTERM."""
         from tqdm.auto import tqdm
 
         tc = self.tc
@@ -237,40 +328,28 @@ class Trainer:
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", disable=not tc.progress,
                    dynamic_ncols=True)
         tokens = samples = 0
-        t0 = time.perf_counter()
-        log_path = self.out / "train_log.jsonl"
-        self.out.mkdir(parents=True, exist_ok=True)
-        while self.step < tc.max_steps:
-            self.optimizer.zero_grad(set_to_none=True)
-            parts_sum: dict = {}
-            for _ in range(tc.grad_accum):
-                batch = collate(self._next_encoded(tc.batch_size), self.tokenizer.pad_token_id,
-                                self.tokenizer.bos_token_id).to(self.model.device)
-                parts = self.model(batch)
-                (parts["loss"] / tc.grad_accum).backward()
-                for k in ("loss", "lm", "sel", "fus", "ctr"):
-                    if parts.get(k) is not None:
-                        parts_sum[k] = parts_sum.get(k, 0.0) + parts[k].detach().item() / tc.grad_accum
-                tokens += int((batch.ctx_len + batch.resp_len).sum())
-                samples += batch.input_ids.shape[0]
-            if not math.isfinite(parts_sum["loss"]):
-                raise SPTError(f"loss became {parts_sum['loss']} at step {self.step + 1}; try a lower --lr")
-            self.optimizer.step()
-            self.step += 1
-            dt = time.perf_counter() - t0
-            record = {"step": self.step, **parts_sum, "tokens_per_s": tokens / dt, "samples_per_s": samples / dt,
-                      "peak_mem_bytes": peak_memory_bytes()}
-            if (tc.eval_every and self.step % tc.eval_every == 0) or self.step == tc.max_steps:
-                record.update(self.validate())
-            self.history.append(record)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{parts_sum['loss']:.3f}", lm=f"{parts_sum['lm']:.3f}",
-                            tok_s=f"{tokens / dt:.0f}")
-            bar.update(1)
-            if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.max_steps:
-                self.save()
-        bar.close()
+        t0 = self._saved_at = time.perf_counter()
+        with self._stop_on_signals():
+            while self.step < tc.max_steps and self._stop is None:
+                done = self._one_step()
+                tokens, samples = tokens + done["tokens"], samples + done["samples"]
+                dt = time.perf_counter() - t0
+                record = {"step": self.step, **done["parts"], "tokens_per_s": tokens / dt,
+                          "samples_per_s": samples / dt, "peak_mem_bytes": peak_memory_bytes()}
+                if (tc.eval_every and self.step % tc.eval_every == 0) or self.step == tc.max_steps:
+                    record.update(self.validate())
+                self.history.append(record)
+                self._log(record)
+                bar.set_postfix(loss=f"{done['parts']['loss']:.3f}", lm=f"{done['parts']['lm']:.3f}",
+                                tok_s=f"{tokens / dt:.0f}")
+                bar.update(1)
+                if self._due_for_save():
+                    self.save()
+            bar.close()
+            if self._stop is not None:
+                folder = self.save()
+                raise TrainingInterrupted(f"{self._stop} at step {self.step}: saved {folder}; continue with "
+                                          f"--resume --output-dir {self.out}")
         last = self.history[-1] if self.history else {}
         final = {k: v for k, v in last.items() if k.startswith(("val_", "usage", "pick_", "score_"))}
         if "val_loss" not in final:
@@ -279,8 +358,35 @@ class Trainer:
         dt = time.perf_counter() - t0
         summary = {"steps": self.step, "checkpoint": str(folder), "seconds": dt,
                    "samples_per_s": samples / dt if dt else 0.0, "tokens_per_s": tokens / dt if dt else 0.0,
-                   "peak_mem_bytes": peak_memory_bytes(), "skipped_too_long": self.encoder.n_skipped, **final}
+                   "peak_mem_bytes": peak_memory_bytes(), "skipped_too_long": self.encoder.n_skipped,
+                   "truncated_utterances": self.encoder.n_cut, **final}
+        if self.encoder.n_skipped or self.encoder.n_cut:
+            print(f"note: {self.encoder.n_skipped} training samples did not fit max_len={self.spt_cfg.max_len} "
+                  f"and were skipped; {self.encoder.n_cut} over-long utterances were cut to their end", flush=True)
         print(f"trained {self.step} steps in {dt:.1f}s ({summary['samples_per_s']:.2f} samples/s, "
               f"{summary['tokens_per_s']:.0f} tokens/s, peak mem {summary['peak_mem_bytes'] / 2**30:.2f} GiB); "
               f"val loss {final.get('val_loss', float('nan')):.4f}; saved {folder}", flush=True)
         return summary
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT/SIGTERM ask the loop to stop after the current step and save; a second SIGINT
+        stops at once. Only in the main thread (signal handlers cannot be set elsewhere)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def ask(signum, frame):
+            self._stop = signal.Signals(signum).name
+            print(f"\n{self._stop}: saving a checkpoint after this step (Ctrl-C again to stop now)",
+                  file=sys.stderr, flush=True)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        for sig in previous:
+            signal.signal(sig, ask)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
