@@ -19,6 +19,8 @@ _PROGRESS_MIN = 2000
 # encode_all tokenises the new pieces of this many samples in one batched tokenizer call: the
 # per-call Python overhead of a Hugging Face tokenizer is larger than the tokenising itself.
 _CHUNK = 1024
+# A word that pieces starting with a space are tokenised behind (see Encoder._encode_pieces).
+_ANCHOR = "a"
 
 
 def persona_text(persona) -> str:
@@ -83,15 +85,46 @@ class Encoder:
         self.n_skipped = 0  # samples that cannot fit at all (persona + response too long)
         self.n_cut = 0  # newest utterances cut to their end to fit
         self._cache: dict[str, list[int]] = {}
+        self._anchor = None
 
     def tokens(self, piece: str) -> list[int]:
+        """The ids `piece` gets inside the joined text (see _encode_pieces), cached."""
         ids = self._cache.get(piece)
         if ids is None:
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
-            ids = self.tokenizer.encode(piece, add_special_tokens=False)
+            ids = self._encode_pieces([piece])[0]
             self._cache[piece] = ids
         return ids
+
+    def _encode_pieces(self, pieces: list[str]) -> list[list[int]]:
+        """Token ids of each piece as it tokenises *after other text*, so that the pieces of a
+        context concatenate to the ids of the joined string.
+
+        A piece that starts with a space is tokenised behind an anchor word and the anchor's ids
+        are dropped: SentencePiece tokenizers (Llama-2's family) treat the start of every encode
+        call as a word start and would add a stray boundary token (' R:' -> '▁', '▁R', ':'), where
+        the joined text has '▁R', ':'. Byte-level BPE gives the same ids either way."""
+        out = [None] * len(pieces)
+        spaced = [i for i, p in enumerate(pieces) if p.startswith(" ")]
+        plain = [i for i, p in enumerate(pieces) if not p.startswith(" ")]
+        if plain:
+            for i, ids in zip(plain, self.tokenizer([pieces[i] for i in plain], add_special_tokens=False)["input_ids"]):
+                out[i] = ids
+        if spaced:
+            anchor = self._anchor_ids()
+            got = self.tokenizer([_ANCHOR + pieces[i] for i in spaced], add_special_tokens=False)["input_ids"]
+            for i, ids in zip(spaced, got):
+                if ids[:len(anchor)] == anchor:
+                    out[i] = ids[len(anchor):]
+                else:  # the anchor merged with the piece: tokenise it alone
+                    out[i] = self.tokenizer.encode(pieces[i], add_special_tokens=False)
+        return out
+
+    def _anchor_ids(self) -> list[int]:
+        if self._anchor is None:
+            self._anchor = self.tokenizer.encode(_ANCHOR, add_special_tokens=False)
+        return self._anchor
 
     def warm(self, samples) -> None:
         """Tokenise, in one batched call, every piece of `samples` that is not cached yet."""
@@ -104,8 +137,7 @@ class Encoder:
             self._cache.clear()
             missing = list(pieces)
         if missing:
-            ids = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
-            self._cache.update(zip(missing, ids))
+            self._cache.update(zip(missing, self._encode_pieces(missing)))
 
     def encode(self, sample, with_response: bool = True) -> Encoded | None:
         """Encode one sample, dropping its oldest history utterances to fit; None if it cannot fit."""
@@ -153,7 +185,7 @@ class Encoder:
 
         def ids(keep: int) -> list[int]:
             tail = text[len(text) - keep:]
-            return self.tokenizer.encode(f"{label} {tail}" if tail else label, add_special_tokens=False)
+            return self._encode_pieces([f"{label} {tail}" if tail else label])[0]
 
         if len(ids(0)) > budget:
             return None

@@ -260,8 +260,8 @@ class Engine:
     def _tag_len(self, ids: list[int]) -> int:
         if self.tokenizer is None:
             return 0
-        if self._tag_ids is None:
-            self._tag_ids = self.tokenizer.encode(REPLY_TAG, add_special_tokens=False)
+        if self._tag_ids is None:  # the tag's ids where the encoder puts it, after the context
+            self._tag_ids = Encoder(self.tokenizer, self.config.max_len, self.config.prompt_len).tokens(REPLY_TAG)
         n = len(self._tag_ids)
         return n if n and ids[-n:] == self._tag_ids else 0
 
