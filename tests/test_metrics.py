@@ -175,16 +175,22 @@ def tiny_bert(tmp_path_factory):
     return str(path), fast, model.eval()
 
 
-def _brute_force_pr(text_h, text_r, tok, model):
-    """Each string encoded alone (no padding), [CLS]/[SEP] dropped, greedy cosine match."""
+def _brute_force_pr(text_h, text_r, tok, model, specials_match=True):
+    """Each string encoded alone (no padding), greedy cosine match. As bert_score: [CLS]/[SEP] may
+    be a token's best match but are not averaged themselves (specials_match=False drops them)."""
     def emb(text):
         ids = tok(text, return_tensors="pt")
         with torch.no_grad():
-            h = model(**ids).last_hidden_state[0, 1:-1]
+            h = model(**ids).last_hidden_state[0]
         return torch.nn.functional.normalize(h, dim=-1)
 
-    sim = emb(text_h) @ emb(text_r).T
-    return sim.max(1).values.mean().item(), sim.max(0).values.mean().item()
+    h, r = emb(text_h), emb(text_r)
+    if not specials_match:
+        h, r = h[1:-1], r[1:-1]
+        sim = h @ r.T
+        return sim.max(1).values.mean().item(), sim.max(0).values.mean().item()
+    sim = h @ r.T
+    return sim.max(1).values[1:-1].mean().item(), sim.max(0).values[1:-1].mean().item()
 
 
 def test_bertscore_identical_is_100(tiny_bert):
@@ -211,6 +217,32 @@ def test_bertscore_matches_brute_force_with_padding(tiny_bert):
     assert out["bert_r"] == pytest.approx(want_r, abs=1e-3)
     assert out["bert_f1"] == pytest.approx(want_f, abs=1e-3)
     assert out["bert_f1"] < 99.0
+    # The matching rule matters: with the special tokens out of the matching it scores otherwise.
+    without = [_brute_force_pr(h, r, tok, model, specials_match=False) for h, r in zip(preds, refs)]
+    assert abs(100 * sum(p for p, _ in without) / 3 - out["bert_p"]) > 1e-3
+
+
+def test_bertscore_layer_is_the_bert_score_packages_for_the_papers_model(tiny_bert, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    assert metrics.default_bertscore_layer("/models/deberta-xlarge-mnli", SimpleNamespace()) == 40
+    named = SimpleNamespace(_name_or_path="microsoft/deberta-xlarge-mnli")
+    assert metrics.default_bertscore_layer("/models/x", named) == 40
+    assert metrics.default_bertscore_layer("/models/roberta", SimpleNamespace()) is None  # unknown: the last
+    # A folder of that name gets layer 40 unless told otherwise (the tiny model has 2 layers).
+    folder = tmp_path / "deberta-xlarge-mnli"
+    shutil.copytree(tiny_bert[0], folder)
+    with pytest.raises(SPTError, match="layer 40 out of range"):
+        metrics.bertscore(["i love dogs"], ["i love dogs"], str(folder))
+    got = metrics.bertscore(["i love dogs"], ["my dogs"], str(folder), layer=1)
+    assert got == metrics.bertscore(["i love dogs"], ["my dogs"], tiny_bert[0], layer=1)
+
+
+def test_paper_f1_is_case_sensitive():
+    assert metrics.unigram_f1(["I Love dogs"], ["i love dogs"]) == pytest.approx(100.0)
+    assert metrics.unigram_f1(["I Love dogs"], ["i love dogs"], lowercase=False) == pytest.approx(100 / 3)
+    assert metrics.compute_metrics(["I Love dogs"], ["i love dogs"], paper=True)["f1"] == pytest.approx(100 / 3)
 
 
 def test_bertscore_empty_reply_scores_zero(tiny_bert):

@@ -19,12 +19,20 @@ def add_parser(sub) -> None:
     add_data_args(p)
     p.add_argument("--split", choices=("auto", "valid", "all"), default="auto",
                    help="auto: the held-out 5%% for chitchat, the whole file otherwise")
-    p.add_argument("--max-samples", type=int, default=200)
+    p.add_argument("--max-eval-samples", "--max-samples", dest="max_samples", type=int, default=None,
+                   help="score the first N samples (default: all of them, e.g. the whole ConvAI2 valid file)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=g.max_new_tokens)
     p.add_argument("--selection-noise", type=float, default=g.selection_noise,
                    help="std of Gaussian noise on retriever scores")
-    p.add_argument("--bertscore-model", default=None, help="local model folder for BERTScore (optional)")
+    p.add_argument("--bertscore-model", default=None,
+                   help="local model folder for BERTScore (optional; the paper's: microsoft/deberta-xlarge-mnli)")
+    p.add_argument("--bertscore-layer", type=int, default=None,
+                   help="hidden layer for BERTScore (default: the bert_score package's for a model it knows, "
+                        "40 for deberta-xlarge-mnli, else the last)")
+    p.add_argument("--paper-metrics", action="store_true",
+                   help="evaluate as the authors' code: replies cut at a newline or any ':', case-sensitive F1, "
+                        "ConvAI2 __SILENCE__ turns kept in the history")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--predictions", default=None, help="write predictions (JSONL) here")
@@ -33,7 +41,7 @@ def add_parser(sub) -> None:
 
 
 def eval_samples(a):
-    samples = load_samples(a.data, a.data_format)
+    samples = load_samples(a.data, a.data_format, keep_silence=a.paper_metrics)
     split = a.split
     if split == "auto":
         split = "valid" if a.data == "chitchat" or a.data_format == "chitchat" else "all"
@@ -56,7 +64,8 @@ def run(a) -> None:
     engine = Engine.from_checkpoint(a.checkpoint, device=a.device, dtype=a.dtype, model=a.model,
                                     load_4bit=a.load_4bit)
     result = evaluate(engine, samples, a.max_samples, a.batch_size, a.max_new_tokens, a.bertscore_model,
-                      a.selection_noise, progress=not a.no_progress)
+                      a.selection_noise, progress=not a.no_progress, paper=a.paper_metrics,
+                      bertscore_layer=a.bertscore_layer)
     K = engine.config.num_prompts
     print(format_table({f"{Path(a.checkpoint).name} (K={K})": result["metrics"]}))
     if a.json:

@@ -10,6 +10,7 @@ from ..model.layouts import layout_choices
 from ..model.prompts import RETRIEVERS
 from ..model.spt import INITS, SPTConfig
 from ..training import checkpoint
+from ..training.presets import PRESETS, describe, preset
 from ..training.trainer import TrainConfig, Trainer
 from .common import HelpFormatter, add_data_args, add_model_args, explicit_flags
 
@@ -20,6 +21,8 @@ _SETS = {"no_sel": ["use_sel"], "no_fus": ["use_fus"], "no_ctr": ["use_ctr"], "s
 
 def add_arguments(p) -> None:
     s, t = SPTConfig(), TrainConfig()
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="the paper's run configuration by name (flags given explicitly override it): " + describe())
     add_model_args(p)
     add_data_args(p, t.data)
     p.add_argument("--valid-data", default=t.valid_data,
@@ -34,6 +37,8 @@ def add_arguments(p) -> None:
     p.add_argument("--init", choices=INITS, default=s.init, help="soft prompt init")
     p.add_argument("--init-text", default=s.init_text, help="text for --init text")
     p.add_argument("--max-steps", type=int, default=t.max_steps)
+    p.add_argument("--epochs", type=float, default=t.epochs,
+                   help="train this many passes over the training samples (sets --max-steps)")
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--grad-accum", type=int, default=t.grad_accum)
     p.add_argument("--lr", type=float, default=t.lr, help="learning rate of the soft prompts (paper: 1e-4)")
@@ -48,6 +53,8 @@ def add_arguments(p) -> None:
                         "paper: the paper's retriever exactly (raw pooled features)")
     p.add_argument("--tau-gold", type=float, default=s.tau_gold,
                    help="temperature of the selection target softmax(-CE / tau)")
+    p.add_argument("--target-noise", type=float, default=s.target_noise,
+                   help="std of Gaussian noise added to the selection target (the authors' Llama-2 run: 0.1)")
     p.add_argument("--no-sel", action="store_true", help="drop the selection loss")
     p.add_argument("--no-fus", action="store_true", help="drop the prompt-fusion loss")
     p.add_argument("--no-ctr", action="store_true", help="drop the context-prompt contrastive loss")
@@ -79,12 +86,12 @@ def spt_config(a) -> SPTConfig:
         return SPTConfig.prompt_tuning(**common)
     return SPTConfig(num_prompts=a.num_prompts, lambda_sel=a.lambda_sel, lambda_ctr=a.lambda_ctr,
                      use_sel=not a.no_sel, use_fus=not a.no_fus, use_ctr=not a.no_ctr, retriever=a.retriever,
-                     tau_gold=a.tau_gold, **common)
+                     tau_gold=a.tau_gold, target_noise=a.target_noise, **common)
 
 
 def train_config(a) -> TrainConfig:
     return TrainConfig(model=a.model, data=a.data, data_format=a.data_format, valid_data=a.valid_data,
-                       output_dir=a.output_dir, max_steps=a.max_steps, batch_size=a.batch_size,
+                       output_dir=a.output_dir, max_steps=a.max_steps, epochs=a.epochs, batch_size=a.batch_size,
                        grad_accum=a.grad_accum, lr=a.lr, retriever_lr=a.retriever_lr, weight_decay=a.weight_decay,
                        dtype=a.dtype, load_4bit=a.load_4bit, eval_every=a.eval_every, eval_samples=a.eval_samples,
                        save_every=a.save_every, save_minutes=a.save_minutes, seed=a.seed, resume=a.resume,
@@ -92,12 +99,26 @@ def train_config(a) -> TrainConfig:
                        max_train_samples=a.max_train_samples, progress=not a.no_progress)
 
 
+def given_fields(a) -> set[str]:
+    """The config fields this command line set explicitly."""
+    given = set()
+    for dest in explicit_flags(add_arguments, getattr(a, "argv", [])[1:]):
+        given.update(_SETS.get(dest, [dest]))
+    return given
+
+
+def with_preset(name: str, given: set[str], spt: SPTConfig, tc: TrainConfig) -> tuple[SPTConfig, TrainConfig]:
+    """The preset's settings, except where a flag was given explicitly."""
+    values = {k: v for k, v in preset(name).items() if k not in given}
+    spt_names, tc_names = {f.name for f in fields(SPTConfig)}, {f.name for f in fields(TrainConfig)}
+    spt = spt.replace(**{k: v for k, v in values.items() if k in spt_names})
+    return spt, TrainConfig(**{**vars(tc), **{k: v for k, v in values.items() if k in tc_names}})
+
+
 def resumed_configs(a, spt: SPTConfig, tc: TrainConfig) -> tuple[SPTConfig, TrainConfig]:
     """The run's recorded settings, with the ones given on this command line on top."""
     _, config, _ = checkpoint.load(a.output_dir)
-    given = set()
-    for dest in explicit_flags(add_arguments, a.argv[1:]):
-        given.update(_SETS.get(dest, [dest]))
+    given = given_fields(a)
     rec_spt = SPTConfig.from_dict(config.get("spt", {}))
     rec_tc = TrainConfig.from_dict(config.get("train", {}))
     spt = spt.replace(**{f.name: getattr(rec_spt, f.name) for f in fields(SPTConfig) if f.name not in given})
@@ -108,6 +129,8 @@ def resumed_configs(a, spt: SPTConfig, tc: TrainConfig) -> tuple[SPTConfig, Trai
 
 def run(a) -> None:
     spt, tc = spt_config(a), train_config(a)
+    if a.preset:
+        spt, tc = with_preset(a.preset, given_fields(a), spt, tc)
     if a.resume and checkpoint.holds_checkpoint(a.output_dir):
         spt, tc = resumed_configs(a, spt, tc)
     summary = Trainer(spt.validate(), tc).fit()

@@ -75,7 +75,7 @@ class Skipped:
                   "--strict makes them errors", file=sys.stderr, flush=True)
 
 
-def load_convai2(path, strict: bool = False) -> list[Sample]:
+def load_convai2(path, strict: bool = False, keep_silence: bool = False) -> list[Sample]:
     """ParlAI text: `N your persona: ...` lines, then `N partner\\tself[\\treward][\\tcands]` lines."""
     name = os.path.basename(path)
     skipped = Skipped(path, strict)
@@ -110,7 +110,8 @@ def load_convai2(path, strict: bool = False) -> list[Sample]:
             raise DataError(f"{path}:{lineno}: turn line has no tab between partner utterance and response")
         partner, response = clean(fields[0]), clean(fields[1])
         # Fields after the response (reward, candidates) are not used by SPT.
-        if partner and partner != SILENCE:
+        # __SILENCE__ (self opens the dialogue) is dropped, or kept as a turn as the authors' code does.
+        if partner and (partner != SILENCE or keep_silence):
             history.append(partner)
         if response:
             samples.append(_make_sample(persona, history, response, dialog_id))
@@ -268,16 +269,18 @@ def detect_format(path) -> str:
     return _EXTENSIONS[ext]
 
 
-def load_samples(data: str, data_format: str | None = None, strict: bool = False) -> list[Sample]:
+def load_samples(data: str, data_format: str | None = None, strict: bool = False,
+                 keep_silence: bool = False) -> list[Sample]:
     """`data` is "chitchat" (the packaged corpus) or a path; the format defaults to the extension's.
 
-    Samples with an empty response are skipped with one summary line (errors when `strict`)."""
+    Samples with an empty response are skipped with one summary line (errors when `strict`);
+    keep_silence keeps ConvAI2's __SILENCE__ turns in the history (the authors' evaluation)."""
     data = str(data)
     if data == "chitchat" and data_format in (None, "auto", "chitchat"):
         return load_chitchat()
     fmt = detect_format(data) if data_format in (None, "auto") else data_format
     if fmt == "convai2":
-        return load_convai2(data, strict)
+        return load_convai2(data, strict, keep_silence)
     if fmt == "jsonl":
         return load_jsonl(data, strict)
     if fmt == "chitchat":

@@ -4,16 +4,20 @@ import json
 from pathlib import Path
 
 from ..data.text import Encoder
+from ..generation.stops import PAPER_STOP_STRINGS, STOP_STRINGS
 from ..utils import write_text_atomic
 from .metrics import compute_metrics
 
 
 def evaluate(engine, samples, max_samples: int | None = None, batch_size: int = 16, max_new_tokens: int = 32,
-             bertscore_model: str | None = None, noise: float = 0.0, seed: int = 0, progress: bool = True) -> dict:
+             bertscore_model: str | None = None, noise: float = 0.0, seed: int = 0, progress: bool = True,
+             paper: bool = False, bertscore_layer: int | None = None) -> dict:
     """Metrics plus the raw predictions, chosen prompts and turn indices.
 
     `engine` is a generation.engine.Engine: the replies scored are the ones users get. Greedy
     decoding; `noise` > 0 adds Gaussian selection noise to the retriever's scores (seeded).
+    paper=True evaluates as the authors' code does where it differs: replies cut at a newline or
+    any ':', F1 case-sensitive (give it samples loaded with keep_silence=True as well).
     """
     from tqdm.auto import tqdm
 
@@ -32,11 +36,12 @@ def evaluate(engine, samples, max_samples: int | None = None, batch_size: int = 
     for i, start in enumerate(tqdm(range(0, len(encoded), batch_size), desc="generate", disable=not progress)):
         part = encoded[start:start + batch_size]
         replies = engine.generate_ids([e.context_ids for e in part], [e.tag_len for e in part],
-                                      max_new_tokens=max_new_tokens, selection_noise=noise, seed=seed + i)
+                                      max_new_tokens=max_new_tokens, selection_noise=noise, seed=seed + i,
+                                      stops=PAPER_STOP_STRINGS if paper else STOP_STRINGS)
         preds += [r.text for r in replies]
         picks += [r.prompt for r in replies]
     refs = [s.response for s in kept]
-    metrics = compute_metrics(preds, refs, bertscore_model)
+    metrics = compute_metrics(preds, refs, bertscore_model, bertscore_layer, paper=paper)
     # Replies that came out empty (a stop string or eos first): the layout's first-token failure.
     metrics["empty"] = 100.0 * sum(not p for p in preds) / max(len(preds), 1)
     return {"metrics": metrics, "preds": preds, "refs": refs, "picks": picks,

@@ -23,8 +23,8 @@ def _check_pairs(preds, refs):
     return preds, refs
 
 
-def _f1_one(pred: str, ref: str) -> float:
-    p, r = pred.lower().split(), ref.lower().split()
+def _f1_one(pred: str, ref: str, lowercase: bool = True) -> float:
+    p, r = (pred.lower().split(), ref.lower().split()) if lowercase else (pred.split(), ref.split())
     if not p and not r:
         return 1.0
     if not p or not r:
@@ -37,12 +37,13 @@ def _f1_one(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def unigram_f1(preds, refs) -> float:
-    """Mean per-sample unigram F1 (lowercased whitespace tokens, no other normalisation), x100."""
+def unigram_f1(preds, refs, lowercase: bool = True) -> float:
+    """Mean per-sample unigram F1 of whitespace tokens x100: lowercased (the default) or as
+    written, the authors' evaluation (no normalisation at all)."""
     preds, refs = _check_pairs(preds, refs)
     if not preds:
         return 0.0
-    return 100.0 * sum(_f1_one(p, r) for p, r in zip(preds, refs)) / len(preds)
+    return 100.0 * sum(_f1_one(p, r, lowercase) for p, r in zip(preds, refs)) / len(preds)
 
 
 def bleu(preds, refs) -> float:
@@ -106,27 +107,45 @@ def _load_encoder(model_path: str):
     return tokenizer, model.eval()
 
 
+# The layer the bert_score package uses for a model (its model2layers table); others: the last.
+BERTSCORE_LAYERS = {"deberta-xlarge-mnli": 40}
+
+
+def default_bertscore_layer(model_path: str, config) -> int | None:
+    """bert_score's layer for this model, recognised by its folder or recorded name; None: last."""
+    names = (os.path.basename(os.path.normpath(model_path)), str(getattr(config, "_name_or_path", "") or ""))
+    for key, layer in BERTSCORE_LAYERS.items():
+        if any(name == key or name.endswith("/" + key) for name in names):
+            return layer
+    return None
+
+
 def _embed(texts, tokenizer, model, layer, max_len, device):
-    """Unit-norm token embeddings [B, T, d] and a mask of the tokens that count (no special/pad)."""
+    """Unit-norm token embeddings [B, T, d], the tokens that can be matched (every real token,
+    special ones included, as bert_score does) and the ones that count in the averages (no
+    special tokens)."""
     import torch
 
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len,
                     return_special_tokens_mask=True, return_tensors="pt")
-    keep = enc.pop("special_tokens_mask").eq(0) & enc["attention_mask"].bool()
+    real = enc["attention_mask"].bool()
+    counts = enc.pop("special_tokens_mask").eq(0) & real
     enc = {k: v.to(device) for k, v in enc.items()}
     with torch.inference_mode():
         out = model(**enc, output_hidden_states=layer is not None)
     hidden = out.last_hidden_state if layer is None else out.hidden_states[layer]
     hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
-    return hidden, keep.to(device)
+    return hidden, real.to(device), counts.to(device)
 
 
 def bertscore(preds, refs, model_path: str, layer: int | None = None, batch_size: int = 16) -> dict:
-    """BERTScore P/R/F1 x100: greedy cosine matching of contextual token embeddings.
+    """BERTScore P/R/F1 x100: greedy cosine matching of contextual token embeddings, as the
+    bert_score package computes it without idf or baseline rescaling.
 
-    No idf weighting and no baseline rescaling. `layer` picks `hidden_states[layer]`
-    (0 = embedding output); None uses the last layer. Special tokens and padding are excluded.
-    A side with no scoring tokens (e.g. an empty reply) scores 0 for that sample.
+    `layer` picks `hidden_states[layer]` (0 = embedding output); None: bert_score's layer for a
+    model it knows (BERTSCORE_LAYERS: 40 for microsoft/deberta-xlarge-mnli, the paper's), else the
+    last. Special tokens ([CLS], [SEP]) can be the best match of a token but get weight 0 in the
+    averages; padding never counts. A side with no scoring tokens (an empty reply) scores 0.
     """
     import torch
     from tqdm.auto import tqdm
@@ -135,6 +154,8 @@ def bertscore(preds, refs, model_path: str, layer: int | None = None, batch_size
     if batch_size < 1:
         raise SPTError(f"bertscore: batch_size must be >= 1, got {batch_size}")
     tokenizer, model = _load_encoder(model_path)
+    if layer is None:
+        layer = default_bertscore_layer(model_path, model.config)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if layer is not None and n_layers is not None and not -n_layers - 1 <= layer <= n_layers:
         raise SPTError(f"bertscore: layer {layer} out of range for {model_path!r} "
@@ -148,11 +169,11 @@ def bertscore(preds, refs, model_path: str, layer: int | None = None, batch_size
     ps, rs = [], []
     starts = range(0, len(preds), batch_size)
     for s in tqdm(starts, desc="bertscore", disable=None, leave=False):
-        h, h_keep = _embed(preds[s:s + batch_size], tokenizer, model, layer, max_len, device)
-        r, r_keep = _embed(refs[s:s + batch_size], tokenizer, model, layer, max_len, device)
+        h, h_real, h_keep = _embed(preds[s:s + batch_size], tokenizer, model, layer, max_len, device)
+        r, r_real, r_keep = _embed(refs[s:s + batch_size], tokenizer, model, layer, max_len, device)
         sim = torch.bmm(h, r.transpose(1, 2))  # [B, Th, Tr] cosines
-        # Tokens that do not count can never be the best match.
-        sim = sim.masked_fill(~r_keep[:, None, :], -2.0).masked_fill(~h_keep[:, :, None], -2.0)
+        # Padding can never be the best match; special tokens can (they only weigh 0 below).
+        sim = sim.masked_fill(~r_real[:, None, :], -2.0).masked_fill(~h_real[:, :, None], -2.0)
         best_for_hyp = sim.max(dim=2).values  # each prediction token's best reference match
         best_for_ref = sim.max(dim=1).values
         n_h, n_r = h_keep.sum(1), r_keep.sum(1)
@@ -176,17 +197,20 @@ def bertscore(preds, refs, model_path: str, layer: int | None = None, batch_size
 # ---------------------------------------------------------------------------------------------
 
 
-def compute_metrics(preds, refs, bertscore_model: str | None = None) -> dict:
-    """All table metrics for one run; `n` is the number of (prediction, reference) pairs."""
+def compute_metrics(preds, refs, bertscore_model: str | None = None, bertscore_layer: int | None = None,
+                    paper: bool = False) -> dict:
+    """All table metrics for one run; `n` is the number of (prediction, reference) pairs.
+
+    paper=True scores as the authors' evaluation does where it differs: F1 case-sensitive."""
     preds, refs = _check_pairs(preds, refs)
     if not preds:
         raise SPTError("metrics: no predictions to score")
-    out = {"n": len(preds), "f1": unigram_f1(preds, refs), "bleu": bleu(preds, refs)}
+    out = {"n": len(preds), "f1": unigram_f1(preds, refs, lowercase=not paper), "bleu": bleu(preds, refs)}
     out.update(rouge(preds, refs))
     out["dist1"] = distinct(preds, 1)
     out["dist2"] = distinct(preds, 2)
     if bertscore_model is not None:
-        out.update(bertscore(preds, refs, bertscore_model))
+        out.update(bertscore(preds, refs, bertscore_model, layer=bertscore_layer))
     return out
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 STOP_STRINGS = ("\n", "Q:", "R:")
+# The authors' evaluation cuts a reply at a newline or at any ':' (which covers Q:, R:, Summary:).
+PAPER_STOP_STRINGS = ("\n", ":")
 
 
 def cut_reply(text: str, stops=STOP_STRINGS) -> str:

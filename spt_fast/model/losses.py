@@ -10,13 +10,20 @@ def lm_loss(seq_ce_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def selection_loss(seq_ce_mean: torch.Tensor, scores: torch.Tensor, tau_gold: float = 1.0,
-                   tau_sim: float = 1.0) -> torch.Tensor:
+                   tau_sim: float = 1.0, target_noise: float = 0.0) -> torch.Tensor:
     """mean_b KL(π_b ‖ q_b), π = softmax(−ℓ/τ_gold) detached, q = softmax(s/τ_sim).
 
-    seq_ce_mean [K,B] (mean CE of each prompt on each sample), scores [B,K].
+    seq_ce_mean [K,B] (mean CE of each prompt on each sample), scores [B,K]. target_noise > 0 adds
+    N(0, target_noise²) to π, as the authors' Llama-2 configuration does; they leave π
+    unnormalised, where a negative entry makes the KL NaN, so here it is clipped at 0 and
+    renormalised (a deviation listed in README).
     """
     log_pi = F.log_softmax(-seq_ce_mean.detach().t() / tau_gold, dim=-1)
     log_q = F.log_softmax(scores / tau_sim, dim=-1)
+    if target_noise > 0:
+        pi = (log_pi.exp() + target_noise * torch.randn_like(log_pi)).clamp_min(0)
+        pi = pi / pi.sum(-1, keepdim=True).clamp_min(1e-12)
+        return (torch.xlogy(pi, pi) - pi * log_q).sum(-1).mean()
     return (log_pi.exp() * (log_pi - log_q)).sum(-1).mean()
 
 

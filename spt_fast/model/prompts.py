@@ -23,6 +23,8 @@ class SoftPrompts(nn.Module):
         sigma = vocab.std().item()
         if init == "random":
             weight = torch.randn(K, L, d, generator=g) * sigma
+        elif init == "normal":  # N(0, 1): what the authors' code gets from PEFT's nn.Embedding
+            weight = torch.randn(K, L, d, generator=g)
         elif init == "vocab":
             rows = torch.randint(0, vocab.shape[0], (K * L,), generator=g)
             weight = vocab[rows].reshape(K, L, d).clone()

@@ -14,13 +14,14 @@ import torch.nn as nn
 from ..data.batch import Batch
 from ..data.pairs import PersonaPairs
 from ..errors import SPTError
+from ..utils import check_number
 from ..kernels.fused_ce import fused_linear_ce
 from ..kernels.inject import inject_prompts
 from . import losses
 from .layouts import AUTO, get_layout, prompt_positions
 from .prompts import RETRIEVERS, Retriever, SoftPrompts, context_features, select_prompts
 
-INITS = ("random", "vocab", "text")
+INITS = ("random", "vocab", "text", "normal")
 # Settings that configs written before a field existed meant (SPTConfig.from_dict fills them in).
 _LEGACY = {"retriever": "paper"}
 
@@ -36,6 +37,7 @@ class SPTConfig:
     lambda_ctr: float = 0.4
     tau_gold: float = 1.0
     tau_sim: float = 1.0
+    target_noise: float = 0.0  # std of Gaussian noise on the selection target (authors' Llama-2 run: 0.1)
     use_sel: bool = True
     use_fus: bool = True
     use_ctr: bool = True
@@ -59,6 +61,10 @@ class SPTConfig:
             raise SPTError(f"retriever must be one of {RETRIEVERS}, got {self.retriever!r}")
         if self.init == "text" and not self.init_text:
             raise SPTError("init 'text' needs init_text")
+        for name in ("lambda_sel", "lambda_ctr", "target_noise"):
+            check_number(f"--{name.replace('_', '-')}", getattr(self, name), strict=False)
+        for name in ("tau_gold", "tau_sim"):
+            check_number(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.max_len <= self.prompt_len + 2:
             raise SPTError(f"max_len {self.max_len} leaves no room after {self.prompt_len} prompt tokens")
         return self
@@ -224,7 +230,8 @@ class SPTModel(nn.Module):
         seq_ce_mean = seq_ce_sum / n_tokens[None, :]
         parts = {"lm": losses.lm_loss(seq_ce_sum, batch.resp_len.to(seq_ce_sum.device)), "fus": fusion}
         parts["sel"] = (
-            losses.selection_loss(seq_ce_mean, scores, cfg.tau_gold, cfg.tau_sim)
+            losses.selection_loss(seq_ce_mean, scores, cfg.tau_gold, cfg.tau_sim,
+                                  cfg.target_noise if self.training else 0.0)
             if cfg.use_sel and scores is not None else None
         )
         parts["ctr"] = (

@@ -13,7 +13,7 @@ from ..utils import write_text_atomic
 NOT_SHAPING = frozenset({"output_dir", "resume", "overwrite", "allow_changes", "progress", "eval_every",
                          "eval_samples", "save_every", "save_minutes"})
 # Fields that shape the run but may change on a resume when the user opts in (--allow-changes).
-SAFE_TO_CHANGE = frozenset({"max_steps", "lr", "retriever_lr", "weight_decay", "model"})
+SAFE_TO_CHANGE = frozenset({"max_steps", "epochs", "lr", "retriever_lr", "weight_decay", "model"})
 
 
 def run_settings(spt_cfg, tc) -> dict:

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ class TrainConfig:
     valid_data: str | None = None
     output_dir: str = "runs/spt"
     max_steps: int = 100
+    epochs: float | None = None  # when set, max_steps is this many passes over the training samples
     batch_size: int = 2
     grad_accum: int = 1
     lr: float = 1e-4
@@ -63,6 +64,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every"):
             check_number(f"--{name.replace('_', '-')}", getattr(self, name), 0, strict=False, integer=True)
         check_number("--eval-samples", self.eval_samples, 1, strict=False, integer=True)
+        if self.epochs is not None:
+            check_number("--epochs", self.epochs)
         if self.dtype not in DTYPE_NAMES:
             raise SPTError(f"--dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         check_number("--lr", self.lr)
@@ -132,6 +135,9 @@ class Trainer:
         self.train_samples, self.valid_samples = splits if splits is not None else load_splits(tc)
         if not self.train_samples:
             raise SPTError(f"{tc.data}: no training samples")
+        if tc.epochs is not None:
+            per_step = tc.batch_size * tc.grad_accum
+            self.tc = tc = replace(tc, max_steps=max(1, math.ceil(tc.epochs * len(self.train_samples) / per_step)))
         if model is None:
             model, tokenizer = load(tc.model, resolve_dtype(tc.dtype), tc.load_4bit)
         self.tokenizer = tokenizer
