@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from spt_fast.cli import main
-from spt_fast.errors import CheckpointError, SPTError
+
 from spt_fast.training import checkpoint
 
 HERE = Path(__file__).parent

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "spt_fast"
 # Lower number = lower stage; a module may import its own stage or a lower one.
 STAGES = {"errors": 0, "utils": 0, "testing": 0, "kernels": 0, "data": 1, "model": 2, "training": 3,
-          "generation": 4, "evaluation": 5, "benchmarks": 6, "cli": 7, "__main__": 7}
+          "generation": 4, "serving": 5, "evaluation": 5, "benchmarks": 6, "cli": 7, "__main__": 7}
 
 
 def library_files():

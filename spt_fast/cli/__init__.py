@@ -1,14 +1,14 @@
 """The `spt-fast` command. One module per command, each holding its parser and its run():
-train, eval (evaluate), generate, chat, export, demo, study, bench."""
+train, eval (evaluate), generate, chat, serve, export, demo, study, bench."""
 import argparse
 import os
 import sys
 
 from ..errors import SPTError
 from ..training.trainer import TrainingInterrupted
-from . import bench, chat, demo, evaluate, export, generate, study, train
+from . import bench, chat, demo, evaluate, export, generate, serve, study, train
 
-COMMANDS = {"train": train, "eval": evaluate, "generate": generate, "chat": chat, "export": export,
+COMMANDS = {"train": train, "eval": evaluate, "generate": generate, "chat": chat, "serve": serve, "export": export,
             "demo": demo, "study": study, "bench": bench}
 
 

@@ -53,6 +53,17 @@ def add_parser(sub) -> None:
                    help="process: CPU time of the process (CPU runs with one thread on a shared machine)")
     g.add_argument("--json", default=None, help="write the rows here")
 
+    v = bsub.add_parser("serve", help="the HTTP server under concurrent multi-turn clients (spawns it)",
+                        formatter_class=fmt)
+    v.add_argument("--checkpoint", default=None,
+                   help="default: an untrained SPT checkpoint on the embedded model (K=4, L=8, shared, max_len 512)")
+    v.add_argument("--levels", default="1,4,16,64", help="comma-separated numbers of concurrent clients")
+    v.add_argument("--turns", type=int, default=4, help="turns per conversation")
+    v.add_argument("--max-tokens", type=int, default=32)
+    v.add_argument("--long-turns", type=int, default=8, help="turns of the context-cache measurement")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--json", default=None, help="write the results here")
+
     k = bsub.add_parser("kernels", help="Triton kernels vs their torch references (spt_fast.benchmarks.ops)",
                         formatter_class=fmt)
     k.add_argument("--op", action="append", choices=KERNEL_OPS, help="repeat to pick (default: all four)")
@@ -104,9 +115,22 @@ def run_kernels(a) -> list[dict]:
     return rows
 
 
+def run_serve(a) -> dict:
+    from ..benchmarks.serve import run_serve_bench, summary_lines
+
+    try:
+        levels = tuple(int(x) for x in a.levels.split(",") if x.strip())
+    except ValueError:
+        raise SPTError(f"--levels must be comma-separated integers, got {a.levels!r}") from None
+    result = run_serve_bench(a.checkpoint, levels, a.turns, a.max_tokens, a.long_turns, a.device)
+    for line in summary_lines(result):
+        print(line)
+    return result
+
+
 def run(a) -> list[dict]:
-    rows = {"train": run_train, "generate": run_generate, "kernels": run_kernels}[a.bench_cmd](a)
+    rows = {"train": run_train, "generate": run_generate, "kernels": run_kernels, "serve": run_serve}[a.bench_cmd](a)
     if a.json:
         write_json(a.json, rows)
-        print(f"wrote {len(rows)} rows to {a.json}")
+        print(f"wrote {a.json}")
     return rows

@@ -292,7 +292,7 @@ class Engine:
             cut.append(e.truncated)
         return out, tags, cut
 
-    def _stop_table(self, stops) -> StopTable | None:
+    def stop_table(self, stops) -> StopTable | None:
         if not stops:
             return None
         key = (stops, str(self.device))
@@ -302,7 +302,7 @@ class Engine:
         return self._stop_tables[key]
 
     @torch.no_grad()
-    def _prepare(self, ids: list[list[int]], tag_lens: list[int], gen: GenConfig):
+    def prepare(self, ids: list[list[int]], tag_lens: list[int], gen: GenConfig):
         """Rows [B, T+L, d] with each row's prompt injected, their lengths, and the prompt per row."""
         spt, device = self.spt, self.device
         B, L = len(ids), self.config.prompt_len
@@ -336,7 +336,7 @@ class Engine:
     def _run(self, ids: list[list[int]], tag_lens: list[int], truncated: list[bool] | None, gen: GenConfig,
              stream: bool) -> Iterator[tuple[int, str]]:
         device = self.device
-        rows, lengths, idx = self._prepare(ids, tag_lens, gen)
+        rows, lengths, idx = self.prepare(ids, tag_lens, gen)
         B = rows.shape[0]
         self.last_prompts = idx.tolist()
         self.last_replies = []
@@ -351,7 +351,7 @@ class Engine:
                 generator.seed()
             else:
                 generator.manual_seed(gen.seed)
-        stop_table = self._stop_table(gen.stops)
+        stop_table = self.stop_table(gen.stops)
         sync = 1 if stream else gen.check_every or (8 if device.type == "cuda" else 1)
         emitted = [[] for _ in range(B)]
         deltas = [TextDelta(gen.stops) for _ in range(B)] if stream else None
@@ -360,26 +360,31 @@ class Engine:
                 emitted[b] += chunk[b].tolist()
                 if stream:
                     tokens, _ = row_tokens(emitted[b], self.eos_id, gen.ignore_eos)
-                    piece = deltas[b].update(self._decode(tokens))
+                    piece = deltas[b].update(self.decode_text(tokens))
                     if piece:
                         yield b, piece
         replies = []
         for b in range(B):
             tokens, finish = row_tokens(emitted[b], self.eos_id, gen.ignore_eos)
-            text = ""
-            if self.tokenizer is not None:
-                raw = self._decode(tokens)
-                text = cut_reply(raw, gen.stops)
-                if finish == "length" and stop_table is not None and any(s in raw for s in gen.stops):
-                    finish = "stop"  # the stop arrived with the very last allowed token
-            elif finish == "stop":
-                finish = "length"
-            replies.append(Reply(text, int(idx[b]), tokens, finish, bool(truncated and truncated[b])))
+            replies.append(self.reply_of(tokens, finish, gen.stops, int(idx[b]), bool(truncated and truncated[b])))
+            text = replies[-1].text
             if stream:
                 piece = deltas[b].finish(text)
                 if piece:
                     yield b, piece
         self.last_replies = replies
 
-    def _decode(self, tokens: list[int]) -> str:
+    def reply_of(self, tokens: list[int], finish: str, stops, prompt: int, truncated: bool = False) -> Reply:
+        """The Reply for a row's generated ids (eos excluded) and why it finished."""
+        text = ""
+        if self.tokenizer is not None:
+            raw = self.decode_text(tokens)
+            text = cut_reply(raw, stops)
+            if finish == "length" and stops and any(s in raw for s in stops):
+                finish = "stop"  # the stop arrived with the very last allowed token
+        elif finish == "stop":
+            finish = "length"
+        return Reply(text, prompt, tokens, finish, truncated)
+
+    def decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""

@@ -126,6 +126,15 @@ class KVCache(nn.Module):
     def seq_len(self) -> int:
         return self.k_cache.shape[2]
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows start..stop-1 of this one, sharing its storage: writes go through
+        (continuous batching prefills one slot, or decodes the first n, of a larger cache)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k_cache", self.k_cache[start:stop], persistent=False)
+        view.register_buffer("v_cache", self.v_cache[start:stop], persistent=False)
+        return view
+
     def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, Hkv, T, D] at slots pos [T] (every row) or [B, T] (per row); return the caches."""
         if pos.dim() == 1:

@@ -1,0 +1,228 @@
+"""`spt-fast bench serve`: the HTTP server under load from concurrent multi-turn clients.
+
+The server runs as its own process on 127.0.0.1 (`spt-fast serve`); each client replays
+conversations from the held-out corpus turn by turn, resending the whole history with the
+server's own earlier replies as chat clients do, streaming every reply. Per concurrency level:
+requests/s, generated tokens/s, p50/p99 time to first token and total latency, the context
+cache's hit rate, and how many requests failed or replied other than the offline engine's greedy
+reply for the same conversation (must be 0). Then the context cache alone: the time to first
+token of the last turn of a long conversation, with the cache and without.
+"""
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import SPTError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m spt_fast serve ...` on a free port; stopped (SIGTERM, then kill) on exit."""
+
+    def __init__(self, checkpoint, *flags: str, start_timeout: float = 300):
+        import httpx
+
+        port = _free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "spt_fast", "serve", "--checkpoint", str(checkpoint),
+                                      "--port", str(port), *flags], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise SPTError(f"the server exited: {self.proc.stderr.read()[-500:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise SPTError(f"the server did not start within {start_timeout:.0f} s")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def stream_chat(url: str, persona: list[str], history: list[str], max_tokens: int) -> dict:
+    """One streamed request: its text, time to first token, latency, tokens and cached context."""
+    import httpx
+
+    messages = [{"role": "system", "content": " ".join(persona)}] if persona else []
+    messages += [{"role": "user" if (len(history) - 1 - i) % 2 == 0 else "assistant", "content": h}
+                 for i, h in enumerate(history)]
+    t0 = time.perf_counter()
+    first, text, info, finish = None, [], {}, None
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=600,
+                      json={"messages": messages, "max_tokens": max_tokens, "stream": True}) as r:
+        if r.status_code != 200:
+            r.read()
+            return {"error": f"HTTP {r.status_code}: {r.text[:200]}"}
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            info = event.get("spt", info)
+            choice = event["choices"][0]
+            piece = choice["delta"].get("content")
+            if piece and first is None:
+                first = time.perf_counter() - t0
+            text.append(piece or "")
+            finish = choice.get("finish_reason") or finish
+    latency = time.perf_counter() - t0
+    return {"text": "".join(text), "ttft": first if first is not None else latency, "latency": latency,
+            "cached": info.get("cached_tokens", 0), "finish": finish}
+
+
+def held_out_conversations(n: int, turns: int, seed: int = 0) -> list[tuple[list[str], list[str]]]:
+    """(persona, user turns) of n held-out chit-chat conversations with at least `turns` turns."""
+    import random
+
+    from ..data.corpora import load_samples, split_by_dialog
+
+    _, valid = split_by_dialog(load_samples("chitchat"))
+    by_dialog: dict = {}
+    for s in valid:  # the sample with the longest history holds the whole conversation
+        if s.dialog_id not in by_dialog or len(s.history) > len(by_dialog[s.dialog_id].history):
+            by_dialog[s.dialog_id] = s
+    convs = []
+    for s in by_dialog.values():
+        lines = list(s.history) + [s.response]
+        users = lines[0::2]  # the partner's turns; the server's replies come in between
+        if len(users) >= turns:
+            convs.append((list(s.persona), users[:turns]))
+    random.Random(seed).shuffle(convs)
+    if len(convs) < n:
+        raise SPTError(f"only {len(convs)} held-out conversations have {turns} turns")
+    return convs[:n]
+
+
+def run_client(url: str, conv, max_tokens: int) -> list[dict]:
+    persona, users = conv
+    history, out = [], []
+    for user in users:
+        history = history + [user]
+        r = stream_chat(url, persona, history, max_tokens)
+        r.update(persona=persona, history=list(history))
+        out.append(r)
+        if "error" in r:
+            break
+        history = history + [r["text"]]
+    return out
+
+
+def _pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+
+def load_level(url: str, clients: int, convs, max_tokens: int) -> tuple[dict, list[dict]]:
+    t0 = time.perf_counter()
+    with futures.ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(lambda c: run_client(url, c, max_tokens), convs) for r in rs]
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    return {"clients": clients, "requests": len(results), "failed": len(results) - len(ok), "wall_s": wall,
+            "requests_per_s": len(ok) / wall, "ttft_p50_s": _pct([r["ttft"] for r in ok], 0.5),
+            "ttft_p99_s": _pct([r["ttft"] for r in ok], 0.99), "latency_p50_s": _pct([r["latency"] for r in ok], 0.5),
+            "latency_p99_s": _pct([r["latency"] for r in ok], 0.99),
+            "cache_hit_rate": sum(r["cached"] > 0 for r in ok) / max(len(ok), 1)}, results
+
+
+def run_serve_bench(checkpoint: str | None = None, levels=(1, 4, 16, 64), turns: int = 4, max_tokens: int = 32,
+                    long_turns: int = 8, device: str = "cpu") -> dict:
+    """Rows per concurrency level, the context-cache figure, and the mismatch count."""
+    from ..generation.engine import Engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if checkpoint is None:
+            checkpoint = _fresh_checkpoint(Path(tmp))
+        offline = Engine.from_checkpoint(checkpoint, device=device)
+        rows, mismatches = [], 0
+        with ServerProcess(checkpoint, "--max-batch", "16", "--max-queue", "256", "--device", device) as server:
+            for clients in levels:
+                convs = held_out_conversations(clients, turns, seed=clients)
+                row, results = load_level(server.url, clients, convs, max_tokens)
+                ok = [r for r in results if "error" not in r]
+                # The offline engine's greedy replies: what every server reply must equal (and their length).
+                want = offline.generate([(r["persona"], r["history"]) for r in ok], max_new_tokens=max_tokens)
+                row["tokens"] = sum(len(w.tokens) for w in want)
+                row["tokens_per_s"] = row["tokens"] / row["wall_s"]
+                row["mismatches"] = sum(r["text"] != w.text for r, w in zip(ok, want))
+                mismatches += row["mismatches"] + row["failed"]
+                rows.append(row)
+                print(f"{clients:>3} clients: {row['requests_per_s']:.2f} req/s, {row['tokens_per_s']:.1f} tokens/s, "
+                      f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms p99 {row['ttft_p99_s'] * 1e3:.0f} ms, "
+                      f"cache hits {row['cache_hit_rate']:.0%}, failed/mismatched {row['failed']}/{row['mismatches']}",
+                      flush=True)
+        cache = _cache_figure(checkpoint, long_turns, max_tokens, device)
+    return {"levels": rows, "context_cache": cache, "bad_replies": mismatches}
+
+
+def _cache_figure(checkpoint, turns: int, max_tokens: int, device: str) -> dict:
+    """TTFT of the last turn of one long conversation, with and without the context cache."""
+    conv = held_out_conversations(1, turns, seed=7)[0]
+    out = {}
+    for name, cache_mb in (("with_cache", "256"), ("without_cache", "0")):
+        with ServerProcess(checkpoint, "--max-batch", "1", "--cache-mb", cache_mb, "--device", device) as server:
+            results = run_client(server.url, conv, max_tokens)
+            last = results[-1]
+            out[name] = {"ttft_s": last.get("ttft"), "cached_tokens": last.get("cached"),
+                         "context_tokens_approx": sum(len(h.split()) for h in last.get("history", []))}
+    out["speedup"] = out["without_cache"]["ttft_s"] / out["with_cache"]["ttft_s"]
+    print(f"turn {turns}: TTFT {out['with_cache']['ttft_s'] * 1e3:.0f} ms with the context cache, "
+          f"{out['without_cache']['ttft_s'] * 1e3:.0f} ms without ({out['speedup']:.1f}x)", flush=True)
+    return out
+
+
+def _fresh_checkpoint(folder: Path) -> Path:
+    """An untrained SPT checkpoint on the embedded model (serving speed does not depend on training)."""
+    from ..model.build import build_spt_model
+    from ..model.loading import load
+    from ..model.spt import SPTConfig
+    from ..training import checkpoint
+
+    base, tok = load("default")
+    spt = build_spt_model(base, SPTConfig(num_prompts=4, prompt_len=8, layout="shared", max_len=512), tok)
+    cfg = {"model": "default", "spt": spt.config.to_dict(), "hidden_size": spt.prompts.weight.shape[-1],
+           "train": {"dtype": "fp32"}, "placement": "[context][P][ R:][response]"}
+    return checkpoint.save(folder / "bench-checkpoint", 0, spt.trainable_state_dict(), cfg)
+
+
+def summary_lines(result: dict) -> list[str]:
+    rows = {r["clients"]: r for r in result["levels"]}
+    lines = []
+    if 1 in rows and 16 in rows:
+        lines.append(f"16 clients: {rows[16]['tokens_per_s'] / rows[1]['tokens_per_s']:.1f}x the tokens/s of one; "
+                     f"p99 TTFT {rows[16]['ttft_p99_s'] / rows[1]['ttft_p50_s']:.1f}x the one-client p50")
+    lines.append(f"requests that failed or differ from the offline engine: {result['bad_replies']}")
+    return lines
+

@@ -1,0 +1,231 @@
+"""Continuous batching: requests join the running batch at the next step and leave when done.
+
+One thread owns the model. Each step it admits waiting requests into free rows of a static KV
+cache (the row's context prefilled alone, reusing a cached context prefix where the layout allows,
+generation.context_cache), then decodes one token for every active row at its own position, each
+row with its own soft prompt, sampling settings, seed and stop strings. A finished or cancelled
+row frees its slot at once (the last active row moves into it, so active rows stay rows 0..n-1 of
+the cache). Everything a request sees goes through its `on_event` callback, from this thread.
+
+Token choice, stops and the reply text follow the engine (generation.engine) exactly, so a
+greedy reply equals Engine.generate's for the same conversation.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import SPTError
+from .backends import round_up
+from .context_cache import ContextCache
+from .decoding import GenConfig, sample_next
+from .engine import Engine, Reply
+from .stops import TextDelta
+
+
+@dataclass
+class Job:
+    """One request: ready context ids and options; the scheduler reports through on_event
+    ("prompt", index), ("text", piece) and finally ("done", Reply) or ("error", message)."""
+    ids: list[int]
+    tag_len: int
+    gen: GenConfig
+    on_event: Callable[[str, object], None]
+    truncated: bool = False
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    cached_tokens: int = 0
+    # decoding state (scheduler thread only)
+    prompt: int = -1
+    pos: int = 0
+    token: int = 0
+    state: int = 0
+    emitted: list = field(default_factory=list)
+    generator: torch.Generator | None = None
+    stops: object = None
+    delta: TextDelta | None = None
+
+
+class Scheduler:
+    """Continuous batching over an Engine's compact Llama (see the module docstring)."""
+
+    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 256, max_new_tokens: int = 256,
+                 cache_bytes: int = 256 << 20, on_step: Callable[[int], None] | None = None):
+        if not engine.fast:
+            raise SPTError("continuous batching needs the compact Llama engine (a Llama-architecture base)")
+        self.engine, self.llama = engine, engine.backend.llama
+        self.max_batch, self.max_queue, self.max_new_tokens = max_batch, max_queue, max_new_tokens
+        spt = engine.spt
+        self.shares_context = spt.layout.shares_context
+        need = spt.config.max_len + max_new_tokens + 1
+        seq = min(round_up(need, 64), engine.max_positions)
+        dtype = spt.base.get_input_embeddings().weight.dtype
+        self.caches = self.llama.setup_caches(max_batch, seq, dtype, engine.device)
+        self.context_cache = ContextCache(cache_bytes) if self.shares_context else None
+        self.active: list[Job] = []
+        self.waiting: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._stop = False
+        self.on_step = on_step
+        self.thread = threading.Thread(target=self._loop, name="spt-scheduler", daemon=True)
+
+    # ---- requests in --------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self.thread.start()
+        return self
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full (the caller says 'try later')."""
+        with self._wake:
+            if len(self.waiting) >= self.max_queue:
+                return False
+            self.waiting.append(job)
+            self._wake.notify()
+        return True
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish nothing more: cancel waiting and active jobs, end the thread."""
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self.waiting and not self.active:
+                    self._wake.wait()
+                if self._stop:
+                    break
+                admit = []
+                while self.waiting and len(self.active) + len(admit) < self.max_batch:
+                    admit.append(self.waiting.popleft())
+            try:
+                for job in admit:
+                    self._admit(job)
+                self._drop_cancelled()
+                if self.active:
+                    self._step()
+            except Exception as exc:  # never leave a request hanging: fail every job in flight
+                for job in self.active + admit:
+                    self._report(job, "error", f"generation failed: {type(exc).__name__}: {exc}")
+                self.active = []
+        for job in list(self.waiting) + self.active:
+            self._report(job, "error", "the server is shutting down")
+        self.waiting.clear()
+        self.active = []
+
+    def _report(self, job: Job, kind: str, value) -> None:
+        try:
+            job.on_event(kind, value)
+        except Exception:  # a caller that went away must not stop the others
+            pass
+
+    @torch.no_grad()
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:
+            return
+        eng, slot = self.engine, len(self.active)
+        rows, lengths, idx = eng.prepare([job.ids], [job.tag_len], job.gen)
+        total = int(lengths[0])
+        caches = [c.rows(slot, slot + 1) for c in self.caches]
+        start = 0
+        if self.context_cache is not None:
+            at = int(eng.spt.prompt_positions(torch.tensor([len(job.ids)]), torch.tensor([job.tag_len]))[0])
+            start, kv = self.context_cache.longest_prefix(job.ids[:at])
+            if kv is not None:
+                for i, c in enumerate(caches):
+                    c.k_cache[0, :, :start] = kv[0][i]
+                    c.v_cache[0, :, :start] = kv[1][i]
+        if start == 0:
+            hidden = self.llama.prefill(rows[:, :total], caches)
+        else:  # only what follows the cached prefix, at its own positions
+            pos = torch.arange(start, total, device=rows.device)[None]
+            hidden = self.llama.decode(rows[:, start:total], pos, caches, kv_len=round_up(total, 16))
+        logits = self.llama.logits(hidden[:, -1]).float()
+        if self.context_cache is not None and at > start:
+            k = torch.stack([c.k_cache[0, :, :at] for c in caches])
+            v = torch.stack([c.v_cache[0, :, :at] for c in caches])
+            self.context_cache.put(job.ids[:at], k, v)
+        job.cached_tokens, job.prompt, job.pos = start, int(idx[0]), total
+        if not job.gen.greedy:
+            job.generator = torch.Generator(device=eng.device)
+            job.generator.seed() if job.gen.seed is None else job.generator.manual_seed(job.gen.seed)
+        job.stops = eng.stop_table(job.gen.stops)
+        job.delta = TextDelta(job.gen.stops)
+        self.active.append(job)
+        self._report(job, "prompt", job.prompt)
+        self._take(job, logits[0])
+
+    def _step(self) -> None:
+        n = len(self.active)
+        if self.on_step is not None:
+            self.on_step(n)
+        device = self.engine.device
+        tokens = torch.tensor([j.token for j in self.active], device=device)
+        pos = torch.tensor([j.pos for j in self.active], device=device)
+        kv_len = round_up(int(pos.max()) + 1, 16)
+        with torch.no_grad():
+            logits = self.llama.decode_one_token(tokens, pos, [c.rows(0, n) for c in self.caches], kv_len)
+        for job, row in zip(list(self.active), logits):
+            job.pos += 1
+            self._take(job, row)
+        self._drop_cancelled()
+
+    def _take(self, job: Job, logits: torch.Tensor) -> None:
+        """Choose this row's next token; emit text; finish the row on eos, a stop or its limit."""
+        gen, eng = job.gen, self.engine
+        noise = None if gen.greedy else torch.empty_like(logits).exponential_(generator=job.generator)[None]
+        token = int(sample_next(logits[None], gen.temperature, gen.top_p, noise)[0])
+        if job.first_token_at is None:
+            job.first_token_at = time.perf_counter()
+        job.token = token
+        finish = None
+        if token == eng.eos_id and not gen.ignore_eos:
+            finish = "eos"
+        else:
+            job.emitted.append(token)
+            if job.stops is not None:
+                job.state = int(job.stops.table[job.state, token])
+                if job.state == job.stops.STOP:
+                    finish = "stop"
+            if finish is None and len(job.emitted) >= gen.max_new_tokens:
+                finish = "length"
+            piece = job.delta.update(eng.decode_text(job.emitted))
+            if piece:
+                self._report(job, "text", piece)
+        if finish is not None:
+            reply = eng.reply_of(job.emitted, finish, gen.stops, job.prompt, job.truncated)
+            piece = job.delta.finish(reply.text)
+            if piece:
+                self._report(job, "text", piece)
+            self._finish(job, reply)
+
+    def _finish(self, job: Job, reply: Reply | None) -> None:
+        i = self.active.index(job)
+        last = len(self.active) - 1
+        if i != last:  # keep the active rows packed at the top of the cache
+            moved = self.active[last]
+            for c in self.caches:
+                c.k_cache[i, :, :moved.pos] = c.k_cache[last, :, :moved.pos]
+                c.v_cache[i, :, :moved.pos] = c.v_cache[last, :, :moved.pos]
+            self.active[i] = moved
+        self.active.pop()
+        if reply is not None:
+            self._report(job, "done", reply)
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self.active if j.cancelled]:
+            self._finish(job, None)

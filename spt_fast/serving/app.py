@@ -1,0 +1,185 @@
+"""The HTTP server: a starlette application, run by uvicorn, in front of continuous batching.
+
+POST /v1/chat/completions (OpenAI-compatible, streaming as server-sent events), GET /health, GET
+/metrics (Prometheus). Every request's conversation is encoded as in training (oldest turns
+dropped to fit, reported in the reply), queued for the scheduler thread (generation.scheduler),
+and answered from the events that thread sends back. Bad input is a 4xx with one line; a full
+queue is a 503 with Retry-After; a client that goes away frees its batch row at once; Ctrl-C or
+SIGTERM stop accepting, let in-flight requests finish (up to a timeout), then stop the scheduler.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import SPTError
+from ..generation.scheduler import Job, Scheduler
+from .metrics import ServerMetrics
+from .protocol import BadRequest, chunk, completion, completion_id, finish_reason, parse_chat, spt_info
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+
+
+class Server:
+    """The application's state: the engine, its scheduler, the metrics, and the limits."""
+
+    def __init__(self, engine, max_batch: int = 16, max_queue: int = 64, max_tokens: int = 256,
+                 cache_mb: float = 256, max_body_bytes: int = 1 << 20, model_name: str = "spt"):
+        self.engine, self.model_name = engine, model_name
+        self.max_tokens, self.max_body_bytes = max_tokens, max_body_bytes
+        self.metrics = ServerMetrics()
+        self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue, max_new_tokens=max_tokens,
+                                   cache_bytes=int(cache_mb * 2 ** 20), on_step=self.metrics.batch_size.set)
+        self.app = Starlette(routes=[Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                                     Route("/health", self.health, methods=["GET"]),
+                                     Route("/metrics", self.prometheus, methods=["GET"])],
+                             lifespan=self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        self.scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(self.scheduler.stop)
+
+    # ---- endpoints --------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        s = self.scheduler
+        return JSONResponse({"status": "ok", "layout": self.engine.config.layout, "active": len(s.active),
+                             "queue": s.queue_depth, "context_cache": s.context_cache is not None})
+
+    async def prometheus(self, request: Request) -> Response:
+        self.metrics.queue_depth.set(self.scheduler.queue_depth)
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def chat(self, request: Request) -> Response:
+        try:
+            response = await self._chat(request)
+        except BadRequest as exc:
+            response = _error(exc.status, str(exc), {"Retry-After": "1"} if exc.status == 503 else None)
+        except SPTError as exc:
+            response = _error(400, str(exc))
+        except Exception as exc:  # a bug: say so in one line, keep serving
+            print(f"spt-fast serve: internal error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            response = _error(500, f"internal error: {type(exc).__name__}")
+        self.metrics.requests.labels(str(response.status_code)).inc()
+        return response
+
+    async def _chat(self, request: Request) -> Response:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > self.max_body_bytes:
+            raise BadRequest(f"the body is larger than {self.max_body_bytes} bytes", 413)
+        raw = await request.body()
+        if len(raw) > self.max_body_bytes:
+            raise BadRequest(f"the body is larger than {self.max_body_bytes} bytes", 413)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"malformed JSON: {exc}") from None
+        req = parse_chat(body, self.max_tokens, self.engine.config.num_prompts)
+        gen = self.engine.options(**req.options)  # SPTError (a 400) for anything the engine refuses
+        ids, tags, truncated = self.engine.encode([(req.persona, req.history)])
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_event(kind, value):
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+        job = Job(ids[0], tags[0], gen, on_event, truncated=truncated[0])
+        if not self.scheduler.submit(job):
+            raise BadRequest("too many requests are waiting; try again shortly", 503)
+        self.metrics.prompt_tokens.inc(len(job.ids))
+        cid = completion_id()
+        if req.stream:
+            return StreamingResponse(self._stream(job, events, cid, req.model), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await self._whole(request, job, events, cid, req.model)
+
+    async def _whole(self, request: Request, job: Job, events: asyncio.Queue, cid: str, model: str) -> Response:
+        answered = False
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled = True  # the row is freed at the scheduler's next step
+                        return Response(status_code=499)
+                    continue
+                if kind == "done":
+                    answered = True
+                    self._observe(job, value)
+                    return JSONResponse(completion(cid, model, value, len(job.ids), job.cached_tokens))
+                if kind == "error":
+                    answered = True
+                    return _error(503, value)
+        finally:
+            if not answered:  # cancelled (shutdown, disconnect): free the row
+                job.cancelled = True
+
+    async def _stream(self, job: Job, events: asyncio.Queue, cid: str, model: str):
+        def sse(obj) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        done = False
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "prompt":
+                    info = spt_info(value, job.truncated, job.cached_tokens)
+                    yield sse(chunk(cid, model, {"role": "assistant", "content": ""}, extra={"spt": info}))
+                elif kind == "text":
+                    yield sse(chunk(cid, model, {"content": value}))
+                elif kind == "done":
+                    self._observe(job, value)
+                    done = True
+                    yield sse(chunk(cid, model, {}, finish_reason(value.finish)))
+                    yield "data: [DONE]\n\n"
+                    return
+                else:
+                    done = True
+                    yield sse({"error": {"message": value, "type": "server_error", "code": 503}})
+                    return
+        finally:
+            if not done:  # the client went away: free its row now
+                job.cancelled = True
+
+    def _observe(self, job: Job, reply) -> None:
+        now = time.perf_counter()
+        self.metrics.tokens.inc(len(reply.tokens))
+        self.metrics.cached_tokens.inc(job.cached_tokens)
+        if job.first_token_at is not None:
+            self.metrics.ttft.observe(job.first_token_at - job.submitted)
+        self.metrics.latency.observe(now - job.submitted)
+
+
+def serve(engine, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 64,
+          max_tokens: int = 256, cache_mb: float = 256, graceful_seconds: float = 30.0) -> None:
+    """Run the server until Ctrl-C / SIGTERM."""
+    import uvicorn
+
+    server = Server(engine, max_batch, max_queue, max_tokens, cache_mb)
+    if server.scheduler.context_cache is None:
+        print(f"layout '{engine.config.layout}' puts the prompt before the context: no context cache "
+              "(each turn prefills its whole context)", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again under the handler that
+    # was there before it: a no-op one, so a finished shutdown ends the process with status 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        uvicorn.run(server.app, host=host, port=port, log_level="warning",
+                    timeout_graceful_shutdown=graceful_seconds)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
