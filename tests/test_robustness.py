@@ -103,7 +103,7 @@ def test_checkpoints_by_default_and_every_n_steps(model_dir, tmp_path, capsys):
 def test_resume_refuses_changed_settings_and_applies_safe_ones_on_request(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(train_args(model_dir, out, 2, "--lr", "0.01", "--layout", "shared"), capsys)[0] == 0
-    for flags, listed in [(["--seed", "3"], "seed: 0 -> 3"), (["--batch-size", "1"], "batch_size: 2 -> 1"),
+    for flags, listed in [(["--seed", "3"], "seed: 0 -> 3"), (["--batch-size", "1"], "global_batch: 2 -> 1"),
                           (["--layout", "prefix"], "spt.layout: 'shared' -> 'prefix'"),
                           (["--max-len", "200"], "spt.max_len: 256 -> 200")]:
         code, _, err = run(train_args(model_dir, out, 2, "--resume", *flags), capsys)

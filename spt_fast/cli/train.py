@@ -71,6 +71,8 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: apply a changed --max-steps, --lr, --retriever-lr, --weight-decay or --model")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir (removes it)")
+    p.add_argument("--dist-timeout", type=float, default=t.dist_timeout,
+                   help="under torchrun: seconds a process waits for the others before giving up")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -96,7 +98,8 @@ def train_config(a) -> TrainConfig:
                        dtype=a.dtype, load_4bit=a.load_4bit, eval_every=a.eval_every, eval_samples=a.eval_samples,
                        save_every=a.save_every, save_minutes=a.save_minutes, seed=a.seed, resume=a.resume,
                        overwrite=a.overwrite, allow_changes=a.allow_changes, strict_data=a.strict,
-                       max_train_samples=a.max_train_samples, progress=not a.no_progress)
+                       max_train_samples=a.max_train_samples, dist_timeout=a.dist_timeout,
+                       progress=not a.no_progress)
 
 
 def given_fields(a) -> set[str]:
@@ -133,5 +136,8 @@ def run(a) -> None:
         spt, tc = with_preset(a.preset, given_fields(a), spt, tc)
     if a.resume and checkpoint.holds_checkpoint(a.output_dir):
         spt, tc = resumed_configs(a, spt, tc)
-    summary = Trainer(spt.validate(), tc).fit()
-    print(json.dumps({k: v for k, v in summary.items() if k != "usage"}, indent=2))
+    trainer = Trainer(spt.validate(), tc)
+    summary = trainer.fit()
+    trainer.dist.close()  # (not after a failure: a dead peer could make it wait)
+    if trainer.dist.main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "usage"}, indent=2))

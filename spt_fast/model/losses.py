@@ -3,17 +3,20 @@ import torch
 import torch.nn.functional as F
 
 
-def lm_loss(seq_ce_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
-    """Token-weighted mean CE over all K·B sequences; seq_ce_sum [K,B], n_tokens [B]."""
+def lm_loss(seq_ce_sum: torch.Tensor, n_tokens: torch.Tensor, total_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-weighted mean CE over all K·B sequences; seq_ce_sum [K,B], n_tokens [B]. With
+    total_tokens (of a global batch spread over processes) this is this batch's share of it."""
     K = seq_ce_sum.shape[0]
-    return seq_ce_sum.sum() / (K * n_tokens.sum()).clamp_min(1)
+    total = n_tokens.sum() if total_tokens is None else total_tokens
+    return seq_ce_sum.sum() / (K * total).clamp_min(1)
 
 
 def selection_loss(seq_ce_mean: torch.Tensor, scores: torch.Tensor, tau_gold: float = 1.0,
-                   tau_sim: float = 1.0, target_noise: float = 0.0) -> torch.Tensor:
+                   tau_sim: float = 1.0, target_noise: float = 0.0, per_sample: bool = False) -> torch.Tensor:
     """mean_b KL(π_b ‖ q_b), π = softmax(−ℓ/τ_gold) detached, q = softmax(s/τ_sim).
 
-    seq_ce_mean [K,B] (mean CE of each prompt on each sample), scores [B,K]. target_noise > 0 adds
+    seq_ce_mean [K,B] (mean CE of each prompt on each sample), scores [B,K]; per_sample: the [B]
+    KLs instead of their mean (a data-parallel share sums them). target_noise > 0 adds
     N(0, target_noise²) to π, as the authors' Llama-2 configuration does; they leave π
     unnormalised, where a negative entry makes the KL NaN, so here it is clipped at 0 and
     renormalised (a deviation listed in README).
@@ -23,8 +26,10 @@ def selection_loss(seq_ce_mean: torch.Tensor, scores: torch.Tensor, tau_gold: fl
     if target_noise > 0:
         pi = (log_pi.exp() + target_noise * torch.randn_like(log_pi)).clamp_min(0)
         pi = pi / pi.sum(-1, keepdim=True).clamp_min(1e-12)
-        return (torch.xlogy(pi, pi) - pi * log_q).sum(-1).mean()
-    return (log_pi.exp() * (log_pi - log_q)).sum(-1).mean()
+        kl = (torch.xlogy(pi, pi) - pi * log_q).sum(-1)
+    else:
+        kl = (log_pi.exp() * (log_pi - log_q)).sum(-1)
+    return kl if per_sample else kl.mean()
 
 
 def contrastive_loss(scores: torch.Tensor, pair_labels: torch.Tensor) -> torch.Tensor:

@@ -213,7 +213,14 @@ class SPTModel(nn.Module):
         return torch.gather(hidden, 2, index)
 
     # ---- training forward -----------------------------------------------------------------------
-    def forward(self, batch: Batch) -> dict:
+    def forward(self, batch: Batch, shard=None) -> dict:
+        """The four losses of a batch ("loss" to backpropagate, and each part).
+
+        shard (training.distributed.Shard): this batch is one process's part of a global batch.
+        The parts are then this process's shares of the global losses (global token and sample
+        counts; the contrastive loss over every pair of the global batch, the scores gathered with
+        gradient), and "loss" is weighted so that DistributedDataParallel's gradient average is the
+        gradient of the global loss."""
         cfg = self.config
         K, B = cfg.num_prompts, batch.input_ids.shape[0]
         embeds = self.embed(batch.input_ids)
@@ -228,17 +235,26 @@ class SPTModel(nn.Module):
         )
         n_tokens = batch.resp_len.to(seq_ce_sum.device).clamp_min(1)
         seq_ce_mean = seq_ce_sum / n_tokens[None, :]
-        parts = {"lm": losses.lm_loss(seq_ce_sum, batch.resp_len.to(seq_ce_sum.device)), "fus": fusion}
+        share = 1.0 if shard is None else B / shard.total_samples
+        parts = {"lm": losses.lm_loss(seq_ce_sum, batch.resp_len.to(seq_ce_sum.device),
+                                      None if shard is None else shard.total_tokens),
+                 "fus": None if fusion is None else fusion * share}
         parts["sel"] = (
             losses.selection_loss(seq_ce_mean, scores, cfg.tau_gold, cfg.tau_sim,
-                                  cfg.target_noise if self.training else 0.0)
+                                  cfg.target_noise if self.training else 0.0) * share
             if cfg.use_sel and scores is not None else None
         )
-        parts["ctr"] = (
-            losses.contrastive_loss(scores, self.pair_labels(batch.persona_keys).to(scores.device))
-            if cfg.use_ctr and scores is not None else None
-        )
-        parts["loss"] = losses.combine(parts, cfg.lambda_sel, cfg.lambda_ctr)
+        if cfg.use_ctr and scores is not None:
+            everyone = scores if shard is None else shard.gather(scores)
+            keys = batch.persona_keys if shard is None else shard.persona_keys
+            parts["ctr"] = losses.contrastive_loss(everyone, self.pair_labels(keys).to(scores.device))
+        else:
+            parts["ctr"] = None
+        if shard is None:
+            parts["loss"] = losses.combine(parts, cfg.lambda_sel, cfg.lambda_ctr)
+        else:  # local shares x world (DDP averages), the global contrastive loss as it is
+            local = losses.combine({**parts, "ctr": None}, cfg.lambda_sel, cfg.lambda_ctr)
+            parts["loss"] = shard.world * local + (cfg.lambda_ctr * parts["ctr"] if parts["ctr"] is not None else 0)
         parts["seq_ce_mean"] = seq_ce_mean.detach()
         parts["scores"] = None if scores is None else scores.detach()
         return parts

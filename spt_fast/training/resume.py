@@ -11,15 +11,18 @@ from ..utils import write_text_atomic
 
 # TrainConfig fields that never shape the trained weights: applied as given on a resume.
 NOT_SHAPING = frozenset({"output_dir", "resume", "overwrite", "allow_changes", "progress", "eval_every",
-                         "eval_samples", "save_every", "save_minutes"})
+                         "eval_samples", "save_every", "save_minutes", "dist_timeout",
+                         "batch_size"})  # (the per-process batch: its product with the world size counts)
 # Fields that shape the run but may change on a resume when the user opts in (--allow-changes).
 SAFE_TO_CHANGE = frozenset({"max_steps", "epochs", "lr", "retriever_lr", "weight_decay", "model"})
 
 
-def run_settings(spt_cfg, tc) -> dict:
-    """Every setting that shapes a run, flat: SPT settings, then training settings."""
+def run_settings(spt_cfg, tc, world: int = 1) -> dict:
+    """Every setting that shapes a run, flat: SPT settings, then training settings. The batch is
+    the global one (per-process batch x processes), so a run may resume on another world size."""
     out = {f"spt.{k}": v for k, v in spt_cfg.to_dict().items()}
     out.update({k: v for k, v in asdict(tc).items() if k not in NOT_SHAPING})
+    out["global_batch"] = tc.batch_size * world
     return out
 
 

@@ -23,6 +23,7 @@ from ..model.loading import load
 from ..model.spt import SPTConfig
 from ..utils import DTYPE_NAMES, check_number, peak_memory_bytes, resolve_dtype
 from . import checkpoint
+from .distributed import Distributed, data_parallel
 from .resume import (compare_settings, load_optimizer_state, load_rng_state, optimizer_state, read_log, rewrite_log,
                      rng_state, run_settings)
 
@@ -56,6 +57,7 @@ class TrainConfig:
     valid_fraction: float = 0.05
     max_train_samples: int | None = None
     strict_data: bool = False  # samples with nothing to learn (empty response) are errors, not skipped
+    dist_timeout: float = 600.0  # seconds a process waits for the others (torchrun) before giving up
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
@@ -130,6 +132,7 @@ class Trainer:
         self.spt_cfg = spt_cfg.validate()
         self.tc = tc.validate()
         self.out = Path(tc.output_dir)
+        self.dist = Distributed(tc.dist_timeout)  # torchrun's processes, or a world of one
         self._prepare_output()  # before any expensive work: an unusable folder fails now
         torch.manual_seed(tc.seed)
         self.train_samples, self.valid_samples = splits if splits is not None else load_splits(tc)
@@ -140,6 +143,7 @@ class Trainer:
             self.tc = tc = replace(tc, max_steps=max(1, math.ceil(tc.epochs * len(self.train_samples) / per_step)))
         if model is None:
             model, tokenizer = load(tc.model, resolve_dtype(tc.dtype), tc.load_4bit)
+            model = model.to(self.dist.device)  # each process's own copy on its own device
         self.tokenizer = tokenizer
         self.model = build_spt_model(model, spt_cfg, tokenizer)
         self.encoder = Encoder(tokenizer, spt_cfg.max_len, spt_cfg.prompt_len)
@@ -155,6 +159,7 @@ class Trainer:
         self._stop = None  # the signal that asked the loop to stop
         if not (tc.resume and self._resume()):
             self.model.fit_context_statistics(self._statistics_batches())
+        self.forward = data_parallel(self.model, self.dist)
 
     # ---- the output folder ------------------------------------------------------------------
     def _prepare_output(self) -> None:
@@ -164,6 +169,9 @@ class Trainer:
         else:
             raise SPTError(f"--output-dir {self.out} already holds a training run: add --resume to continue it, "
                            "--overwrite to replace it, or choose another folder")
+        if not self.dist.main:  # process 0 alone writes; the others wait until it has
+            self.dist.barrier()
+            return
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             probe = self.out / f".write-test-{os.getpid()}.tmp"
@@ -175,6 +183,7 @@ class Trainer:
             checkpoint.remove_run(self.out)
             print(f"--overwrite: removed the previous run in {self.out}", flush=True)
         checkpoint.clean_stale(self.out)
+        self.dist.barrier()
 
     # ---- data order: a seeded permutation per epoch, resumable by (epoch, cursor) ----------
     def _order(self) -> list[int]:
@@ -226,6 +235,7 @@ class Trainer:
             "placement": get_layout(self.model.config.layout).description.split(":")[0],
             "hidden_size": int(self.model.prompts.weight.shape[-1]),
             "step": self.step,
+            "world_size": self.dist.world,  # processes; the global batch is train.batch_size x this
         }
 
     def save(self) -> Path:
@@ -244,9 +254,10 @@ class Trainer:
                 rewrite_log(self.out / checkpoint.LOG, [])  # steps that were never saved
             return False
         tensors, config, folder = checkpoint.load(self.out, need_state=True)
-        recorded = run_settings(SPTConfig.from_dict(config.get("spt", {})), TrainConfig.from_dict(config.get("train", {})))
-        self.changed = compare_settings(recorded, run_settings(self.model.config, self.tc), self.tc.allow_changes,
-                                        str(folder))
+        recorded = run_settings(SPTConfig.from_dict(config.get("spt", {})), TrainConfig.from_dict(config.get("train", {})),
+                                config.get("world_size", 1))
+        self.changed = compare_settings(recorded, run_settings(self.model.config, self.tc, self.dist.world),
+                                        self.tc.allow_changes, str(folder))
         self.model.load_trainable_state_dict(tensors, str(folder))
         state_tensors, meta = checkpoint.load_trainer_state(folder)
         load_optimizer_state(self.optimizer, state_tensors, meta["optimizer"])
@@ -257,10 +268,12 @@ class Trainer:
         load_rng_state(state_tensors)
         log = self.out / checkpoint.LOG
         self.history = read_log(log, self.step)
-        rewrite_log(log, self.history)  # steps after the checkpoint will be logged again, once
-        print(f"resumed from {folder} at step {self.step}", flush=True)
-        for name, (old, new) in self.changed.items():
-            print(f"--allow-changes: {name} {old!r} -> {new!r}", flush=True)
+        if self.dist.main:
+            rewrite_log(log, self.history)  # steps after the checkpoint will be logged again, once
+            print(f"resumed from {folder} at step {self.step}", flush=True)
+            for name, (old, new) in self.changed.items():
+                print(f"--allow-changes: {name} {old!r} -> {new!r}", flush=True)
+        self.dist.barrier()  # nobody writes the log before process 0 has rewritten it
         return True
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -289,20 +302,35 @@ class Trainer:
                 **retrieval_stats(picks, best, torch.cat(scores) if scores else None, self.spt_cfg.num_prompts)}
 
     def _one_step(self) -> dict:
-        tc = self.tc
+        """One optimizer step over a global batch (grad_accum micro-batches of batch_size x world
+        samples; this process takes its part of each)."""
+        tc, dist = self.tc, self.dist
         self.optimizer.zero_grad(set_to_none=True)
         parts_sum: dict = {}
         tokens = samples = 0
+        pad, bos = self.tokenizer.pad_token_id, self.tokenizer.bos_token_id
         for _ in range(tc.grad_accum):
-            batch = collate(self._next_encoded(tc.batch_size), self.tokenizer.pad_token_id,
-                            self.tokenizer.bos_token_id).to(self.model.device)
-            parts = self.model(batch)
+            everyone = self._next_encoded(tc.batch_size * dist.world)
+            batch = collate(dist.part(everyone), pad, bos).to(self.model.device)
+            shard = None
+            if dist.active:
+                total = torch.tensor(float(sum(len(e.response_ids) for e in everyone)), device=self.model.device)
+                shard = dist.shard(total, len(everyone), [e.persona_key for e in everyone])
+            parts = self.forward(batch, shard)
             (parts["loss"] / tc.grad_accum).backward()
-            for k in ("loss", "lm", "sel", "fus", "ctr"):
+            for k in ("lm", "sel", "fus", "ctr"):
                 if parts.get(k) is not None:
-                    parts_sum[k] = parts_sum.get(k, 0.0) + parts[k].detach().item() / tc.grad_accum
-            tokens += int((batch.ctx_len + batch.resp_len).sum())
-            samples += batch.input_ids.shape[0]
+                    parts_sum[k] = parts_sum.get(k, 0.0) + parts[k].detach().float() / tc.grad_accum
+            tokens += sum(len(e.context_ids) + len(e.response_ids) for e in everyone)
+            samples += len(everyone)
+        if dist.active:  # each process holds its share of lm/sel/fus: the global values are their sums
+            for k in ("lm", "sel", "fus"):
+                if k in parts_sum:
+                    parts_sum[k] = dist.sum(parts_sum[k])
+        parts_sum = {k: float(v) for k, v in parts_sum.items()}
+        cfg = self.model.config
+        parts_sum["loss"] = (parts_sum["lm"] + cfg.lambda_sel * parts_sum.get("sel", 0.0) + parts_sum.get("fus", 0.0)
+                             + cfg.lambda_ctr * parts_sum.get("ctr", 0.0))
         if not math.isfinite(parts_sum["loss"]):
             raise SPTError(f"loss became {parts_sum['loss']} at step {self.step + 1}; try a lower --lr")
         self.optimizer.step()
@@ -326,52 +354,67 @@ class Trainer:
             raise SPTError(f"{path}: cannot write the training log ({exc.strerror or exc})") from None
 
     def fit(self) -> dict:
-        """Train up to max_steps; TrainingInterrupted (after saving) on SIGINT/SIGTERM."""
+        """Train up to max_steps; TrainingInterrupted (after saving) on SIGINT/SIGTERM. Under
+        torchrun every process trains its part; process 0 alone logs, validates and saves."""
         from tqdm.auto import tqdm
 
-        tc = self.tc
+        tc, main = self.tc, self.dist.main
         self.model.train()
-        bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", disable=not tc.progress,
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", disable=not (tc.progress and main),
                    dynamic_ncols=True)
         tokens = samples = 0
         t0 = self._saved_at = time.perf_counter()
         with self._stop_on_signals():
-            while self.step < tc.max_steps and self._stop is None:
-                done = self._one_step()
+            while self.step < tc.max_steps:
+                if self.dist.any(self._stop is not None):  # every process stops at the same step
+                    self._stop = self._stop or "a stop on another process"
+                    break
+                try:
+                    done = self._one_step()
+                except RuntimeError as exc:  # a collective in the step (DDP's, the gathers) lost a peer
+                    if self.dist.active:
+                        raise self.dist.failure(exc) from None
+                    raise
                 tokens, samples = tokens + done["tokens"], samples + done["samples"]
                 dt = time.perf_counter() - t0
                 record = {"step": self.step, **done["parts"], "tokens_per_s": tokens / dt,
                           "samples_per_s": samples / dt, "peak_mem_bytes": peak_memory_bytes()}
-                if (tc.eval_every and self.step % tc.eval_every == 0) or self.step == tc.max_steps:
+                if main and ((tc.eval_every and self.step % tc.eval_every == 0) or self.step == tc.max_steps):
                     record.update(self.validate())
                 self.history.append(record)
-                self._log(record)
+                if main:
+                    self._log(record)
                 bar.set_postfix(loss=f"{done['parts']['loss']:.3f}", lm=f"{done['parts']['lm']:.3f}",
                                 tok_s=f"{tokens / dt:.0f}")
                 bar.update(1)
-                if self._due_for_save():
+                if main and self._due_for_save():
                     self.save()
             bar.close()
             if self._stop is not None:
-                folder = self.save()
+                folder = self.save() if main else self.out
+                self.dist.barrier()
                 raise TrainingInterrupted(f"{self._stop} at step {self.step}: saved {folder}; continue with "
                                           f"--resume --output-dir {self.out}")
-        last = self.history[-1] if self.history else {}
-        final = {k: v for k, v in last.items() if k.startswith(("val_", "usage", "pick_", "score_"))}
-        if "val_loss" not in final:
-            final = self.validate()
-        folder = self.save()
+        final, folder = {}, None
+        if main:
+            last = self.history[-1] if self.history else {}
+            final = {k: v for k, v in last.items() if k.startswith(("val_", "usage", "pick_", "score_"))}
+            if "val_loss" not in final:
+                final = self.validate()
+            folder = self.save()
+        self.dist.barrier()
         dt = time.perf_counter() - t0
         summary = {"steps": self.step, "checkpoint": str(folder), "seconds": dt,
                    "samples_per_s": samples / dt if dt else 0.0, "tokens_per_s": tokens / dt if dt else 0.0,
                    "peak_mem_bytes": peak_memory_bytes(), "skipped_too_long": self.encoder.n_skipped,
-                   "truncated_utterances": self.encoder.n_cut, **final}
-        if self.encoder.n_skipped or self.encoder.n_cut:
+                   "truncated_utterances": self.encoder.n_cut, "world_size": self.dist.world, **final}
+        if main and (self.encoder.n_skipped or self.encoder.n_cut):
             print(f"note: {self.encoder.n_skipped} training samples did not fit max_len={self.spt_cfg.max_len} "
                   f"and were skipped; {self.encoder.n_cut} over-long utterances were cut to their end", flush=True)
-        print(f"trained {self.step} steps in {dt:.1f}s ({summary['samples_per_s']:.2f} samples/s, "
-              f"{summary['tokens_per_s']:.0f} tokens/s, peak mem {summary['peak_mem_bytes'] / 2**30:.2f} GiB); "
-              f"val loss {final.get('val_loss', float('nan')):.4f}; saved {folder}", flush=True)
+        if main:
+            print(f"trained {self.step} steps in {dt:.1f}s ({summary['samples_per_s']:.2f} samples/s, "
+                  f"{summary['tokens_per_s']:.0f} tokens/s, peak mem {summary['peak_mem_bytes'] / 2**30:.2f} GiB); "
+                  f"val loss {final.get('val_loss', float('nan')):.4f}; saved {folder}", flush=True)
         return summary
 
     @contextlib.contextmanager
