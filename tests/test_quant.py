@@ -280,3 +280,39 @@ def test_soft_prompt_grad_bf16_on_cuda():
     ids, soft = ids.cuda(), soft.cuda()
     assert model.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
     _assert_grad_close_bf16(model, ref, ids, soft)
+
+
+def test_preset_built_in_nf4_layer_by_layer_equals_quantizing_the_full_model():
+    from spt_fast.model.loading import random_preset_model
+
+    torch.manual_seed(123)
+    direct = random_preset_model("tiny", torch.float32, "cpu", seed=5, load_4bit=True)
+    full = quantize_linear_layers(random_preset_model("tiny", torch.float32, "cpu", seed=5), torch.float32)
+    a, b = dict(direct.named_modules()), dict(full.named_modules())
+    quantized = [n for n, m in a.items() if is_quantized(m) and not list(m.children())]
+    assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    for name in quantized:
+        wa, wb = a[name].weight, b[name].weight
+        assert torch.equal(wa.data, wb.data), name
+        assert torch.equal(wa.quant_state.absmax, wb.quant_state.absmax), name
+    for (na, pa), (nb, pb) in zip(direct.named_parameters(), full.named_parameters()):
+        if pa.dtype != torch.uint8:
+            assert na == nb and torch.equal(pa, pb), na
+
+
+def test_memory_bench_split_adds_up_and_estimate_has_the_same_parts():
+    from spt_fast.benchmarks.memory import estimate, measure_step
+
+    row = measure_step("tiny", "shared", K=2, B=2, context_len=16, response_len=4, prompt_len=2, dtype="fp32",
+                       device="cpu")
+    m = row["measured"]
+    assert m["baseline"] + m["weights"] + m["trainable"] + m["activations"] == m["step_peak"] <= m["peak"]
+    assert m["trainable"] >= 0 and m["activations"] >= 0 and row["step_s"] > 0
+    est = estimate("llama-2-7b", "shared", 4, 8, 256, 32, 1)
+    assert est["total"] == est["weights"] + est["trainable"] + est["activations"]
+    # NF4 with double quantization: about 0.52 bytes per quantized weight, plus the dense parts.
+    assert 3.5 * 2 ** 30 < est["weights"] < 4.2 * 2 ** 30
+    # The shared layout's activations do not grow with K x context: the context is held once.
+    k1, k8 = estimate("llama-2-7b", "shared", 1, 8, 512, 32, 1), estimate("llama-2-7b", "shared", 8, 8, 512, 32, 1)
+    p1, p8 = estimate("llama-2-7b", "prefix", 1, 8, 512, 32, 1), estimate("llama-2-7b", "prefix", 8, 8, 512, 32, 1)
+    assert k8["activations"] / k1["activations"] < 0.5 * p8["activations"] / p1["activations"]

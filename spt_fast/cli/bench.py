@@ -64,6 +64,21 @@ def add_parser(sub) -> None:
     v.add_argument("--device", default="cpu")
     v.add_argument("--json", default=None, help="write the results here")
 
+    m = bsub.add_parser("memory", help="one SPT step on a 4-bit preset shape: peak memory split and estimated",
+                        formatter_class=fmt)
+    m.add_argument("--model", action="append", default=None,
+                   help="preset:NAME (repeat; default preset:llama-2-7b)")
+    m.add_argument("--layout", action="append", choices=("shared", "prefix"), default=None,
+                   help="repeat (default: both)")
+    m.add_argument("--num-prompts", "-K", type=int, default=4)
+    m.add_argument("--prompt-len", "-L", type=int, default=1, help="the paper's Llama-2 setting")
+    m.add_argument("--batch-size", type=int, default=8)
+    m.add_argument("--context-len", type=int, default=256)
+    m.add_argument("--response-len", type=int, default=32)
+    m.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
+    m.add_argument("--device", default=None)
+    m.add_argument("--json", default=None, help="write the rows here")
+
     k = bsub.add_parser("kernels", help="Triton kernels vs their torch references (spt_fast.benchmarks.ops)",
                         formatter_class=fmt)
     k.add_argument("--op", action="append", choices=KERNEL_OPS, help="repeat to pick (default: all four)")
@@ -128,8 +143,22 @@ def run_serve(a) -> dict:
     return result
 
 
+def run_memory(a) -> list[dict]:
+    from ..benchmarks.memory import run_memory_bench
+    from ..model.loading import PRESET_PREFIX
+
+    models = a.model or ["preset:llama-2-7b"]
+    bad = [m for m in models if not m.startswith(PRESET_PREFIX)]
+    if bad:
+        raise SPTError(f"--model must be preset:NAME (random weights built in NF4), got {bad[0]!r}")
+    return run_memory_bench(tuple(m[len(PRESET_PREFIX):] for m in models), tuple(a.layout or ("shared", "prefix")),
+                            a.num_prompts, a.batch_size, a.context_len, a.response_len, a.prompt_len, a.dtype,
+                            a.device)
+
+
 def run(a) -> list[dict]:
-    rows = {"train": run_train, "generate": run_generate, "kernels": run_kernels, "serve": run_serve}[a.bench_cmd](a)
+    rows = {"train": run_train, "generate": run_generate, "kernels": run_kernels, "serve": run_serve,
+            "memory": run_memory}[a.bench_cmd](a)
     if a.json:
         write_json(a.json, rows)
         print(f"wrote {a.json}")

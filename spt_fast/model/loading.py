@@ -134,9 +134,12 @@ def load(model: str = "default", dtype: torch.dtype = torch.float32, load_4bit: 
 PRESET_PREFIX = "preset:"
 
 
-def random_preset_model(name: str, dtype: torch.dtype, device="cpu", seed: int = 0):
+def random_preset_model(name: str, dtype: torch.dtype, device="cpu", seed: int = 0, load_4bit: bool = False):
     """A LlamaForCausalLM with the shapes of a named preset (model.llama.PRESETS) and random
-    N(0, 0.02) weights drawn straight on `device`: nothing is downloaded, no host copy is made."""
+    N(0, 0.02) weights (norms 1) drawn straight on `device`, one parameter at a time in the order of
+    `named_parameters()`: nothing is downloaded and no host copy is made. With load_4bit each linear
+    layer (the LM head excepted) is quantized to NF4 as soon as its weight is drawn, so the model
+    never exists in full precision (a 7B shape peaks at its NF4 size plus one layer)."""
     from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
     from .llama import LlamaConfig
@@ -150,23 +153,30 @@ def random_preset_model(name: str, dtype: torch.dtype, device="cpu", seed: int =
                         num_hidden_layers=p.n_layers, num_attention_heads=p.n_heads, num_key_value_heads=p.n_kv_heads,
                         max_position_embeddings=p.max_seq_len, rms_norm_eps=p.rms_norm_eps, rope_theta=p.rope_theta,
                         tie_word_embeddings=p.tie_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    # Skeleton on the meta device (no host memory, no init), then storage and a cheap random init
-    # straight on the target device.
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).to(dtype)
-    model = model.to_empty(device=device)
+    with torch.device("meta"):  # the skeleton: no memory, no init
+        model = LlamaForCausalLM(cfg)
+    if load_4bit:
+        from .quant import guard_4bit, to_nf4
     gen = torch.Generator(device=device).manual_seed(seed)
+    drawn: dict = {}  # id of a meta parameter -> its real one (tied weights are drawn once)
     with torch.no_grad():
-        for pname, param in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
-    if p.tie_embeddings:  # to_empty gave the head its own storage
-        model.lm_head.weight = model.model.embed_tokens.weight
+        for mname, module in list(model.named_modules()):
+            for pname, meta in list(module.named_parameters(recurse=False)):
+                if id(meta) not in drawn:
+                    t = torch.empty(meta.shape, dtype=dtype, device=device)
+                    t.fill_(1.0) if pname == "weight" and mname.endswith("norm") else t.normal_(0.0, 0.02, generator=gen)
+                    drawn[id(meta)] = torch.nn.Parameter(t, requires_grad=False)
+                setattr(module, pname, drawn[id(meta)])
+            if load_4bit and type(module) is torch.nn.Linear and not mname.endswith("lm_head"):
+                parent, _, child = mname.rpartition(".")
+                setattr(model.get_submodule(parent), child, to_nf4(module, dtype, 64))
+                for param in module.parameters(recurse=False):  # let the full-precision weight go
+                    drawn.pop(next(k for k, v in drawn.items() if v is param), None)
     # The rotary tables are non-persistent buffers computed at construction: build them for real (fp32).
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+    if load_4bit:
+        guard_4bit(model)
     return model.eval().requires_grad_(False)
 
 
@@ -174,12 +184,8 @@ def load_any(model: str, dtype: torch.dtype = torch.float32, load_4bit: bool = F
     """(base, tokenizer or None) for 'default', a local folder / .gguf, or 'preset:NAME' (random
     weights of a named Llama shape, no tokenizer), on `device` (default: where it loads)."""
     if model.startswith(PRESET_PREFIX):
-        base = random_preset_model(model[len(PRESET_PREFIX):], dtype, device or "cpu")
+        base = random_preset_model(model[len(PRESET_PREFIX):], dtype, device or "cpu", load_4bit=load_4bit)
         tok = None
-        if load_4bit:
-            from .quant import quantize_linear_layers
-
-            quantize_linear_layers(base, compute_dtype=dtype)
     else:
         base, tok = load(model, dtype, load_4bit)
     return (base if device is None else base.to(device)), tok
