@@ -95,3 +95,26 @@ def check_number(name: str, value, low: float = 0.0, strict: bool = True, intege
     if not ok:
         what = "an integer" if integer else "a finite number"
         raise SPTError(f"{name} must be {what} {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
+def cpu_info() -> dict:
+    """{'model': CPU model name, 'flags': set of feature flags} from /proc/cpuinfo (Linux)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "flags": flags}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX)."""
+    flags = cpu_info()["flags"]
+    return "avx512_bf16" in flags or "amx_bf16" in flags

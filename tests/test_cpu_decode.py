@@ -98,3 +98,58 @@ def test_attach_refuses_layers_it_does_not_handle():
     assert not attach_cpu_projections(view)
     assert view.layers[0].attention.fused_qkv is None  # nothing half-swapped
     assert type(view.output) is nn.Linear
+
+
+@pytest.mark.parametrize("bits, dtype, atol", [(8, torch.float32, 1e-4), (8, torch.bfloat16, 0.15),
+                                               (4, torch.float32, 1e-4), (4, torch.bfloat16, 0.15)])
+def test_quantized_projection_equals_its_dequantized_weights(bits, dtype, atol):
+    from spt_fast.model.cpu_projections import QuantProjection
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, n, bias=False) for n in (64, 32, 32)]
+    proj = QuantProjection(layers, bits, dtype)
+    x = torch.randn(3, 5, 64)
+    # The dequantized weights, rebuilt from the same rule (int8: per row; int4: groups of 32).
+    w = torch.cat([layer.weight.detach() for layer in layers])
+    if bits == 8:
+        scale = w.abs().amax(1, keepdim=True) / 127
+        deq = torch.round(w / scale).clamp(-128, 127) * scale
+    else:
+        g = w.reshape(w.shape[0], -1, 32)
+        low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = (high - low) / 15
+        deq = (torch.round((g - low) / scale).clamp(0, 15) * scale + low).reshape(w.shape)
+    want = (x @ deq.t()).split([64, 32, 32], dim=-1)
+    got = proj(x.to(dtype))
+    for g_, w_ in zip(got, want):
+        assert g_.shape == w_.shape and g_.dtype == dtype
+        torch.testing.assert_close(g_.float(), w_, atol=atol, rtol=0.05 if dtype == torch.bfloat16 else 1e-4)
+    # A quantization error there is: the weights are not reproduced exactly.
+    assert (deq - w).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_int8_int4_engines_agree_with_the_fp32_engine_on_the_embedded_model():
+    """Greedy replies of weight-only int8/int4 decoding against full precision on the real model:
+    the share of generated tokens equal up to each reply's first difference is reported, with a
+    floor. (A random tiny model is too flat to say anything: near-ties everywhere.)"""
+    from spt_fast.data.corpora import load_samples, split_by_dialog
+    from spt_fast.generation.engine import Engine
+    from spt_fast.model.build import build_spt_model
+    from spt_fast.model.loading import load
+    from spt_fast.model.spt import SPTConfig
+
+    base, tok = load("default")
+    spt = build_spt_model(base, SPTConfig(num_prompts=2, prompt_len=4, layout="shared", max_len=256), tok)
+    held_out = split_by_dialog(load_samples("chitchat"))[1][:12]
+    convs = [(s.persona, s.history) for s in held_out]
+    opts = dict(max_new_tokens=24, stops=(), ignore_eos=True, prompt=0)
+    full = Engine(spt, tok).generate(convs, **opts)
+    rates = {}
+    for weights in ("int8", "int4"):
+        low = Engine(spt, tok, weights=weights).generate(convs, **opts)
+        same = sum(next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), len(a.tokens))
+                   for a, b in zip(full, low))
+        rates[weights] = same / sum(len(a.tokens) for a in full)
+    print(f"greedy agreement with fp32: int8 {rates['int8']:.1%}, int4 {rates['int4']:.1%}")
+    assert rates["int8"] >= 0.6 and rates["int4"] >= 0.3 and rates["int8"] >= rates["int4"]

@@ -16,14 +16,18 @@ from spt_fast.model.llama.PRESETS with random weights built on the device: nothi
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
 from ..errors import SPTError
 from ..model.loading import PRESET_PREFIX
+from ..utils import cpu_info
+from .timing import read_bandwidth
 
 H100_SXM_BANDWIDTH = 3.35e12  # bytes/s
+IMPLS = ("hf", "spt_fast", "spt_fast-int8", "spt_fast-int4")
 
 
 def _weight_bytes(model) -> int:
@@ -44,6 +48,24 @@ def _weight_bytes(model) -> int:
             total += state.absmax.numel() * state.absmax.element_size()
             state = getattr(state, "state2", None)
     return total
+
+
+def engine_weight_bytes(engine, base) -> int:
+    """Bytes one decode step of this engine reads: its quantized or packed projections where it has
+    them (one copy each), else the base's weights (the input embedding: one row per token, left out)."""
+    from ..model.cpu_projections import CPUProjection, QuantProjection
+
+    llama = getattr(engine.backend, "llama", None)
+    if llama is None or not engine.cpu_projections:
+        return _weight_bytes(base)
+    total = 0
+    for m in llama.modules():
+        if isinstance(m, QuantProjection):
+            total += m.q.numel() * m.q.element_size() + m.scale.numel() * m.scale.element_size()
+        elif isinstance(m, CPUProjection):
+            total += sum(w.numel() * w.element_size() for w in m.weights())
+    norms = [p for n, p in llama.named_parameters() if n.endswith("norm.weight")]
+    return total + sum(p.numel() * p.element_size() for p in norms)
 
 
 def _timed(fn, device, clock) -> float:
@@ -74,8 +96,8 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
     from ..utils import dtype_name, resolve_dtype
 
     for impl in impls:
-        if impl not in ("hf", "spt_fast"):
-            raise SPTError(f"unknown impl {impl!r}: use 'hf' and/or 'spt_fast'")
+        if impl not in IMPLS:
+            raise SPTError(f"unknown impl {impl!r}: use some of {', '.join(IMPLS)}")
     if new_tokens < 2:
         raise SPTError("new_tokens must be >= 2 (decode speed needs more than the first token)")
     if context_len < 2:
@@ -107,8 +129,12 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
         import copy
 
         hf_base = copy.deepcopy(base)
-    engine = Engine(spt, tok, compile=compile) if "spt_fast" in impls else None
-    weight_bytes = _weight_bytes(base)
+    engines = {impl: Engine(spt, tok, compile=compile, weights=impl.split("-")[1] if "-" in impl else None)
+               for impl in impls if impl.startswith("spt_fast")}
+    weight_bytes = {impl: engine_weight_bytes(e, base) for impl, e in engines.items()}
+    weight_bytes["hf"] = _weight_bytes(base)
+    cpu = cpu_info()["model"]
+    read_bps = read_bandwidth() if device.type == "cpu" else bandwidth
     vocab = base.get_input_embeddings().weight.shape[0]
     bos = getattr(base.config, "bos_token_id", None)
     pad = (tok.pad_token_id if tok is not None else None) or 0
@@ -130,11 +156,11 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
                 return hf_base.generate(inputs_embeds=rows, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                      do_sample=False, pad_token_id=pad)
 
-        def ours_call(n, ids=ids, picks=picks):
+        def ours_call(n, engine, ids=ids, picks=picks):
             return engine.generate_ids(ids.tolist(), [0] * len(picks), max_new_tokens=n, stops=(), ignore_eos=True,
                                        prompt=picks)
 
-        calls = {"hf": hf_call, "spt_fast": ours_call}
+        calls = {"hf": hf_call, **{impl: functools.partial(ours_call, engine=e) for impl, e in engines.items()}}
         for impl in impls:
             calls[impl](new_tokens)  # warm-up (and compilation)
             calls[impl](1)
@@ -152,27 +178,30 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
             row = {"impl": impl, "model": model, "device": device.type, "dtype": dname, "batch": B,
                    "ttft_ms": round(first * 1e3, 3), "decode_tokens_per_s": round(B / step, 2),
                    "step_ms": round(step * 1e3, 3), "context_len": context_len, "new_tokens": new_tokens,
-                   "load_4bit": bool(load_4bit), "compile": bool(compile and impl == "spt_fast"),
-                   "threads": torch.get_num_threads(), "clock": clock, "weight_bytes": weight_bytes}
+                   "load_4bit": bool(load_4bit), "compile": bool(compile and impl.startswith("spt_fast")),
+                   "threads": torch.get_num_threads(), "clock": clock, "weight_bytes": weight_bytes[impl],
+                   "achieved_GBps": round(weight_bytes[impl] / step / 1e9, 1),
+                   "roofline_pct": round(100 * weight_bytes[impl] / read_bps / step, 1),
+                   "read_GBps": round(read_bps / 1e9, 1)}
             if device.type == "cuda":
-                row["achieved_GBps"] = round(weight_bytes / step / 1e9, 1)
-                row["hbm_roofline_pct"] = round(100 * weight_bytes / bandwidth / step, 1)
                 row["gpu"] = torch.cuda.get_device_name(device)
+            else:
+                row["cpu"] = cpu
             rows_out.append(row)
     return rows_out
 
 
 def format_rows(rows: list[dict]) -> str:
-    cols = ["impl", "batch", "ttft_ms", "decode_tokens_per_s", "step_ms"]
-    if any("hbm_roofline_pct" in r for r in rows):
-        cols += ["achieved_GBps", "hbm_roofline_pct"]
-    lines = ["  ".join(f"{c:>20}" for c in cols)]
+    cols = ["impl", "batch", "ttft_ms", "decode_tokens_per_s", "step_ms", "achieved_GBps", "roofline_pct"]
+    where = rows[0].get("gpu") or rows[0].get("cpu", "") if rows else ""
+    lines = [f"{where}: memory read {rows[0]['read_GBps'] if rows else 0} GB/s (the roofline)"] if rows else []
+    lines.append("  ".join(f"{c:>20}" for c in cols))
     for r in rows:
         lines.append("  ".join(f"{str(r.get(c, '')):>20}" for c in cols))
     base = {(r["batch"]): r for r in rows if r["impl"] == "hf"}
     for r in rows:
-        if r["impl"] == "spt_fast" and r["batch"] in base:
+        if r["impl"].startswith("spt_fast") and r["batch"] in base:
             h = base[r["batch"]]
-            lines.append(f"batch {r['batch']}: decode {r['decode_tokens_per_s'] / h['decode_tokens_per_s']:.2f}x "
+            lines.append(f"{r['impl']} batch {r['batch']}: decode {r['decode_tokens_per_s'] / h['decode_tokens_per_s']:.2f}x "
                          f"transformers generate, ttft {h['ttft_ms'] / r['ttft_ms']:.2f}x")
     return "\n".join(lines)

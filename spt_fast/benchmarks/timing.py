@@ -141,3 +141,16 @@ def benchmark_step(benchmark, step: Callable[[], object], group: str, *, peak_me
 
     benchmark.group = group
     benchmark(synced)
+
+
+def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """Bytes per second this machine reads from memory with torch's threads (best of `reps` sums
+    over a buffer far larger than the caches): the roofline a CPU decode step is bound by."""
+    buf = torch.ones(int(gib * 2 ** 30) // 4, dtype=torch.float32)
+    buf.sum()  # pages touched before timing
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best

@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
                         formatter_class=fmt)
     g.add_argument("--model", default="default",
                    help="'default', a local model folder, or preset:NAME (random weights, e.g. preset:llama-2-7b)")
-    g.add_argument("--impls", default="hf,spt_fast", help="comma-separated: hf, spt_fast")
+    g.add_argument("--impls", default="hf,spt_fast",
+                   help="comma-separated: hf, spt_fast, spt_fast-int8, spt_fast-int4 (CPU weight-only int8/int4)")
     g.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     g.add_argument("--load-4bit", action="store_true")
@@ -48,7 +49,7 @@ def add_parser(sub) -> None:
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
     g.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
-                   help="memory bandwidth (bytes/s) for the roofline")
+                   help="GPU memory bandwidth (bytes/s) for the roofline (on CPU it is measured at start)")
     g.add_argument("--clock", choices=("wall", "process"), default="wall",
                    help="process: CPU time of the process (CPU runs with one thread on a shared machine)")
     g.add_argument("--json", default=None, help="write the rows here")

@@ -121,10 +121,13 @@ class Engine:
     On CPU, `cpu_weight_layout=True` (the default) runs the dense layers on oneDNN-packed copies of
     their weights (one more copy of the dense weights in memory; see spt_fast.model.cpu_projections), and
     column-major weights where those do not apply; False runs the model's own layers as they are.
-    `compile=True` on CPU always uses the packed copies.
+    `compile=True` on CPU always uses the packed copies. `weights="int8"` / `"int4"` (CPU) decode with
+    weight-only quantized copies of the dense layers instead (a quarter / an eighth of the fp32
+    bytes to read per step; the replies may differ slightly from full precision).
     """
 
-    def __init__(self, spt, tokenizer=None, device=None, compile: bool = False, cpu_weight_layout: bool = True):
+    def __init__(self, spt, tokenizer=None, device=None, compile: bool = False, cpu_weight_layout: bool = True,
+                 weights: str | None = None):
         from ..model.build import fast_path_problem
         from ..model.cpu_projections import attach_cpu_projections
         from ..model.llama import Llama, column_major_linears
@@ -155,18 +158,22 @@ class Engine:
                 # NF4 on GPU: the view computes q/k/v, o, gate/up and down with the project's NF4
                 # kernels (one launch per group, bitsandbytes' tensors read in place).
                 self.nf4_kernels = attach_nf4_kernels(llama)
-            elif cpu_dense:
+            elif cpu_dense or weights:
                 # CPU: projections on oneDNN-packed copies of the weights (the prefill, batched and
                 # eager decode: 1.2-2x faster than the BLAS here) and, in a compiled step, one row as
-                # a streamed product-sum; see spt_fast.model.cpu_projections.
-                self.cpu_projections = attach_cpu_projections(llama)
+                # a streamed product-sum; or weight-only int8/int4 copies (spt_fast.model.cpu_projections).
+                self.cpu_projections = attach_cpu_projections(llama, weights)
             if cpu_weight_layout and spt.device.type == "cpu" and not self.cpu_projections:
                 # Eager decode multiplies a few rows by every weight; column-major weights take the
                 # BLAS's fast path for that on some CPUs (values unchanged; shared with spt.base).
                 column_major_linears(llama)
+            if weights and not self.cpu_projections:
+                raise SPTError(f"weights={weights!r} is a CPU option for a full-precision (fp32/bf16) base")
             self.backend = FastBackend(llama, compile=compile, nf4=self.nf4_kernels)
             self.max_positions = llama.config.max_seq_len
         else:
+            if weights:
+                raise SPTError(f"weights={weights!r} needs the compact Llama engine ({problem})")
             warnings.warn(f"the fast generation engine does not support this model ({problem}); falling back "
                           "to the Hugging Face generation path (slower)", stacklevel=2)
             self.backend = HFBackend(spt.base)
@@ -196,7 +203,8 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path, device=None, dtype=None, compile: bool = False, model: str | None = None,
-                        load_4bit: bool | None = None, layout: str | None = None) -> "Engine":
+                        load_4bit: bool | None = None, layout: str | None = None,
+                        weights: str | None = None) -> "Engine":
         """An engine for a checkpoint (or training output) folder; the base model is the one recorded
         there unless `model` overrides it. dtype: None (as trained), "fp32"/"bf16" or a torch dtype."""
         from ..training.checkpoint import load_for_inference
@@ -206,7 +214,7 @@ class Engine:
         spt, tok, _ = load_for_inference(str(path), model, dtype, load_4bit, layout)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(spt, tok, device=device, compile=compile)
+        return cls(spt, tok, device=device, compile=compile, weights=weights)
 
     # ---- text in, text out ---------------------------------------------------------------------
     def reply(self, persona, history, **gen) -> str:

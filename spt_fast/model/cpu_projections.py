@@ -74,15 +74,66 @@ class CPUProjection(nn.Module):
         return tuple(outs) if len(outs) > 1 else outs[0]
 
 
+class QuantProjection(nn.Module):
+    """One or more bias-free linear layers with weight-only int8 or int4 weights, through
+    PyTorch's own CPU kernels: int8 with one scale per output row (aten._weight_int8pack_mm), int4
+    in groups of `group` input columns with a scale and an offset each (aten's tinygemm-format
+    _weight_int4pack_mm_for_cpu: w = (q - 8) * scale + zero). Activations stay in `dtype`.
+    Reading a quarter (int8) or an eighth (int4) of the fp32 bytes is what a decode step is bound by.
+    """
+
+    def __init__(self, layers, bits: int, dtype: torch.dtype, group: int = 32):
+        super().__init__()
+        weights = [layer.weight.detach().float() for layer in layers]
+        self.sizes, self.bits, self.dtype, self.group = [w.shape[0] for w in weights], bits, dtype, group
+        w = torch.cat(weights) if len(weights) > 1 else weights[0]
+        n, k = w.shape
+        if bits == 8:
+            scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
+            self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8), persistent=False)
+            self.register_buffer("scale", scale.to(dtype), persistent=False)
+        elif bits == 4:
+            if k % group:
+                raise ValueError(f"int4 needs the input width {k} divisible by the group size {group}")
+            pad = -n % 16  # the kernel takes output widths in multiples of 16: zero rows, cut off after
+            w = torch.cat([w, w.new_zeros(pad, k)]) if pad else w
+            n = w.shape[0]
+            g = w.reshape(n, k // group, group)
+            low, high = g.amin(-1), g.amax(-1)
+            scale = ((high - low) / 15).clamp_min(1e-12)
+            q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+            self.register_buffer("q", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+            zero = low + 8 * scale
+            self.register_buffer("scale", torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous(),
+                                 persistent=False)
+        else:
+            raise ValueError(f"bits must be 8 or 4, got {bits}")
+
+    def forward(self, x):
+        rows = x.shape[:-1].numel()
+        flat = x.reshape(rows, x.shape[-1]).to(self.dtype)
+        if self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.q, self.group, self.scale)[:, :sum(self.sizes)]
+        outs = y.to(x.dtype).reshape(*x.shape[:-1], -1).split(self.sizes, dim=-1)
+        return tuple(outs) if len(outs) > 1 else outs[0]
+
+
 def _plain(layer) -> bool:
     return (type(layer) is nn.Linear and layer.bias is None and layer.weight.device.type == "cpu"
             and layer.weight.dtype in (torch.float32, torch.bfloat16))
 
 
-def attach_cpu_projections(llama) -> bool:
+WEIGHTS = ("int8", "int4")
+
+
+def attach_cpu_projections(llama, weights: str | None = None) -> bool:
     """Swap the dense layers of a compact Llama *view* (its own Attention/FeedForward objects;
-    the HF model behind it keeps its layers) for CPUProjection modules. Returns False, changing
-    nothing, unless every layer is a plain bias-free fp32/bf16 nn.Linear on the CPU."""
+    the HF model behind it keeps its layers) for CPUProjection modules, or QuantProjection ones
+    with weights="int8" / "int4" (the LM head included; the input embedding is read one row per
+    token and stays as it is). Returns False, changing nothing, unless every layer is a plain
+    bias-free fp32/bf16 nn.Linear on the CPU."""
     plans = []
     for block in llama.layers:
         a, f = block.attention, block.feed_forward
@@ -92,8 +143,21 @@ def attach_cpu_projections(llama) -> bool:
         plans.append(groups)
     if not _plain(llama.output):
         return False
+    if weights is None:
+        make = CPUProjection
+    elif weights in WEIGHTS:
+        dtype = llama.output.weight.dtype
+        bits = 8 if weights == "int8" else 4
+
+        def make(layers):
+            return QuantProjection(layers, bits, dtype)
+    else:
+        raise ValueError(f"weights must be one of {WEIGHTS} or None, got {weights!r}")
     for block, (qkv, o, gate_up, down) in zip(llama.layers, plans):
-        block.attention.fused_qkv, block.attention.wo = CPUProjection(qkv), CPUProjection(o)
-        block.feed_forward.fused_gate_up, block.feed_forward.w2 = CPUProjection(gate_up), CPUProjection(down)
-    llama.output = CPUProjection([llama.output])
+        block.attention.fused_qkv, block.attention.wo = make(qkv), make(o)
+        block.feed_forward.fused_gate_up, block.feed_forward.w2 = make(gate_up), make(down)
+    # The LM head picks every token: with int4 blocks it stays int8 (as llama.cpp's 4-bit formats
+    # keep their output matrix at higher precision), a small cost for much closer replies.
+    llama.output = CPUProjection([llama.output]) if weights is None else \
+        QuantProjection([llama.output], 8, llama.output.weight.dtype)
     return True
