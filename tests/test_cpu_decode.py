@@ -153,3 +153,35 @@ def test_int8_int4_engines_agree_with_the_fp32_engine_on_the_embedded_model():
         rates[weights] = same / sum(len(a.tokens) for a in full)
     print(f"greedy agreement with fp32: int8 {rates['int8']:.1%}, int4 {rates['int4']:.1%}")
     assert rates["int8"] >= 0.6 and rates["int4"] >= 0.2
+
+
+def test_kernel_choice_is_measured_once_per_machine_and_shape(tmp_path, monkeypatch):
+    from spt_fast.model import cpu_projections as cp
+
+    torch.manual_seed(0)
+    projs = [cp.CPUProjection([torch.nn.Linear(64, 96, bias=False)]),
+             cp.CPUProjection([torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(64, 32, bias=False)])]
+    timed = []
+
+    def fake(projections, rows, reps=8):
+        timed.append(rows)
+        return {"onednn": 2.0, "blas": 1.0} if rows == 1 else {"onednn": 1.0, "blas": 3.0}
+
+    monkeypatch.setattr(cp, "_time_kernels", fake)
+    cache = tmp_path / "kernels.json"
+    assert cp.choose_kernels(projs, cache) == {1: "blas", 2: "onednn"} and timed == [1, 16]
+    assert cp.choose_kernels(projs, cache) == {1: "blas", 2: "onednn"} and timed == [1, 16]  # from the cache
+    other = [cp.CPUProjection([torch.nn.Linear(32, 16, bias=False)])]
+    cp.choose_kernels(other, cache)
+    assert timed == [1, 16, 1, 16] and len(__import__("json").loads(cache.read_text())) == 2
+    # Both kernels compute the same projection.
+    x1, x4 = torch.randn(1, 64), torch.randn(4, 64)
+    for p in projs:
+        p.kernels = {1: "onednn", 2: "onednn"}
+        a1, a4 = p(x1), p(x4)
+        p.kernels = {1: "blas", 2: "blas"}
+        b1, b4 = p(x1), p(x4)
+        for u, v in zip(a1 if isinstance(a1, tuple) else [a1], b1 if isinstance(b1, tuple) else [b1]):
+            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
+        for u, v in zip(a4 if isinstance(a4, tuple) else [a4], b4 if isinstance(b4, tuple) else [b4]):
+            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)

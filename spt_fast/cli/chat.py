@@ -54,7 +54,8 @@ def run(args, stdin=None, stdout=None, engine=None) -> None:
     out = stdout or sys.stdout
     if engine is None:
         engine = Engine.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
-                                        compile=args.compile, model=args.model, load_4bit=args.load_4bit)
+                                        compile=args.compile, model=args.model, load_4bit=args.load_4bit,
+                                        weights=args.weights)
     K = engine.config.num_prompts
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                selection_noise=args.selection_noise)

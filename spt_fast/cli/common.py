@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..data.corpora import FORMATS
 from ..errors import SPTError
+from ..model.cpu_projections import WEIGHTS
 from ..training.trainer import TrainConfig
 from ..utils import DTYPE_NAMES, write_text_atomic
 
@@ -24,6 +25,10 @@ def add_model_args(p, from_checkpoint: bool = False) -> None:
                    help="base model dtype" + recorded)
     p.add_argument("--load-4bit", action="store_true", default=None if from_checkpoint else t.load_4bit,
                    help="quantize the base model's linear layers to NF4 (bitsandbytes)" + recorded)
+    if from_checkpoint:  # a generation command
+        p.add_argument("--weights", choices=WEIGHTS, default=None,
+                       help="CPU decode with weight-only int8 / int4 copies of the dense layers (faster, replies "
+                            "may differ slightly); default: full precision")
 
 
 def add_data_args(p, default: str | None = "chitchat") -> None:

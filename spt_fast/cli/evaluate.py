@@ -62,7 +62,7 @@ def run(a) -> None:
         check_number("--max-samples", a.max_samples, 1, strict=False, integer=True)
     samples = eval_samples(a)
     engine = Engine.from_checkpoint(a.checkpoint, device=a.device, dtype=a.dtype, model=a.model,
-                                    load_4bit=a.load_4bit)
+                                    load_4bit=a.load_4bit, weights=a.weights)
     result = evaluate(engine, samples, a.max_samples, a.batch_size, a.max_new_tokens, a.bertscore_model,
                       a.selection_noise, progress=not a.no_progress, paper=a.paper_metrics,
                       bertscore_layer=a.bertscore_layer)

@@ -37,7 +37,7 @@ def run(a) -> None:
     check_number("--max-new-tokens", a.max_new_tokens, 1, strict=False, integer=True)
     check_number("--selection-noise", a.selection_noise, strict=False)
     engine = Engine.from_checkpoint(a.checkpoint, device=a.device, dtype=a.dtype, model=a.model,
-                                    load_4bit=a.load_4bit)
+                                    load_4bit=a.load_4bit, weights=a.weights)
     opts = dict(max_new_tokens=a.max_new_tokens, selection_noise=a.selection_noise, seed=0)
     engine.options(**opts)  # bad options fail before any generation
     for start in range(0, len(convs), a.batch_size):

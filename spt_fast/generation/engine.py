@@ -162,7 +162,9 @@ class Engine:
                 # CPU: projections on oneDNN-packed copies of the weights (the prefill, batched and
                 # eager decode: 1.2-2x faster than the BLAS here) and, in a compiled step, one row as
                 # a streamed product-sum; or weight-only int8/int4 copies (spt_fast.model.cpu_projections).
-                self.cpu_projections = attach_cpu_projections(llama, weights)
+                from ..model.loading import cache_dir
+
+                self.cpu_projections = attach_cpu_projections(llama, weights, cache_dir() / "cpu_kernels.json")
             if cpu_weight_layout and spt.device.type == "cpu" and not self.cpu_projections:
                 # Eager decode multiplies a few rows by every weight; column-major weights take the
                 # BLAS's fast path for that on some CPUs (values unchanged; shared with spt.base).

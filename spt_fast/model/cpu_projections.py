@@ -9,11 +9,14 @@ in place of its dense layers (q/k/v, o, gate/up, down, LM head). They run:
   ops around it: 27-49 GB/s of weights where the BLAS matrix-vector call reached 14-26 GB/s on the
   2-vCPU machine (`python bench/cpu_projections.py` prints the comparison).
 - everything else (the prefill, batched decode, an eager engine): oneDNN on weights packed once,
-  q/k/v and gate/up as one matrix each, through a custom op that inductor leaves alone. Inductor
-  would pack fp32 linears for MKL, a third of oneDNN's speed at 16 rows on an AMD Zen CPU.
+  q/k/v and gate/up as one matrix each, through a custom op that inductor leaves alone, or the
+  BLAS (F.linear) on the weights as they are: which one is *measured* on this CPU, once per
+  machine, dtype and model shape, separately for one row and for several (`choose_kernels`; the
+  choice is kept under the cache folder). What won on an AMD Zen CPU lost on an Intel Xeon.
+- with weights="int8" / "int4": PyTorch's weight-only int8 / int4 CPU kernels (QuantProjection).
 
 The original weights are shared, not copied; the packed copies cost one more copy of the dense
-weights.
+weights (dropped when the BLAS wins both ways).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class CPUProjection(nn.Module):
 
     def __init__(self, layers, pack_rows: int = 16):
         super().__init__()
+        self.kernels = {1: "onednn", 2: "onednn"}  # rows -> kernel (2: any count above one)
         weights = [layer.weight.detach() for layer in layers]
         self.sizes = [w.shape[0] for w in weights]
         for i, w in enumerate(weights):
@@ -66,12 +70,74 @@ class CPUProjection(nn.Module):
         rows = x.shape[:-1].numel()
         if rows == 1 and torch.compiler.is_compiling():
             outs = [gemv(x, w) for w in self.weights()]
-        elif self.packed is not None:
+        elif self.packed is not None and self.kernels[min(rows, 2)] == "onednn":
             y = _onednn_linear(x.reshape(rows, x.shape[-1]), self.packed, sum(self.sizes))
             outs = y.reshape(*x.shape[:-1], -1).split(self.sizes, dim=-1)
         else:
             outs = [F.linear(x, w) for w in self.weights()]
         return tuple(outs) if len(outs) > 1 else outs[0]
+
+
+KERNELS = ("onednn", "blas")
+
+
+def _time_kernels(projections: list[CPUProjection], rows: int, reps: int = 8) -> dict[str, float]:
+    """Seconds one pass over these projections takes with each kernel, for `rows` input rows."""
+    import time
+
+    out = {}
+    xs = [torch.randn(rows, p.weights()[0].shape[1], dtype=p.weights()[0].dtype) for p in projections]
+    for kernel in KERNELS:
+        for p in projections:
+            p.kernels = {1: kernel, 2: kernel}
+        for _ in range(2):  # warm-up (oneDNN primitive creation, page faults)
+            [p(x) for p, x in zip(projections, xs)]
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            [p(x) for p, x in zip(projections, xs)]
+            best = min(best, time.perf_counter() - t0)
+        out[kernel] = best
+    return out
+
+
+def choose_kernels(projections: list[CPUProjection], cache_file=None) -> dict[int, str]:
+    """The faster kernel for one row and for several (16), measured on these projections' own
+    shapes on this CPU; kept in `cache_file` (JSON) per CPU model, torch version, threads, dtype
+    and shapes, so each machine measures once."""
+    import json
+    import os
+
+    from ..utils import cpu_info
+
+    distinct = {}
+    for p in projections:  # one of each shape is enough to time
+        distinct.setdefault((tuple(p.weights()[0].shape), len(p.sizes), str(p.weights()[0].dtype)), p)
+    key = "|".join([cpu_info()["model"], torch.__version__, f"threads={torch.get_num_threads()}",
+                    ";".join(f"{s}x{n}:{d}" for s, n, d in sorted(distinct))])
+    table = {}
+    if cache_file is not None and os.path.isfile(cache_file):
+        try:
+            with open(cache_file) as f:
+                table = json.load(f)
+        except (OSError, ValueError):
+            table = {}
+    if key not in table:
+        chosen = {}
+        with torch.no_grad():
+            for rows in (1, 16):
+                times = _time_kernels(list(distinct.values()), rows)
+                chosen[str(min(rows, 2))] = min(times, key=times.get)
+        table[key] = chosen
+        if cache_file is not None:
+            from ..utils import write_text_atomic
+
+            try:
+                os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+                write_text_atomic(cache_file, json.dumps(table, indent=1))
+            except OSError:
+                pass  # a read-only cache folder: measure again next time
+    return {int(k): v for k, v in table[key].items()}
 
 
 class QuantProjection(nn.Module):
@@ -128,7 +194,7 @@ def _plain(layer) -> bool:
 WEIGHTS = ("int8", "int4")
 
 
-def attach_cpu_projections(llama, weights: str | None = None) -> bool:
+def attach_cpu_projections(llama, weights: str | None = None, kernel_cache=None) -> bool:
     """Swap the dense layers of a compact Llama *view* (its own Attention/FeedForward objects;
     the HF model behind it keeps its layers) for CPUProjection modules, or QuantProjection ones
     with weights="int8" / "int4" (the LM head included; the input embedding is read one row per
@@ -160,4 +226,11 @@ def attach_cpu_projections(llama, weights: str | None = None) -> bool:
     # keep their output matrix at higher precision), a small cost for much closer replies.
     llama.output = CPUProjection([llama.output]) if weights is None else \
         QuantProjection([llama.output], 8, llama.output.weight.dtype)
+    if weights is None and _HAS_ONEDNN:
+        dense = [m for m in llama.modules() if isinstance(m, CPUProjection)]
+        kernels = choose_kernels(dense, kernel_cache)
+        for m in dense:
+            m.kernels = dict(kernels)
+            if "onednn" not in kernels.values():
+                m.packed = None  # the BLAS wins both ways: no packed copy kept
     return True
