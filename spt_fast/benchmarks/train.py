@@ -65,7 +65,11 @@ def straightforward_loss(spt: SPTModel, batch: Batch, max_len: int) -> torch.Ten
 
 
 # ---- data --------------------------------------------------------------------------------------
-def synthetic_batches(vocab: int, B: int, n: int, ctx_len: int, resp_len: int, bos: int | None, seed=0):
+def synthetic_batches(vocab: int, B: int, n: int, ctx_len: int, resp_len: int, bos: int | None, seed=0,
+                      tag_len: int = 2):
+    """Random token batches; each context's last `tag_len` tokens stand for the final " R:" tag
+    (two tokens for byte-level BPE and Llama's SentencePiece), which the shared layout puts after
+    the prompt."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -73,7 +77,7 @@ def synthetic_batches(vocab: int, B: int, n: int, ctx_len: int, resp_len: int, b
         if bos is not None:
             ids[:, 0] = bos
         out.append(Batch(ids, torch.full((B,), ctx_len), torch.full((B,), resp_len), ids[:, ctx_len:].clone(),
-                         [f"p{i % 2}" for i in range(B)], [0] * B, bos is not None))
+                         [f"p{i % 2}" for i in range(B)], [0] * B, bos is not None, torch.full((B,), tag_len)))
     return out
 
 
@@ -175,7 +179,7 @@ def run_train_bench(model="default", impls=IMPLS, K=4, B=2, steps=3, dtype="fp32
 
 
 def format_rows(rows) -> str:
-    head = f"| impl | model | device | dtype | K | batch | samples/s | tokens/s | peak mem GiB | × straightforward | × prefix |"
+    head = "| impl | model | device | dtype | K | batch | samples/s | tokens/s | peak mem GiB | × straightforward | × prefix |"
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         if "error" in r:

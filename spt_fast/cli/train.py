@@ -120,7 +120,7 @@ def with_preset(name: str, given: set[str], spt: SPTConfig, tc: TrainConfig) -> 
 
 def resumed_configs(a, spt: SPTConfig, tc: TrainConfig) -> tuple[SPTConfig, TrainConfig]:
     """The run's recorded settings, with the ones given on this command line on top."""
-    _, config, _ = checkpoint.load(a.output_dir)
+    _, config, _ = checkpoint.load(a.output_dir, need_state=True)  # the one Trainer resumes from
     given = given_fields(a)
     rec_spt = SPTConfig.from_dict(config.get("spt", {}))
     rec_tc = TrainConfig.from_dict(config.get("train", {}))
@@ -132,10 +132,13 @@ def resumed_configs(a, spt: SPTConfig, tc: TrainConfig) -> tuple[SPTConfig, Trai
 
 def run(a) -> None:
     spt, tc = spt_config(a), train_config(a)
+    given = given_fields(a)
     if a.preset:
-        spt, tc = with_preset(a.preset, given_fields(a), spt, tc)
+        spt, tc = with_preset(a.preset, given, spt, tc)
     if a.resume and checkpoint.holds_checkpoint(a.output_dir):
         spt, tc = resumed_configs(a, spt, tc)
+    if "max_steps" in given and "epochs" not in given:  # an explicit step count wins over epochs
+        tc = TrainConfig(**{**vars(tc), "epochs": None})
     trainer = Trainer(spt.validate(), tc)
     summary = trainer.fit()
     trainer.dist.close()  # (not after a failure: a dead peer could make it wait)

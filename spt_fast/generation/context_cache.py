@@ -40,7 +40,8 @@ class ContextCache:
         return best, self._entries[found]
 
     def put(self, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep copies of k, v [layers, Hkv, n, D] for the n tokens `ids`; evicts to stay in budget."""
+        """Keep k, v [layers, Hkv, n, D] (tensors of the caller's own, not views of a live cache) for
+        the n tokens `ids`; evicts to stay in budget."""
         key = tuple(ids)
         size = k.numel() * k.element_size() + v.numel() * v.element_size()
         if key in self._entries or size > self.budget:
@@ -48,7 +49,7 @@ class ContextCache:
         while self._entries and self.used + size > self.budget:
             _, (old_k, old_v) = self._entries.popitem(last=False)
             self.used -= old_k.numel() * old_k.element_size() + old_v.numel() * old_v.element_size()
-        self._entries[key] = (k.clone(), v.clone())
+        self._entries[key] = (k, v)
         self.used += size
 
     @property

@@ -150,7 +150,7 @@ class Engine:
             llama = getattr(spt, "fast", None)
             nf4 = spt.device.type == "cuda" and is_quantized(spt.base)
             cpu_dense = spt.device.type == "cpu" and not is_quantized(spt.base) and (compile or cpu_weight_layout)
-            if not isinstance(llama, Llama) or nf4 or cpu_dense:
+            if not isinstance(llama, Llama) or nf4 or cpu_dense or weights:
                 # A private view where layers get swapped below: the model's own layers (training,
                 # the HF path) stay untouched.
                 llama = Llama.from_hf_modules(spt.base)
@@ -308,7 +308,10 @@ class Engine:
         key = (stops, str(self.device))
         if key not in self._stop_tables:
             vocab = self.spt.base.get_output_embeddings().weight.shape[0]
-            self._stop_tables[key] = StopTable.for_tokenizer(self.tokenizer, stops, vocab).to(self.device)
+            table = StopTable.for_tokenizer(self.tokenizer, stops, vocab).to(self.device)
+            if len(self._stop_tables) >= 32:  # a bounded memory of stop sets (a server sees many)
+                self._stop_tables.pop(next(iter(self._stop_tables)))
+            self._stop_tables[key] = table
         return self._stop_tables[key]
 
     @torch.no_grad()

@@ -81,9 +81,10 @@ class Scheduler:
         return self
 
     def submit(self, job: Job) -> bool:
-        """Queue a job; False when the queue is full (the caller says 'try later')."""
+        """Queue a job; False when the queue is full or the scheduler is stopping (the caller says
+        'try later')."""
         with self._wake:
-            if len(self.waiting) >= self.max_queue:
+            if self._stop or len(self.waiting) >= self.max_queue:
                 return False
             self.waiting.append(job)
             self._wake.notify()
@@ -112,14 +113,19 @@ class Scheduler:
                 admit = []
                 while self.waiting and len(self.active) + len(admit) < self.max_batch:
                     admit.append(self.waiting.popleft())
-            try:
-                for job in admit:
+            for job in admit:
+                try:
                     self._admit(job)
+                except Exception as exc:  # this request alone fails; the batch goes on
+                    if job in self.active:
+                        self.active.remove(job)
+                    self._report(job, "error", f"generation failed: {type(exc).__name__}: {exc}")
+            try:
                 self._drop_cancelled()
                 if self.active:
                     self._step()
             except Exception as exc:  # never leave a request hanging: fail every job in flight
-                for job in self.active + admit:
+                for job in self.active:
                     self._report(job, "error", f"generation failed: {type(exc).__name__}: {exc}")
                 self.active = []
         for job in list(self.waiting) + self.active:
@@ -140,6 +146,9 @@ class Scheduler:
         eng, slot = self.engine, len(self.active)
         rows, lengths, idx = eng.prepare([job.ids], [job.tag_len], job.gen)
         total = int(lengths[0])
+        if total + job.gen.max_new_tokens > self.caches[0].seq_len:
+            raise SPTError(f"{total} context and prompt tokens + max_tokens={job.gen.max_new_tokens} do not fit "
+                           f"the server's {self.caches[0].seq_len} positions")
         caches = [c.rows(slot, slot + 1) for c in self.caches]
         start = 0
         if self.context_cache is not None:
@@ -155,7 +164,7 @@ class Scheduler:
             pos = torch.arange(start, total, device=rows.device)[None]
             hidden = self.llama.decode(rows[:, start:total], pos, caches, kv_len=round_up(total, 16))
         logits = self.llama.logits(hidden[:, -1]).float()
-        if self.context_cache is not None and at > start:
+        if self.context_cache is not None and at > start:  # (stack makes the copies the cache keeps)
             k = torch.stack([c.k_cache[0, :, :at] for c in caches])
             v = torch.stack([c.v_cache[0, :, :at] for c in caches])
             self.context_cache.put(job.ids[:at], k, v)
@@ -179,8 +188,10 @@ class Scheduler:
         kv_len = round_up(int(pos.max()) + 1, 16)
         with torch.no_grad():
             logits = self.llama.decode_one_token(tokens, pos, [c.rows(0, n) for c in self.caches], kv_len)
-        for job, row in zip(list(self.active), logits):
+        rows = list(self.active)
+        for job in rows:  # every row's new K/V is in its cache: advance all before any row moves
             job.pos += 1
+        for job, row in zip(rows, logits):
             self._take(job, row)
         self._drop_cancelled()
 

@@ -12,11 +12,10 @@ def lm_loss(seq_ce_sum: torch.Tensor, n_tokens: torch.Tensor, total_tokens: torc
 
 
 def selection_loss(seq_ce_mean: torch.Tensor, scores: torch.Tensor, tau_gold: float = 1.0,
-                   tau_sim: float = 1.0, target_noise: float = 0.0, per_sample: bool = False) -> torch.Tensor:
+                   tau_sim: float = 1.0, target_noise: float = 0.0) -> torch.Tensor:
     """mean_b KL(π_b ‖ q_b), π = softmax(−ℓ/τ_gold) detached, q = softmax(s/τ_sim).
 
-    seq_ce_mean [K,B] (mean CE of each prompt on each sample), scores [B,K]; per_sample: the [B]
-    KLs instead of their mean (a data-parallel share sums them). target_noise > 0 adds
+    seq_ce_mean [K,B] (mean CE of each prompt on each sample), scores [B,K]. target_noise > 0 adds
     N(0, target_noise²) to π, as the authors' Llama-2 configuration does; they leave π
     unnormalised, where a negative entry makes the KL NaN, so here it is clipped at 0 and
     renormalised (a deviation listed in README).
@@ -29,7 +28,7 @@ def selection_loss(seq_ce_mean: torch.Tensor, scores: torch.Tensor, tau_gold: fl
         kl = (torch.xlogy(pi, pi) - pi * log_q).sum(-1)
     else:
         kl = (log_pi.exp() * (log_pi - log_q)).sum(-1)
-    return kl if per_sample else kl.mean()
+    return kl.mean()
 
 
 def contrastive_loss(scores: torch.Tensor, pair_labels: torch.Tensor) -> torch.Tensor:

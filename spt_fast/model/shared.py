@@ -19,7 +19,7 @@ class SharedSPTModel(SPTModel):
 
     def __init__(self, base, config: SPTConfig, tokenizer=None):
         super().__init__(base, config, tokenizer)
-        # Shares the HF model's modules: generation keeps using the HF model, training this view.
+        # A view sharing the HF model's modules (no copy); the engine makes its own view.
         self.fast = Llama.from_hf_modules(base)
 
     def response_hidden(self, batch: Batch, embeds: torch.Tensor, prompt_idx: torch.Tensor):

@@ -98,6 +98,9 @@ class Server:
         def on_event(kind, value):
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
+        # The stop strings' automaton is built here, off the scheduler's thread (a new set of stop
+        # strings costs a pass over the vocabulary).
+        await asyncio.to_thread(self.engine.stop_table, gen.stops)
         job = Job(ids[0], tags[0], gen, on_event, truncated=truncated[0])
         if not self.scheduler.submit(job):
             raise BadRequest("too many requests are waiting; try again shortly", 503)

@@ -106,8 +106,9 @@ def parse_chat(body, max_tokens_limit: int, num_prompts: int, default_max_tokens
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-            raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings")
+        if not isinstance(stops, list) or not all(isinstance(s, str) and 0 < len(s) <= 32 for s in stops) \
+                or len(stops) > 4:
+            raise BadRequest("'stop' must be a string or a list of up to 4 strings of 1 to 32 characters")
         options["stops"] = tuple(dict.fromkeys(("\n", "Q:", "R:", *stops)))  # the turn still ends a reply
     if body.get("prompt") is not None:
         options["prompt"] = _number(body, "prompt", 0, num_prompts - 1, integer=True)

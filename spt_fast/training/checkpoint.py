@@ -69,9 +69,21 @@ def save(output_dir, step: int, tensors: dict, config: dict, trainer_state: tupl
     return out / name
 
 
+def _step_of(folder: Path) -> int:
+    try:
+        return int(folder.name[len(PREFIX):])
+    except ValueError:
+        return -1
+
+
 def _prune(out: Path, keep: int, current: str) -> None:
-    found = sorted(p for p in out.glob(f"{PREFIX}*") if p.is_dir())
-    for old in found[:-keep] if keep > 0 else []:
+    """Keep the newest `keep` checkpoints up to the current one; a checkpoint of a later step is
+    from a run that was resumed from before it (e.g. it was damaged): it goes too."""
+    now = _step_of(out / current)
+    found = sorted((p for p in out.glob(f"{PREFIX}*") if p.is_dir() and _step_of(p) >= 0), key=_step_of)
+    later = [p for p in found if _step_of(p) > now]
+    earlier = [p for p in found if _step_of(p) <= now]
+    for old in later + (earlier[:-keep] if keep > 0 else []):
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -140,7 +152,8 @@ def resolve(path, need_state: bool = False) -> Path:
         if why:
             raise CheckpointError(f"{p}: damaged checkpoint ({why})")
         return p
-    candidates = sorted((c for c in p.glob(f"{PREFIX}*") if c.is_dir()), reverse=True) if p.is_dir() else []
+    candidates = sorted((c for c in p.glob(f"{PREFIX}*") if c.is_dir()), key=_step_of, reverse=True) \
+        if p.is_dir() else []
     if (p / LATEST).is_file():
         named = p / (p / LATEST).read_text().strip()
         candidates = [named] + [c for c in candidates if c != named]

@@ -124,6 +124,9 @@ def data_parallel(spt, dist: Distributed):
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-    # Without the retriever (PT: K=1, no fusion) its parameters get no gradient at all.
+    # Without a loss that reaches the retriever (PT, or every extra loss off) its parameters get no
+    # gradient at all, which DDP must be told.
+    cfg = spt.config
+    trained_retriever = cfg.uses_retriever and (cfg.use_sel or cfg.use_fus or cfg.use_ctr)
     return DistributedDataParallel(TrainableParts(spt), device_ids=device_ids,
-                                   find_unused_parameters=not spt.config.uses_retriever)
+                                   find_unused_parameters=not trained_retriever)

@@ -76,9 +76,10 @@ def rng_state() -> dict:
 
 def load_rng_state(tensors: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():  # as many as this machine has (a resume may move machines)
+        for i, state in cuda[:torch.cuda.device_count()]:
+            torch.cuda.set_rng_state(state, i)
 
 
 def read_log(path: Path, up_to_step: int) -> list[dict]:

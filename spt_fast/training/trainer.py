@@ -139,7 +139,7 @@ class Trainer:
         if not self.train_samples:
             raise SPTError(f"{tc.data}: no training samples")
         if tc.epochs is not None:
-            per_step = tc.batch_size * tc.grad_accum
+            per_step = tc.batch_size * tc.grad_accum * self.dist.world
             self.tc = tc = replace(tc, max_steps=max(1, math.ceil(tc.epochs * len(self.train_samples) / per_step)))
         if model is None:
             model, tokenizer = load(tc.model, resolve_dtype(tc.dtype), tc.load_4bit)
@@ -232,7 +232,7 @@ class Trainer:
             "model": self.tc.model,
             "model_type": getattr(base.config, "model_type", None),
             # Which sequence the layout name meant when this was trained (layouts can be redefined).
-            "placement": get_layout(self.model.config.layout).description.split(":")[0],
+            "placement": get_layout(self.model.config.layout).description.split(": ", 1)[0],
             "hidden_size": int(self.model.prompts.weight.shape[-1]),
             "step": self.step,
             "world_size": self.dist.world,  # processes; the global batch is train.batch_size x this
@@ -250,7 +250,7 @@ class Trainer:
         """Load the newest intact checkpoint of the output folder; False when there is none."""
         if not checkpoint.holds_checkpoint(self.out):
             print(f"--resume: no checkpoint in {self.out}, starting fresh", flush=True)
-            if (self.out / checkpoint.LOG).exists():
+            if self.dist.main and (self.out / checkpoint.LOG).exists():
                 rewrite_log(self.out / checkpoint.LOG, [])  # steps that were never saved
             return False
         tensors, config, folder = checkpoint.load(self.out, need_state=True)
