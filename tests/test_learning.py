@@ -88,3 +88,52 @@ def _own_kind_ce(spt, batch, kinds):
     own = hidden[kinds, torch.arange(B)]  # [B,R,d]
     logits = spt.base.get_output_embeddings()(own)
     return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=-100)
+
+
+def test_retriever_choice_becomes_context_dependent_in_the_shared_layout(char_tok):
+    """The shared layout with the centred retriever: from prompts that each fit one kind of speaker,
+    SPT's retriever comes to pick by context (usage entropy above zero on held-out contexts) and
+    its pick has a lower CE than a random prompt."""
+    from spt_fast.model.build import build_spt_model
+
+    torch.manual_seed(0)
+    base = tiny_llama(hidden=64, layers=2, seed=1, init_std=0.2)
+    cfg = SPTConfig(num_prompts=2, prompt_len=4, init="random", lambda_sel=1.0, lambda_ctr=1.0, seed=3,
+                    layout="shared")
+    spt = build_spt_model(base, cfg)
+    enc = Encoder(char_tok, 128, cfg.prompt_len)
+    train_s = make_samples(256, 0)
+    train = [enc.encode(s) for s in train_s]
+    test = collate([enc.encode(s) for s in make_samples(64, 1)], char_tok.pad_token_id, char_tok.bos_token_id)
+    kinds_train = kind_of(train_s)
+
+    def batches(seed):
+        idx = random.Random(seed).sample(range(len(train)), 8)
+        return collate([train[i] for i in idx], char_tok.pad_token_id, char_tok.bos_token_id), kinds_train[idx]
+
+    opt = torch.optim.Adam([spt.prompts.weight], lr=5e-2)
+    for step in range(80):  # set-up: prompt k fits speaker kind k
+        batch, kinds = batches(step)
+        loss = _own_kind_ce(spt, batch, kinds)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    spt.retriever.proj.reset_parameters()
+    spt.fit_context_statistics([batches(1000 + i)[0] for i in range(8)])
+    with torch.no_grad():
+        before = spt.eval_losses(test)
+    opt = torch.optim.Adam([p for p in spt.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(100, 220):
+        batch, _ = batches(step)
+        loss = spt(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = spt.eval_losses(test)
+    usage = torch.bincount(torch.tensor(after["picks"]), minlength=2).float() / len(after["picks"])
+    entropy = float(-(usage[usage > 0] * usage[usage > 0].log()).sum())
+    assert entropy > 0.3, (usage, before["picks"][:8])
+    assert after["selected_ce_sum"] < after["random_ce_sum"] - 0.05 * after["n_tokens"]
+    assert sum(after["pick_is_best"]) / len(after["pick_is_best"]) >= 0.8

@@ -58,7 +58,7 @@ class FastBackend:
 
     name = "spt_fast"
 
-    def __init__(self, llama, compile: bool = False, nf4: bool = False):
+    def __init__(self, llama, compile: bool = False, nf4: bool = False, freeze: bool = True):
         self.llama = llama
         self.compile = compile
         self.nf4 = nf4  # NF4 layers run on the project's kernels (no bitsandbytes call in a step)
@@ -66,6 +66,10 @@ class FastBackend:
         self._compiled = None
         self._prefill = None
         self._compile_settings = None
+        # CPU: fold the weights into the compiled step as constants (lets inductor prepack plain
+        # nn.Linear layers), or read them as inputs: inductor caches only steps without frozen
+        # constants on disk, so only then does a second run skip compiling.
+        self.freeze = freeze
 
     def batch_bucket(self, batch: int) -> int:
         # A compiled graph is specialised on the batch size: round it up to a power of two.
@@ -134,7 +138,7 @@ class FastBackend:
                         for b in m.buffers(recurse=False):
                             torch._dynamo.mark_static_address(b)
             self._compile_settings = contextlib.nullcontext()
-            if not token.is_cuda and not is_quantized(self.llama):
+            if not token.is_cuda and not is_quantized(self.llama) and self.freeze:
                 # CPU: freezing makes the weights constants of the step (the one-row product-sums of
                 # spt_fast.model.cpu_projections read them in place); for plain nn.Linear layers (no CPU
                 # projections attached) inductor also prepacks them and concat-linear merges q/k/v

@@ -25,6 +25,7 @@ context that would run past the model's positions with max_new_tokens is an SPTE
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -171,7 +172,13 @@ class Engine:
                 column_major_linears(llama)
             if weights and not self.cpu_projections:
                 raise SPTError(f"weights={weights!r} is a CPU option for a full-precision (fp32/bf16) base")
-            self.backend = FastBackend(llama, compile=compile, nf4=self.nf4_kernels)
+            if compile and spt.device.type == "cpu":
+                from ..model.loading import cache_dir
+
+                # Compiled steps kept across runs (inductor's on-disk cache) under our cache folder.
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+            # With the CPU projections attached the step reads weights as inputs: cacheable.
+            self.backend = FastBackend(llama, compile=compile, nf4=self.nf4_kernels, freeze=not self.cpu_projections)
             self.max_positions = llama.config.max_seq_len
         else:
             if weights:
