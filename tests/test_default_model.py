@@ -28,25 +28,31 @@ def test_one_training_step_moves_the_loss(smollm, samples, layout):
     base, tok = smollm
     assert type(base).__name__ == "LlamaForCausalLM" and base.config.hidden_size == 576
     cfg = SPTConfig(num_prompts=2, prompt_len=2, layout=layout, max_len=96)
+    torch.manual_seed(0)
     spt = SPTModel(base, cfg)
     enc = Encoder(tok, cfg.max_len, cfg.prompt_len)
     batch = collate([enc.encode(s) for s in samples], tok.pad_token_id, tok.bos_token_id)
-    opt = torch.optim.Adam([{"params": [spt.prompts.weight], "lr": 3e-3},
-                            {"params": list(spt.retriever.parameters()), "lr": 1e-4}])
     first = spt(batch)
     assert torch.isfinite(first["loss"]) and 0 < first["lm"].item() < 20
     first["loss"].backward()
     assert spt.prompts.weight.grad.abs().sum() > 0
     assert spt.retriever.proj.weight.grad.abs().sum() > 0
-    opt.step()
+    # One short plain gradient step: to first order it lowers the loss by step * |grad|; at least
+    # half of that must show, on any CPU. (An Adam step is a sign step and the fusion loss is
+    # strongly curved in the retriever, so one Adam step can raise a loss on some machines.)
+    params = [p for p in spt.parameters() if p.requires_grad]
+    norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params)).item()
+    step = 1e-3
     with torch.no_grad():
+        for p in params:
+            p -= step * p.grad / norm
         second = spt(batch)
-    assert second["lm"].item() < first["lm"].item()
+    assert first["loss"].item() - second["loss"].item() > 0.5 * step * norm
 
 
 def test_generation_on_real_model(smollm, samples):
     base, tok = smollm
-    spt = SPTModel(base, SPTConfig(num_prompts=2, prompt_len=2)).eval()
+    spt = SPTModel(base, SPTConfig(num_prompts=2, prompt_len=2, layout="prefix")).eval()
     enc = Encoder(tok, 128, 2)
     encoded = [enc.encode(s, with_response=False) for s in samples]
     replies = Engine(spt, tok).generate_ids([e.context_ids for e in encoded], max_new_tokens=6)

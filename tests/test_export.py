@@ -9,7 +9,7 @@ from spt_fast.testing import tiny_llama
 
 
 def test_peft_adapter_matches_prefix_path(tmp_path, char_tok):
-    cfg = SPTConfig(num_prompts=3, prompt_len=4, init="random")
+    cfg = SPTConfig(num_prompts=3, prompt_len=4, init="random", layout="prefix")
     spt = SPTModel(tiny_llama(), cfg)
     model_dir = tmp_path / "base"
     spt.base.save_pretrained(model_dir)
@@ -36,7 +36,7 @@ def test_peft_adapter_matches_prefix_path(tmp_path, char_tok):
 def test_exported_files_are_readable_like_checkpoint_files(tmp_path):
     import os
 
-    cfg = SPTConfig(num_prompts=2, prompt_len=2, init="random")
+    cfg = SPTConfig(num_prompts=2, prompt_len=2, init="random", layout="prefix")
     spt = SPTModel(tiny_llama(), cfg)
     folder = checkpoint.save(tmp_path / "run", 1, spt.trainable_state_dict(), {"spt": cfg.to_dict()})
     out = export_peft(str(tmp_path / "run"), 1, str(tmp_path / "peft"))

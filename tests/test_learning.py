@@ -32,7 +32,8 @@ def test_spt_learns_context_dependent_prompt_choice(char_tok):
     torch.manual_seed(0)
     # init_std 0.2: a random model whose outputs a soft prompt can steer (see testing.tiny_llama)
     base = tiny_llama(hidden=64, layers=2, seed=1, init_std=0.2)
-    cfg = SPTConfig(num_prompts=2, prompt_len=4, init="random", lambda_sel=1.0, lambda_ctr=1.0, seed=3)
+    cfg = SPTConfig(num_prompts=2, prompt_len=4, init="random", lambda_sel=1.0, lambda_ctr=1.0, seed=3,
+                    layout="prefix")
     spt = SPTModel(base, cfg)
     enc = Encoder(char_tok, 128, cfg.prompt_len)
     train_s = make_samples(256, 0)

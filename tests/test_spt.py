@@ -93,7 +93,7 @@ def test_batched_forward_matches_naive(layout, arch, char_tok, tiny_llama, tiny_
 
 
 def test_base_stays_frozen_and_only_spt_params_train(char_tok, tiny_llama):
-    spt = SPTModel(tiny_llama, SPTConfig(num_prompts=2, prompt_len=2))
+    spt = SPTModel(tiny_llama, SPTConfig(num_prompts=2, prompt_len=2, layout="prefix"))
     trainable = {n for n, p in spt.named_parameters() if p.requires_grad}
     assert trainable == {"prompts.weight", "retriever.proj.weight", "retriever.proj.bias"}
     spt.train()
@@ -101,7 +101,7 @@ def test_base_stays_frozen_and_only_spt_params_train(char_tok, tiny_llama):
 
 
 def test_pt_baseline_has_lm_loss_only(char_tok, tiny_llama):
-    cfg = SPTConfig.prompt_tuning(prompt_len=3)
+    cfg = SPTConfig.prompt_tuning(prompt_len=3, layout="prefix")
     spt = SPTModel(tiny_llama, cfg)
     out = spt(collate(_encode(char_tok, cfg), char_tok.pad_token_id, char_tok.bos_token_id))
     assert out["sel"] is None and out["fus"] is None and out["ctr"] is None
@@ -110,12 +110,12 @@ def test_pt_baseline_has_lm_loss_only(char_tok, tiny_llama):
 
 def test_prompt_inits(char_tok, tiny_llama):
     emb = tiny_llama.get_input_embeddings().weight
-    v = SPTModel(tiny_llama, SPTConfig(num_prompts=2, prompt_len=3, init="vocab")).prompts.weight
+    v = SPTModel(tiny_llama, SPTConfig(num_prompts=2, prompt_len=3, init="vocab", layout="prefix")).prompts.weight
     # every row of a vocab init is some row of the embedding matrix
     assert all(((emb - row).abs().sum(-1) == 0).any() for row in v.reshape(-1, emb.shape[1]))
-    r = SPTModel(tiny_llama, SPTConfig(num_prompts=4, prompt_len=8, init="random")).prompts.weight
+    r = SPTModel(tiny_llama, SPTConfig(num_prompts=4, prompt_len=8, init="random", layout="prefix")).prompts.weight
     assert r.std().item() == pytest.approx(emb.std().item(), rel=0.25)
-    t = SPTModel(tiny_llama, SPTConfig(num_prompts=2, prompt_len=3, init="text", init_text="abc"),
+    t = SPTModel(tiny_llama, SPTConfig(num_prompts=2, prompt_len=3, init="text", init_text="abc", layout="prefix"),
                  tokenizer=char_tok).prompts.weight
     ids = char_tok("abc", add_special_tokens=False).input_ids
     torch.testing.assert_close(t[0], emb[ids])
@@ -153,7 +153,7 @@ def test_batched_generation_matches_one_row_at_a_time(layout, char_tok, tiny_lla
 
 
 def test_generation_is_bounded_and_stops(char_tok, tiny_llama):
-    cfg = SPTConfig(num_prompts=2, prompt_len=2, init="random")
+    cfg = SPTConfig(num_prompts=2, prompt_len=2, init="random", layout="prefix")
     spt = SPTModel(tiny_llama, cfg).eval()
     batch = collate(_encode(char_tok, cfg, with_response=False), char_tok.pad_token_id, char_tok.bos_token_id)
     texts, _ = generate_batch(spt, char_tok, batch, max_new_tokens=5, stops=("never-occurs",))

@@ -30,7 +30,7 @@ class DemoConfig:
     eval_samples: int = 64
     num_prompts: int = 4
     prompt_len: int = 8
-    layout: str = "prefix"
+    layout: str = "auto"
     max_len: int = 128
     lr: float = 3e-3  # a short run needs more than the paper's 1e-4 for the prompts
     retriever_lr: float = 1e-3

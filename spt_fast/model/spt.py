@@ -32,7 +32,7 @@ class SPTConfig:
     prompt_len: int = 8
     init: str = "vocab"
     init_text: str | None = None
-    layout: str = "prefix"
+    layout: str = "auto"  # shared where the model is a Llama, else prefix (README, "Quality study")
     lambda_sel: float = 0.4
     lambda_ctr: float = 0.4
     tau_gold: float = 1.0
