@@ -355,7 +355,7 @@ def test_checkpoint_from_before_the_tag_placement_keeps_its_layout(saved, tmp_pa
         del cfg["spt"][key]
     tensors = {k: v for k, v in spt.trainable_state_dict().items() if k not in ("retriever.center", "retriever.scale")}
     checkpoint.save(old, 1, tensors, cfg)
-    loaded = Engine.from_checkpoint(old, device="cpu")
+    loaded = Engine.from_checkpoint(old, device="cpu", dtype="fp32")
     assert loaded.config.layout == "shared-old" and loaded.config.retriever == "paper"
     want = build_spt_model(spt.base, spt.config.replace(layout="shared-old", retriever="paper"))
     want.load_trainable_state_dict(tensors)
@@ -364,7 +364,7 @@ def test_checkpoint_from_before_the_tag_placement_keeps_its_layout(saved, tmp_pa
 
 def test_from_checkpoint_matches_in_memory_engine(saved, char_tok):
     ck, spt = saved
-    loaded = Engine.from_checkpoint(ck, device="cpu")
+    loaded = Engine.from_checkpoint(ck, device="cpu", dtype="fp32")
     assert loaded.fast and loaded.config.num_prompts == 3
     assert loaded.reply_batch(CONVS) == Engine(spt, char_tok).reply_batch(CONVS)
 
@@ -479,3 +479,17 @@ def test_embedded_model_greedy_equals_hf_path():
             assert [r.text for r in got] == ref, layout
             assert engine.last_prompts == ref_prompts
         assert sum(len(t) for t in ref) > 20
+
+
+def test_generation_dtype_follows_the_cpu(saved, monkeypatch):
+    """bf16 by default on a CPU with native bf16 math, the training dtype elsewhere; --dtype wins."""
+    from spt_fast.generation import engine as engine_module
+
+    ck, _ = saved
+    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: True)
+    assert engine_module.generation_dtype("cpu") == "bf16"
+    assert Engine.from_checkpoint(ck, device="cpu").spt.dtype == torch.bfloat16
+    assert Engine.from_checkpoint(ck, device="cpu", dtype="fp32").spt.dtype == torch.float32
+    assert engine_module.generation_dtype("cuda") is None
+    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: False)
+    assert Engine.from_checkpoint(ck, device="cpu").spt.dtype == torch.float32

@@ -21,8 +21,10 @@ def add_model_args(p, from_checkpoint: bool = False) -> None:
     p.add_argument("--model", default=None if from_checkpoint else t.model,
                    help="base model: 'default' (embedded SmolLM2-135M-Instruct), a local Hugging Face folder, "
                         "or a .gguf file" + recorded)
+    dtype_default = (" (default: bf16 on a CPU with native bf16 math, AVX-512 BF16 or AMX; else as recorded "
+                     "in the checkpoint)") if from_checkpoint else ""
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None if from_checkpoint else t.dtype,
-                   help="base model dtype" + recorded)
+                   help="base model dtype" + dtype_default)
     p.add_argument("--load-4bit", action="store_true", default=None if from_checkpoint else t.load_4bit,
                    help="quantize the base model's linear layers to NF4 (bitsandbytes)" + recorded)
     if from_checkpoint:  # a generation command

@@ -6,7 +6,7 @@ from ..evaluation.evaluate import evaluate, write_predictions
 from ..evaluation.metrics import format_table
 from ..evaluation.plots import plot_prompt_usage
 from ..generation.decoding import GenConfig
-from ..utils import check_number
+from ..utils import check_number, dtype_name
 from .common import HelpFormatter, add_data_args, add_model_args, check_writable, write_json
 
 
@@ -70,6 +70,7 @@ def run(a) -> None:
     print(format_table({f"{Path(a.checkpoint).name} (K={K})": result["metrics"]}))
     if a.json:
         write_json(a.json, {**result["metrics"], "checkpoint": a.checkpoint, "K": K,
+                            "dtype": dtype_name(engine.spt.dtype), "weights": a.weights or "full",
                             "usage": [result["picks"].count(k) for k in range(K)]})
     if a.predictions:
         write_predictions(a.predictions, result)

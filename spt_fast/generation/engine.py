@@ -36,7 +36,7 @@ from ..data.corpora import Sample, clean
 from ..data.text import REPLY_TAG, Encoder
 from ..errors import SPTError
 from ..kernels.inject import inject_prompts
-from ..utils import dtype_name
+from ..utils import cpu_has_native_bf16, dtype_name
 from .backends import FastBackend, HFBackend
 from .decoding import GenConfig, advance, row_tokens
 from .stops import StopTable, TextDelta, cut_reply
@@ -112,6 +112,13 @@ def _as_conversation(i, conv):
         raise SPTError(f"conversation {i}: history must be a list of utterances (strings), oldest first")
     return tuple(clean(p) for p in persona if p.strip()), tuple(clean(h) for h in history)
 
+
+
+def generation_dtype(device) -> str | None:
+    """The dtype generation uses unless told: "bf16" on a CPU that multiplies bf16 in hardware
+    (AVX-512 BF16 or AMX), where a decode step reads half the bytes of fp32 at the same math speed;
+    None (the checkpoint's training dtype) elsewhere. Training keeps its own --dtype."""
+    return "bf16" if torch.device(device).type == "cpu" and cpu_has_native_bf16() else None
 
 class Engine:
     """Replies from a trained SPT checkpoint, one or many conversations at a time.
@@ -215,14 +222,14 @@ class Engine:
                         load_4bit: bool | None = None, layout: str | None = None,
                         weights: str | None = None) -> "Engine":
         """An engine for a checkpoint (or training output) folder; the base model is the one recorded
-        there unless `model` overrides it. dtype: None (as trained), "fp32"/"bf16" or a torch dtype."""
+        there unless `model` overrides it. dtype: "fp32"/"bf16" or a torch dtype; None means
+        generation_dtype(device): bf16 on a CPU with native bf16 math, else as trained."""
         from ..training.checkpoint import load_for_inference
 
-        if dtype is not None:
-            dtype = dtype_name(dtype)
-        spt, tok, _ = load_for_inference(str(path), model, dtype, load_4bit, layout)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = generation_dtype(device) if dtype is None else dtype_name(dtype)
+        spt, tok, _ = load_for_inference(str(path), model, dtype, load_4bit, layout)
         return cls(spt, tok, device=device, compile=compile, weights=weights)
 
     # ---- text in, text out ---------------------------------------------------------------------
