@@ -107,3 +107,19 @@ def test_a_dead_process_ends_the_other_with_a_message(model_dir, tmp_path):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait(10)
+
+
+def test_bench_train_has_a_row_per_world_size(tmp_path):
+    """`spt-fast bench train --world-size 2` runs prefix and shared in two torchrun processes beside
+    the one-process rows (the straightforward baseline only in one), and compares them."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "spt_fast", "bench", "train", "--model", "preset:tiny",
+                           "--context-len", "16", "--response-len", "4", "--max-len", "64", "--steps", "1",
+                           "--world-size", "1", "--world-size", "2", "--json", str(out)],
+                          capture_output=True, text=True, env=ENV, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    got = sorted((r["impl"], r["world"]) for r in rows)
+    assert got == [("prefix", 1), ("prefix", 2), ("shared", 1), ("shared", 2), ("straightforward", 1)]
+    assert all("error" not in r and r["samples_per_s"] > 0 for r in rows), [r.get("error") for r in rows]
+    assert all(r["speedup_vs_one_process"] > 0 for r in rows if r["world"] == 2)

@@ -26,7 +26,6 @@ def naive_losses(spt: SPTModel, encoded, cfg: SPTConfig, bos_id: int):
     """Every prompt on every sample, one unbatched full forward each, logits over all positions."""
     base = spt.base
     emb = base.get_input_embeddings()
-    head_w = base.get_output_embeddings().weight
     K, L = cfg.num_prompts, cfg.prompt_len
     P = spt.prompts.weight
     ce_sum = torch.zeros(K, len(encoded))

@@ -2,7 +2,10 @@
 shared layouts, same model, data, K and batch, each impl in its own process so peak memory is its own.
 
 `spt-fast bench train --json FILE` writes one row per impl with impl, model, device, dtype, K,
-batch, samples_per_s, tokens_per_s, peak_mem_bytes (plus the ratios against the others).
+batch, world, samples_per_s, tokens_per_s, peak_mem_bytes (plus the ratios against the others).
+`--world-size N` also runs the prefix and shared impls data-parallel in N processes under
+torchrun (gloo on CPU, nccl on GPUs), the same global batch split across them, as
+`torchrun ... spt-fast train` does: the row tracks what the processes cost or gain.
 """
 import json
 import os
@@ -95,13 +98,27 @@ def real_batches(tok, data: str, B: int, n: int, max_len: int, prompt_len: int, 
     return out
 
 
-# ---- one impl, in this process ------------------------------------------------------------------
+def part_of(batch: Batch, rank: int, world: int) -> Batch:
+    """Rows rank·B/world .. (rank+1)·B/world of a global batch (a data-parallel process's part)."""
+    per = batch.input_ids.shape[0] // world
+    rows = slice(rank * per, (rank + 1) * per)
+    return Batch(batch.input_ids[rows], batch.ctx_len[rows], batch.resp_len[rows], batch.targets[rows],
+                 batch.persona_keys[rows], batch.turns[rows], batch.has_bos, batch.tag_len[rows])
+
+
+# ---- one impl, in this process (or in each of torchrun's) -----------------------------------------
 def measure(impl: str, model: str, K: int, B: int, steps: int, dtype: str, load_4bit: bool, max_len: int,
             data: str, context_len: int | None, response_len: int | None, prompt_len: int, device: str) -> dict:
     from ..model.build import build_spt_model
     from ..model.loading import load_any
+    from ..training.distributed import Distributed, data_parallel
     from ..utils import peak_memory_bytes, resolve_dtype
 
+    dist = Distributed()  # torchrun's processes, or a world of one
+    if dist.active:
+        if impl == "straightforward":
+            raise SPTError("the straightforward impl runs in one process only")
+        device = str(dist.device)
     torch.manual_seed(0)
     base, tok = load_any(model, resolve_dtype(dtype), load_4bit, device)
     if context_len:
@@ -117,6 +134,12 @@ def measure(impl: str, model: str, K: int, B: int, steps: int, dtype: str, load_
         base.gradient_checkpointing_enable()
         base.train()  # HF checkpointing only runs in training mode; these models have no dropout
         step = lambda b: straightforward_loss(spt, b, max_len)  # noqa: E731
+    elif dist.active:
+        forward = data_parallel(spt, dist)
+
+        def step(b):
+            shard = dist.shard(b.resp_len.sum().float().to(device), B, b.persona_keys)
+            return forward(part_of(b, dist.rank, dist.world).to(device), shard)["loss"]
     else:
         step = lambda b: spt(b)["loss"]  # noqa: E731
     opt = torch.optim.AdamW([p for p in spt.parameters() if p.requires_grad], lr=1e-4)
@@ -127,66 +150,102 @@ def measure(impl: str, model: str, K: int, B: int, steps: int, dtype: str, load_
         opt.step()
 
     one(batches[0])  # warm-up (allocator, lazy init)
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    dist.barrier()
     t0 = time.perf_counter()
     for b in batches[1:]:
         one(b)
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
+    dist.barrier()
     dt = time.perf_counter() - t0
     tokens = sum(int((b.ctx_len + b.resp_len).sum()) for b in batches[1:])
+    peak = dist.sum(torch.tensor(float(peak_memory_bytes()), device=device))  # all processes together
+    del step, one, opt
+    forward = None  # noqa: F841 (the DDP wrapper goes before its process group)
+    dist.close()
     return {"impl": impl, "model": model, "device": device, "dtype": dtype + ("+nf4" if load_4bit else ""),
-            "K": K, "batch": B, "steps": steps, "max_len": max_len,
-            "samples_per_s": steps * B / dt, "tokens_per_s": tokens / dt, "peak_mem_bytes": peak_memory_bytes()}
+            "K": K, "batch": B, "world": dist.world, "steps": steps, "max_len": max_len,
+            "samples_per_s": steps * B / dt, "tokens_per_s": tokens / dt, "peak_mem_bytes": int(peak.item())}
+
+
+def _launch(kw: dict, world: int) -> subprocess.CompletedProcess:
+    """measure(**kw) in a fresh process, or in `world` processes under torchrun."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if world == 1:
+        code = f"import json; from {__name__} import measure; print(json.dumps(measure(**{kw!r})))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={world}", "-m", __name__, json.dumps(kw)],
+                          capture_output=True, text=True, env=env)
 
 
 def run_train_bench(model="default", impls=IMPLS, K=4, B=2, steps=3, dtype="fp32", load_4bit=False, max_len=512,
                     data="chitchat", context_len=None, response_len=None, prompt_len=8, device=None,
-                    isolate=True) -> list[dict]:
+                    isolate=True, worlds=(1,)) -> list[dict]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for world in worlds:
+        if world < 1 or B % world:
+            raise SPTError(f"--world-size {world}: needs a positive count that divides --batch-size {B}")
     rows = []
-    for impl in impls:
-        if impl not in IMPLS:
-            raise SPTError(f"unknown impl {impl!r}; choose from {IMPLS}")
-        kw = dict(impl=impl, model=model, K=K, B=B, steps=steps, dtype=dtype, load_4bit=load_4bit,
-                  max_len=max_len, data=data, context_len=context_len, response_len=response_len,
-                  prompt_len=prompt_len, device=device)
-        if impl == "straightforward" and load_4bit:
-            kw["load_4bit"] = False  # DESIGN §2: the straightforward approach has no 4-bit
-        if isolate:
-            code = f"import json; from {__name__} import measure; print(json.dumps(measure(**{kw!r})))"
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                  env={**os.environ, "TQDM_DISABLE": "1"})
-            if proc.returncode != 0:
-                tail = (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
-                rows.append({**kw, "error": tail[0]})
-                print(f"{impl}: failed: {tail[0]}", file=sys.stderr, flush=True)
-                continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-        else:
-            row = measure(**kw)
-        rows.append(row)
-        print(f"{impl:>15}: {row['samples_per_s']:.3f} samples/s, {row['tokens_per_s']:.0f} tokens/s, "
-              f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB", flush=True)
-    ok = {r["impl"]: r for r in rows if "error" not in r}
+    for world in worlds:
+        for impl in impls:
+            if impl not in IMPLS:
+                raise SPTError(f"unknown impl {impl!r}; choose from {IMPLS}")
+            if world > 1 and impl == "straightforward":
+                continue  # DESIGN §2's baseline is one process
+            kw = dict(impl=impl, model=model, K=K, B=B, steps=steps, dtype=dtype, load_4bit=load_4bit,
+                      max_len=max_len, data=data, context_len=context_len, response_len=response_len,
+                      prompt_len=prompt_len, device=device)
+            if impl == "straightforward" and load_4bit:
+                kw["load_4bit"] = False  # DESIGN §2: the straightforward approach has no 4-bit
+            label = impl if world == 1 else f"{impl} x{world} processes"
+            if isolate or world > 1:
+                proc = _launch(kw, world)
+                lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    tail = (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
+                    rows.append({**kw, "world": world, "error": tail[0]})
+                    print(f"{label}: failed: {tail[0]}", file=sys.stderr, flush=True)
+                    continue
+                row = json.loads(lines[-1])
+            else:
+                row = measure(**kw)
+            rows.append(row)
+            print(f"{label:>15}: {row['samples_per_s']:.3f} samples/s, {row['tokens_per_s']:.0f} tokens/s, "
+                  f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB", flush=True)
+    one = {r["impl"]: r for r in rows if "error" not in r and r["world"] == 1}
     for r in rows:
-        for other, o in ok.items():
-            if "error" not in r and other != r["impl"]:
+        if "error" in r:
+            continue
+        for other, o in one.items():
+            if other != r["impl"]:
                 r[f"speedup_vs_{other}"] = r["samples_per_s"] / o["samples_per_s"]
+        if r["world"] > 1 and r["impl"] in one:
+            r["speedup_vs_one_process"] = r["samples_per_s"] / one[r["impl"]]["samples_per_s"]
     return rows
 
 
 def format_rows(rows) -> str:
-    head = "| impl | model | device | dtype | K | batch | samples/s | tokens/s | peak mem GiB | × straightforward | × prefix |"
-    lines = [head, "|" + "---|" * 11]
+    head = ("| impl | processes | model | device | dtype | K | batch | samples/s | tokens/s | peak mem GiB | "
+            "× straightforward | × prefix (1 process) | × one process |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
+        start = (f"| {r['impl']} | {r['world']} | {r['model']} | {r['device']} | {r['dtype']} | {r['K']} | "
+                 f"{r.get('batch', r.get('B'))} | ")
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['model']} | {r['device']} | {r['dtype']} | {r['K']} | {r['B']} | "
-                         f"failed: {r['error']} | | | | |")
-            continue
-        lines.append(f"| {r['impl']} | {r['model']} | {r['device']} | {r['dtype']} | {r['K']} | {r['batch']} | "
-                     f"{r['samples_per_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_mem_bytes'] / 2**30:.2f} | "
-                     f"{r.get('speedup_vs_straightforward', 1.0):.2f} | {r.get('speedup_vs_prefix', 1.0):.2f} |")
+            lines.append(start + f"failed: {r['error']} | | | | | |")
+        else:
+            lines.append(start + f"{r['samples_per_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                         f"{r['peak_mem_bytes'] / 2**30:.2f} | {r.get('speedup_vs_straightforward', 1.0):.2f} | "
+                         f"{r.get('speedup_vs_prefix', 1.0):.2f} | {r.get('speedup_vs_one_process', 1.0):.2f} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # one torchrun process of a --world-size row: measure(**json); rank 0 prints
+    result = measure(**json.loads(sys.argv[1]))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result), flush=True)

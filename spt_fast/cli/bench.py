@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     p.add_argument("--load-4bit", action="store_true")
     p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--world-size", type=int, action="append",
+                   help="repeat: also run prefix and shared data-parallel in N processes under torchrun, the "
+                        "same global batch split across them (default: 1, one process)")
     p.add_argument("--data", default="chitchat")
     p.add_argument("--context-len", type=int, default=None, help="synthetic data: context tokens per sample")
     p.add_argument("--response-len", type=int, default=None, help="synthetic data: response tokens per sample")
@@ -92,7 +95,8 @@ def run_train(a) -> list[dict]:
     from ..benchmarks.train import IMPLS, format_rows, run_train_bench
 
     rows = run_train_bench(a.model, tuple(a.impl or IMPLS), a.num_prompts, a.batch_size, a.steps, a.dtype,
-                           a.load_4bit, a.max_len, a.data, a.context_len, a.response_len, a.prompt_len, a.device)
+                           a.load_4bit, a.max_len, a.data, a.context_len, a.response_len, a.prompt_len, a.device,
+                           worlds=tuple(dict.fromkeys(a.world_size or [1])))
     print(format_rows(rows))
     return rows
 

@@ -141,6 +141,7 @@ def run(a) -> None:
         tc = TrainConfig(**{**vars(tc), "epochs": None})
     trainer = Trainer(spt.validate(), tc)
     summary = trainer.fit()
+    trainer.forward = trainer.model  # release the DDP wrapper before its process group
     trainer.dist.close()  # (not after a failure: a dead peer could make it wait)
     if trainer.dist.main:
         print(json.dumps({k: v for k, v in summary.items() if k != "usage"}, indent=2))

@@ -99,9 +99,15 @@ class Distributed:
         return SPTError(message)
 
     def close(self) -> None:
-        if self.active and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        """End the process group once every rank is done. Drop the DistributedDataParallel wrapper
+        first: a DDP reducer that outlives its group aborts the process at exit ('terminate called
+        without an active exception')."""
+        import gc
 
+        if self.active and torch.distributed.is_initialized():
+            self.barrier()
+            gc.collect()
+            torch.distributed.destroy_process_group()
 
 class TrainableParts(torch.nn.Module):
     """What DistributedDataParallel wraps: the prompts and the retriever (the trained parameters),
