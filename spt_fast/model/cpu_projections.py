@@ -141,12 +141,21 @@ def choose_kernels(projections: list[CPUProjection], cache_file=None) -> dict[in
 
 
 class QuantProjection(nn.Module):
-    """One or more bias-free linear layers with weight-only int8 or int4 weights, through
-    PyTorch's own CPU kernels: int8 with one scale per output row (aten._weight_int8pack_mm), int4
-    in groups of `group` input columns with a scale and an offset each (aten's tinygemm-format
-    _weight_int4pack_mm_for_cpu: w = (q - 8) * scale + zero). Activations stay in `dtype`.
-    Reading a quarter (int8) or an eighth (int4) of the fp32 bytes is what a decode step is bound by.
+    """One or more bias-free linear layers with weight-only int8 or int4 weights.
+
+    int8: one scale per output row; int4: groups of `group` input columns with a scale and an
+    offset each (w = q * scale + low). A few rows (decode) go through PyTorch's own CPU kernels,
+    aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu (tinygemm format, w = (q - 8) * scale +
+    zero), with the activations in bf16: those kernels are vectorised for bf16 and many times slower
+    than a dense matmul in fp32 (measured: bench/cpu_projections.py). Reading a quarter (int8) or an
+    eighth (int4) of the fp32 bytes is what a decode step is bound by. Many rows (a prefill) are
+    compute-bound and those kernels are slow there, so the weights are dequantised into the
+    activations' dtype for one dense matmul; for int4 this reads a second 4-bit copy in plain
+    nibble order (the tinygemm layout is private to the kernel), so int4 holds int8's bytes but a
+    decode step reads half of them.
     """
+
+    KERNEL_ROWS = 32  # at most this many rows (a decode batch) through the int kernels; more: dense
 
     def __init__(self, layers, bits: int, dtype: torch.dtype, group: int = 32):
         super().__init__()
@@ -157,7 +166,8 @@ class QuantProjection(nn.Module):
         if bits == 8:
             scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
             self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8), persistent=False)
-            self.register_buffer("scale", scale.to(dtype), persistent=False)
+            self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)  # the kernel's
+            self.register_buffer("row_scale", scale.to(dtype), persistent=False)  # the dense path's
         elif bits == 4:
             if k % group:
                 raise ValueError(f"int4 needs the input width {k} divisible by the group size {group}")
@@ -170,18 +180,34 @@ class QuantProjection(nn.Module):
             q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
             self.register_buffer("q", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
             zero = low + 8 * scale
-            self.register_buffer("scale", torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous(),
+            self.register_buffer("scale", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous(),
                                  persistent=False)
+            nibbles = q.to(torch.uint8).reshape(n, k // 2, 2)
+            self.register_buffer("plain", nibbles[..., 0] | (nibbles[..., 1] << 4), persistent=False)
+            self.register_buffer("group_scale", scale.to(dtype), persistent=False)  # [n, k / group]
+            self.register_buffer("group_low", low.to(dtype), persistent=False)
         else:
             raise ValueError(f"bits must be 8 or 4, got {bits}")
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weights [n, k] the kernels multiply by, in `dtype` (int4: with its padding rows)."""
+        if self.bits == 8:
+            return self.q.to(dtype) * self.row_scale.to(dtype)[:, None]
+        n, half = self.plain.shape
+        q = torch.stack([self.plain & 0xF, self.plain >> 4], -1).reshape(n, -1, self.group).to(dtype)
+        return (q * self.group_scale[..., None].to(dtype) + self.group_low[..., None].to(dtype)).reshape(n, 2 * half)
+
     def forward(self, x):
         rows = x.shape[:-1].numel()
-        flat = x.reshape(rows, x.shape[-1]).to(self.dtype)
-        if self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale)
+        flat = x.reshape(rows, x.shape[-1])
+        width = sum(self.sizes)
+        if rows > self.KERNEL_ROWS:
+            y = F.linear(flat, self.dequantized(x.dtype)[:width])
+        elif self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.q, self.group, self.scale)[:, :sum(self.sizes)]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.q, self.group,
+                                                            self.scale)[:, :width]
         outs = y.to(x.dtype).reshape(*x.shape[:-1], -1).split(self.sizes, dim=-1)
         return tuple(outs) if len(outs) > 1 else outs[0]
 
