@@ -157,3 +157,26 @@ def test_generation_is_bounded_and_stops(char_tok, tiny_llama):
     batch = collate(_encode(char_tok, cfg, with_response=False), char_tok.pad_token_id, char_tok.bos_token_id)
     texts, _ = generate_batch(spt, char_tok, batch, max_new_tokens=5, stops=("never-occurs",))
     assert all(len(t) <= 5 for t in texts)  # char tokenizer: one char per token
+
+
+def test_activation_checkpointing_keeps_losses_and_gradients(char_tok, tiny_llama):
+    """Shared layout: recomputing the branch layers in the backward changes no loss and no gradient
+    (fp32, tight tolerance); the prefix layout refuses the option with a clear error."""
+    from spt_fast.errors import SPTError
+    from spt_fast.model.build import build_spt_model
+
+    cfg = SPTConfig(num_prompts=3, prompt_len=2, init="random", layout="shared")
+    spt = build_spt_model(tiny_llama, cfg)
+    batch = collate(_encode(char_tok, cfg), char_tok.pad_token_id, char_tok.bos_token_id)
+    results = []
+    for on in (False, True):
+        spt.set_activation_checkpointing(on)
+        spt.zero_grad(set_to_none=True)
+        out = spt(batch)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), spt.prompts.weight.grad.clone(), spt.retriever.proj.weight.grad.clone()))
+    for plain, recomputed in zip(*results):
+        torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=1e-5)
+    assert results[0][1].abs().sum() > 0
+    with pytest.raises(SPTError, match="shared layout"):
+        build_spt_model(tiny_llama, cfg.replace(layout="prefix")).set_activation_checkpointing(True)

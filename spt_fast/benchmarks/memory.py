@@ -77,7 +77,7 @@ class Meter:
 
 
 def estimate(preset: str, layout: str, K: int, B: int, context_len: int, response_len: int, prompt_len: int,
-             dtype_bytes: int = 2, tag_len: int = 2) -> dict:
+             dtype_bytes: int = 2, tag_len: int = 2, checkpointing: bool = False) -> dict:
     """Bytes of each part of an SPT step on an NF4 base of a preset shape, from shapes alone.
 
     weights: every linear but the LM head in NF4 with double quantization: half a byte per weight,
@@ -91,6 +91,8 @@ def estimate(preset: str, layout: str, K: int, B: int, context_len: int, respons
     fp32 inputs, q/k/v and the attention output: (10·d + 3·i) · dtype + 2 · 4 · d bytes; plus the LM
     head's fp32 logits and their gradient over the K·B·R response rows (the reference CE path).
     prefix: the same per-token terms for K·B whole sequences (L + context + response), no cache.
+    checkpointing (shared): the branches keep only each layer's input (d · dtype per token and
+    layer), plus one layer's full per-token terms while it is recomputed.
     """
     from ..model.llama import LlamaConfig
 
@@ -109,7 +111,8 @@ def estimate(preset: str, layout: str, K: int, B: int, context_len: int, respons
     if layout == "shared":
         context_kv = B * context_len * 2 * d_kv * n * dtype_bytes
         branch_tokens = K * B * (prompt_len + tag_len + response_len - 1)
-        activations = context_kv + branch_tokens * n * per_token_layer + head
+        kept = n * d * dtype_bytes + per_token_layer if checkpointing else n * per_token_layer
+        activations = context_kv + branch_tokens * kept + head
     else:
         tokens = K * B * (prompt_len + context_len + response_len)
         activations = tokens * n * per_token_layer + head
@@ -118,7 +121,7 @@ def estimate(preset: str, layout: str, K: int, B: int, context_len: int, respons
 
 
 def measure_step(preset: str, layout: str, K: int, B: int, context_len: int, response_len: int, prompt_len: int,
-                 dtype: str = "bf16", device: str | None = None) -> dict:
+                 dtype: str = "bf16", device: str | None = None, checkpointing: bool = False) -> dict:
     """One layout in this process: build in NF4, one warm-up and one timed step; the memory split."""
     from ..model.build import build_spt_model
     from ..model.loading import random_preset_model
@@ -138,6 +141,7 @@ def measure_step(preset: str, layout: str, K: int, B: int, context_len: int, res
     spt = build_spt_model(base, SPTConfig(num_prompts=K, prompt_len=prompt_len, layout=layout,
                                           max_len=prompt_len + context_len + response_len + 8))
     spt.to(dev)
+    spt.set_activation_checkpointing(checkpointing)
     trainable = [p for p in spt.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     for p in trainable:  # the optimizer's moments, allocated now (a zero step changes nothing)
@@ -167,8 +171,10 @@ def measure_step(preset: str, layout: str, K: int, B: int, context_len: int, res
         torch.cuda.synchronize()
     step_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else max(_peak_rss(), step_peak, meter.now())
-    est = estimate(preset, layout, K, B, context_len, response_len, prompt_len, torch.finfo(resolve_dtype(dtype)).bits // 8)
+    est = estimate(preset, layout, K, B, context_len, response_len, prompt_len, torch.finfo(resolve_dtype(dtype)).bits // 8,
+                   checkpointing=checkpointing)
     return {"model": f"preset:{preset}", "layout": layout, "device": str(dev), "dtype": f"{dtype}+nf4", "K": K,
+            "activation_checkpointing": checkpointing,
             "batch": B, "context_len": context_len, "response_len": response_len, "prompt_len": prompt_len,
             "build_s": round(build_s, 1), "step_s": round(step_s, 2),
             # baseline + weights + trainable + activations = the first step's peak (step_peak);
@@ -180,12 +186,15 @@ def measure_step(preset: str, layout: str, K: int, B: int, context_len: int, res
 
 
 def run_memory_bench(presets=("llama-2-7b",), layouts=("shared", "prefix"), K=4, B=8, context_len=256,
-                     response_len=32, prompt_len=1, dtype="bf16", device=None, timeout_s: float = 7200) -> list[dict]:
+                     response_len=32, prompt_len=1, dtype="bf16", device=None, timeout_s: float = 7200,
+                     checkpointing: bool = False) -> list[dict]:
+    if checkpointing and "prefix" in layouts:
+        raise SPTError("--activation-checkpointing is built for the shared layout: add --layout shared")
     rows = []
     for preset in presets:
         for layout in layouts:
             kw = dict(preset=preset, layout=layout, K=K, B=B, context_len=context_len, response_len=response_len,
-                      prompt_len=prompt_len, dtype=dtype, device=device)
+                      prompt_len=prompt_len, dtype=dtype, device=device, checkpointing=checkpointing)
             code = f"import json; from {__name__} import measure_step; print(json.dumps(measure_step(**{kw!r})))"
             try:
                 proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,

@@ -163,8 +163,7 @@ def measure(impl: str, model: str, K: int, B: int, steps: int, dtype: str, load_
     dt = time.perf_counter() - t0
     tokens = sum(int((b.ctx_len + b.resp_len).sum()) for b in batches[1:])
     peak = dist.sum(torch.tensor(float(peak_memory_bytes()), device=device))  # all processes together
-    del step, one, opt
-    forward = None  # noqa: F841 (the DDP wrapper goes before its process group)
+    forward = None  # noqa: F841 (the DDP wrapper, held through this cell, goes before its process group)
     dist.close()
     return {"impl": impl, "model": model, "device": device, "dtype": dtype + ("+nf4" if load_4bit else ""),
             "K": K, "batch": B, "world": dist.world, "steps": steps, "max_len": max_len,
@@ -229,6 +228,14 @@ def run_train_bench(model="default", impls=IMPLS, K=4, B=2, steps=3, dtype="fp32
     return rows
 
 
+def _ratio(row: dict, other: str) -> str:
+    """The row's speed-up against `other` ("1.00" against itself, "–" where it was not run)."""
+    if other == row["impl"] and row["world"] == 1:
+        return "1.00"
+    value = row.get(f"speedup_vs_{other}")
+    return "–" if value is None else f"{value:.2f}"
+
+
 def format_rows(rows) -> str:
     head = ("| impl | processes | model | device | dtype | K | batch | samples/s | tokens/s | peak mem GiB | "
             "× straightforward | × prefix (1 process) | × one process |")
@@ -239,9 +246,10 @@ def format_rows(rows) -> str:
         if "error" in r:
             lines.append(start + f"failed: {r['error']} | | | | | |")
         else:
+            ratios = [_ratio(r, "straightforward"), _ratio(r, "prefix"),
+                      _ratio(r, "one_process") if r["world"] > 1 else "1.00"]
             lines.append(start + f"{r['samples_per_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                         f"{r['peak_mem_bytes'] / 2**30:.2f} | {r.get('speedup_vs_straightforward', 1.0):.2f} | "
-                         f"{r.get('speedup_vs_prefix', 1.0):.2f} | {r.get('speedup_vs_one_process', 1.0):.2f} |")
+                         f"{r['peak_mem_bytes'] / 2**30:.2f} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 
 

@@ -80,6 +80,8 @@ def add_parser(sub) -> None:
     m.add_argument("--context-len", type=int, default=256)
     m.add_argument("--response-len", type=int, default=32)
     m.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
+    m.add_argument("--activation-checkpointing", action="store_true",
+                   help="shared layout: recompute the branch layers in the backward (train's flag of that name)")
     m.add_argument("--device", default=None)
     m.add_argument("--json", default=None, help="write the rows here")
 
@@ -158,7 +160,7 @@ def run_memory(a) -> list[dict]:
         raise SPTError(f"--model must be preset:NAME (random weights built in NF4), got {bad[0]!r}")
     return run_memory_bench(tuple(m[len(PRESET_PREFIX):] for m in models), tuple(a.layout or ("shared", "prefix")),
                             a.num_prompts, a.batch_size, a.context_len, a.response_len, a.prompt_len, a.dtype,
-                            a.device)
+                            a.device, checkpointing=a.activation_checkpointing)
 
 
 def run(a) -> list[dict]:

@@ -43,11 +43,11 @@ def round_up(n: int, m: int) -> int:
 def step_guards(entries) -> list[bool]:
     """Which of dynamo's guards a compiled CPU step keeps (torch.compile's guard_filter_fn).
 
-    Some 4,000 guards walk the model's module tree on every call (~1 ms of a 10 ms CPU step). The
-    step's weights are frozen into it and the engine's private view is never restructured, so the
-    structural ones go. Kept: everything outside the model (inputs, options, the KV caches) and the
-    identity of the view's own rotary table: each engine builds its own view, so that tells engines
-    apart, and it retires the graph (a weak reference) when the view it froze is gone.
+    Some 4,000 guards walk the model's module tree on every call (~1 ms of a 10 ms CPU step). An
+    engine's private view is never restructured, so the structural ones go. Kept: everything outside
+    the model (inputs, options, the KV caches, the backend's number, which tells engines apart: two
+    engines whose models differ in structure, e.g. dense and int8 layers, must never share a graph)
+    and the identity of the view's own rotary table where the weights are frozen in.
     """
     return [not (e.name == "self.llama" or e.name.startswith("self.llama."))
             or (e.guard_type == "ID_MATCH" and e.name == "self.llama._buffers['rope_cos']") for e in entries]
@@ -57,6 +57,7 @@ class FastBackend:
     """The compact Llama with static caches; the decode step optionally compiled."""
 
     name = "spt_fast"
+    _count = 0
 
     def __init__(self, llama, compile: bool = False, nf4: bool = False, freeze: bool = True):
         self.llama = llama
@@ -66,6 +67,8 @@ class FastBackend:
         self._compiled = None
         self._prefill = None
         self._compile_settings = None
+        FastBackend._count += 1
+        self.number = FastBackend._count  # a constant of its compiled step (see step_guards)
         # CPU: fold the weights into the compiled step as constants (lets inductor prepack plain
         # nn.Linear layers), or read them as inputs: inductor caches only steps without frozen
         # constants on disk, so only then does a second run skip compiling.
@@ -103,7 +106,9 @@ class FastBackend:
         return self.llama.logits(last).float()
 
     def _step(self, token, pos, done, state, noise, temperature: float, top_p: float, stop_table, eos_id: int,
-              ignore_eos: bool, kv_len: int | None = None):
+              ignore_eos: bool, kv_len: int | None = None, number: int = 0):
+        if number < 0:  # never; reading it makes the backend's number a guard of the compiled step
+            raise AssertionError(number)
         logits = self.llama.decode_one_token(token, pos, self.caches, kv_len)
         return advance(logits, done, state, eos_id, temperature, top_p, noise, stop_table, ignore_eos)
 
@@ -151,7 +156,7 @@ class FastBackend:
         if token.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
         with self._compile_settings:
-            out = self._compiled(token, pos, done, state, noise, *args)
+            out = self._compiled(token, pos, done, state, noise, *args, number=self.number)
         # A CUDA graph reuses its output buffers on the next replay: keep copies.
         return tuple(t.clone() for t in out) if token.is_cuda else out
 

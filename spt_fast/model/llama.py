@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..errors import ModelLoadError
 from ..kernels.branch_attention import branch_attention
@@ -295,6 +296,10 @@ def column_major_linears(model: nn.Module) -> int:
 
 
 class Llama(nn.Module):
+    # Recompute each layer of the branch pass in the backward instead of keeping its activations
+    # (SPTModel.set_activation_checkpointing): a 7B step then keeps one layer's worth at a time.
+    checkpoint_branches: bool = False
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -380,10 +385,14 @@ class Llama(nn.Module):
         # ctx_len <= Tc, so Tc + Tb - 1 bounds every branch position.
         cos, sin = self._rope(positions, ctx.k[0].shape[2] + tb - 1)
         h = branch_embeds
+        recompute = self.checkpoint_branches and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             def attend(q, k, v, i=i):
                 return branch_attention(q, k, v, ctx.k[i], ctx.v[i], ctx.ctx_len, sample_of)
-            h = layer(h, cos, sin, attend)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attend, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attend)
         return self.norm(h)
 
     # ---- generation with a static KV cache ---------------------------------------------------

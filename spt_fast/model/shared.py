@@ -22,6 +22,9 @@ class SharedSPTModel(SPTModel):
         # A view sharing the HF model's modules (no copy); the engine makes its own view.
         self.fast = Llama.from_hf_modules(base)
 
+    def set_activation_checkpointing(self, on: bool = True) -> None:
+        self.fast.checkpoint_branches = on
+
     def response_hidden(self, batch: Batch, embeds: torch.Tensor, prompt_idx: torch.Tensor):
         B, T, d = embeds.shape
         N = prompt_idx.shape[0]

@@ -12,6 +12,7 @@ from ..utils import write_text_atomic
 # TrainConfig fields that never shape the trained weights: applied as given on a resume.
 NOT_SHAPING = frozenset({"output_dir", "resume", "overwrite", "allow_changes", "progress", "eval_every",
                          "eval_samples", "save_every", "save_minutes", "dist_timeout",
+                         "activation_checkpointing",  # (the same math, recomputed)
                          "batch_size"})  # (the per-process batch: its product with the world size counts)
 # Fields that shape the run but may change on a resume when the user opts in (--allow-changes).
 SAFE_TO_CHANGE = frozenset({"max_steps", "epochs", "lr", "retriever_lr", "weight_decay", "model"})

@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     dtype: str = "fp32"
     load_4bit: bool = False
+    activation_checkpointing: bool = False  # shared layout: recompute the branch layers in the backward
     eval_every: int = 0  # 0: only at the end
     eval_samples: int = 64
     save_every: int = 0  # checkpoint every N steps (0: off) ...
@@ -146,6 +147,8 @@ class Trainer:
             model = model.to(self.dist.device)  # each process's own copy on its own device
         self.tokenizer = tokenizer
         self.model = build_spt_model(model, spt_cfg, tokenizer)
+        if tc.activation_checkpointing:
+            self.model.set_activation_checkpointing(True)
         self.encoder = Encoder(tokenizer, spt_cfg.max_len, spt_cfg.prompt_len)
         groups = [{"params": [self.model.prompts.weight], "lr": tc.lr},
                   {"params": list(self.model.retriever.parameters()), "lr": tc.retriever_lr or tc.lr}]
