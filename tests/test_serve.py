@@ -494,6 +494,8 @@ def test_generation_dtype_follows_the_cpu(saved, monkeypatch):
     assert engine_module.generation_dtype("cpu") == "bf16"
     assert Engine.from_checkpoint(ck, device="cpu").spt.dtype == torch.bfloat16
     assert Engine.from_checkpoint(ck, device="cpu", dtype="fp32").spt.dtype == torch.float32
+    # The server's default: the training dtype, so a reply never depends on the batch it shares.
+    assert Engine.from_checkpoint(ck, device="cpu", dtype="recorded").spt.dtype == torch.float32
     assert engine_module.generation_dtype("cuda") is None
     monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: False)
     assert Engine.from_checkpoint(ck, device="cpu").spt.dtype == torch.float32

@@ -59,7 +59,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline(ckpt):
-    return Engine.from_checkpoint(ckpt, device="cpu")
+    return Engine.from_checkpoint(ckpt, device="cpu", dtype="recorded")  # as serve loads it
 
 
 def start_server(ckpt, *extra):

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import SPTError
+from ..utils import dtype_name
 
 
 def _free_port() -> int:
@@ -158,16 +159,18 @@ def load_level(url: str, clients: int, convs, max_tokens: int) -> tuple[dict, li
 
 
 def run_serve_bench(checkpoint: str | None = None, levels=(1, 4, 16, 64), turns: int = 4, max_tokens: int = 32,
-                    long_turns: int = 8, device: str = "cpu") -> dict:
+                    long_turns: int = 8, device: str = "cpu", dtype: str | None = None) -> dict:
     """Rows per concurrency level, the context-cache figure, and the mismatch count."""
     from ..generation.engine import Engine
 
     with tempfile.TemporaryDirectory() as tmp:
         if checkpoint is None:
             checkpoint = _fresh_checkpoint(Path(tmp))
-        offline = Engine.from_checkpoint(checkpoint, device=device)
+        offline = Engine.from_checkpoint(checkpoint, device=device, dtype=dtype or "recorded")  # as serve
         rows, mismatches = [], 0
-        with ServerProcess(checkpoint, "--max-batch", "16", "--max-queue", "256", "--device", device) as server:
+        dtype_flags = ("--dtype", dtype) if dtype else ()
+        with ServerProcess(checkpoint, "--max-batch", "16", "--max-queue", "256", "--device", device,
+                           *dtype_flags) as server:
             for clients in levels:
                 convs = held_out_conversations(clients, turns, seed=clients)
                 row, results = load_level(server.url, clients, convs, max_tokens)
@@ -183,16 +186,18 @@ def run_serve_bench(checkpoint: str | None = None, levels=(1, 4, 16, 64), turns:
                       f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms p99 {row['ttft_p99_s'] * 1e3:.0f} ms, "
                       f"cache hits {row['cache_hit_rate']:.0%}, failed/mismatched {row['failed']}/{row['mismatches']}",
                       flush=True)
-        cache = _cache_figure(checkpoint, long_turns, max_tokens, device)
-    return {"levels": rows, "context_cache": cache, "bad_replies": mismatches}
+        cache = _cache_figure(checkpoint, long_turns, max_tokens, device, dtype_flags)
+    return {"levels": rows, "context_cache": cache, "bad_replies": mismatches,
+            "dtype": dtype_name(offline.spt.dtype)}
 
 
-def _cache_figure(checkpoint, turns: int, max_tokens: int, device: str) -> dict:
+def _cache_figure(checkpoint, turns: int, max_tokens: int, device: str, dtype_flags=()) -> dict:
     """TTFT of the last turn of one long conversation, with and without the context cache."""
     conv = held_out_conversations(1, turns, seed=7)[0]
     out = {}
     for name, cache_mb in (("with_cache", "256"), ("without_cache", "0")):
-        with ServerProcess(checkpoint, "--max-batch", "1", "--cache-mb", cache_mb, "--device", device) as server:
+        with ServerProcess(checkpoint, "--max-batch", "1", "--cache-mb", cache_mb, "--device", device,
+                           *dtype_flags) as server:
             results = run_client(server.url, conv, max_tokens)
             last = results[-1]
             out[name] = {"ttft_s": last.get("ttft"), "cached_tokens": last.get("cached"),

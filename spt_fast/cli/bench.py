@@ -66,6 +66,8 @@ def add_parser(sub) -> None:
     v.add_argument("--max-tokens", type=int, default=32)
     v.add_argument("--long-turns", type=int, default=8, help="turns of the context-cache measurement")
     v.add_argument("--device", default="cpu")
+    v.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="the server's and the offline engine's dtype (default: serve's own default)")
     v.add_argument("--json", default=None, help="write the results here")
 
     m = bsub.add_parser("memory", help="one SPT step on a 4-bit preset shape: peak memory split and estimated",
@@ -144,7 +146,7 @@ def run_serve(a) -> dict:
         levels = tuple(int(x) for x in a.levels.split(",") if x.strip())
     except ValueError:
         raise SPTError(f"--levels must be comma-separated integers, got {a.levels!r}") from None
-    result = run_serve_bench(a.checkpoint, levels, a.turns, a.max_tokens, a.long_turns, a.device)
+    result = run_serve_bench(a.checkpoint, levels, a.turns, a.max_tokens, a.long_turns, a.device, a.dtype)
     for line in summary_lines(result):
         print(line)
     return result

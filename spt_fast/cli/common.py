@@ -13,7 +13,7 @@ from ..training.trainer import TrainConfig
 from ..utils import DTYPE_NAMES, write_text_atomic
 
 
-def add_model_args(p, from_checkpoint: bool = False) -> None:
+def add_model_args(p, from_checkpoint: bool = False, bf16_default: bool = True) -> None:
     """--model/--dtype/--load-4bit. For a command that loads a checkpoint the defaults are what the
     checkpoint recorded; otherwise TrainConfig's."""
     t = TrainConfig()
@@ -21,8 +21,12 @@ def add_model_args(p, from_checkpoint: bool = False) -> None:
     p.add_argument("--model", default=None if from_checkpoint else t.model,
                    help="base model: 'default' (embedded SmolLM2-135M-Instruct), a local Hugging Face folder, "
                         "or a .gguf file" + recorded)
-    dtype_default = (" (default: bf16 on a CPU with native bf16 math, AVX-512 BF16 or AMX; else as recorded "
-                     "in the checkpoint)") if from_checkpoint else ""
+    dtype_default = ""
+    if from_checkpoint and bf16_default:
+        dtype_default = " (default: bf16 on a CPU with native bf16 math, AVX-512 BF16 or AMX; else as recorded)"
+    elif from_checkpoint:
+        dtype_default = (" (default: as recorded in the checkpoint, fp32 for this project's runs: in bf16 a reply "
+                         "would depend on the other requests sharing its batch)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None if from_checkpoint else t.dtype,
                    help="base model dtype" + dtype_default)
     p.add_argument("--load-4bit", action="store_true", default=None if from_checkpoint else t.load_4bit,

@@ -6,7 +6,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="HTTP server: OpenAI chat completions with continuous batching",
                        formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a training output folder")
-    add_model_args(p, from_checkpoint=True)
+    add_model_args(p, from_checkpoint=True, bf16_default=False)
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -26,7 +26,7 @@ def run(a) -> None:
                         ("--port", a.port)):
         check_number(flag, value, 0 if flag == "--port" else 1, strict=False, integer=True)
     check_number("--cache-mb", a.cache_mb, strict=False)
-    engine = Engine.from_checkpoint(a.checkpoint, device=a.device, dtype=a.dtype, model=a.model,
+    engine = Engine.from_checkpoint(a.checkpoint, device=a.device, dtype=a.dtype or "recorded", model=a.model,
                                     load_4bit=a.load_4bit, weights=a.weights)
     print(f"spt-fast serve: {a.checkpoint} ({engine.config.num_prompts} prompts, {engine.config.layout} layout) "
           f"on http://{a.host}:{a.port}/v1/chat/completions", flush=True)

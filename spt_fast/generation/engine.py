@@ -223,12 +223,16 @@ class Engine:
                         weights: str | None = None) -> "Engine":
         """An engine for a checkpoint (or training output) folder; the base model is the one recorded
         there unless `model` overrides it. dtype: "fp32"/"bf16" or a torch dtype; None means
-        generation_dtype(device): bf16 on a CPU with native bf16 math, else as trained."""
+        generation_dtype(device): bf16 on a CPU with native bf16 math, else as trained; "recorded"
+        the training dtype."""
         from ..training.checkpoint import load_for_inference
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = generation_dtype(device) if dtype is None else dtype_name(dtype)
+        if dtype == "recorded":  # the checkpoint's training dtype (the server's default)
+            dtype = None
+        else:
+            dtype = generation_dtype(device) if dtype is None else dtype_name(dtype)
         spt, tok, _ = load_for_inference(str(path), model, dtype, load_4bit, layout)
         return cls(spt, tok, device=device, compile=compile, weights=weights)
 
