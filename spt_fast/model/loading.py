@@ -170,8 +170,11 @@ def random_preset_model(name: str, dtype: torch.dtype, device="cpu", seed: int =
             if load_4bit and type(module) is torch.nn.Linear and not mname.endswith("lm_head"):
                 parent, _, child = mname.rpartition(".")
                 setattr(model.get_submodule(parent), child, to_nf4(module, dtype, 64))
-                for param in module.parameters(recurse=False):  # let the full-precision weight go
+                for pname, param in list(module.named_parameters(recurse=False)):
+                    # Let the full-precision weight go: drop every reference, the replaced module's
+                    # own included (the loop's list of modules keeps that module alive to the end).
                     drawn.pop(next(k for k, v in drawn.items() if v is param), None)
+                    module.register_parameter(pname, None)
     # The rotary tables are non-persistent buffers computed at construction: build them for real (fp32).
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=model.config).to(device)
