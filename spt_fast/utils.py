@@ -33,6 +33,19 @@ def dtype_name(dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 
+def release_freed_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc's malloc_trim; nothing elsewhere). After
+    many large buffers were allocated and freed (a model drawn and quantized layer by layer) glibc
+    keeps the freed pages in its heap, and the process's resident size stays that much higher."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc
+
+
 def peak_memory_bytes() -> int:
     """Peak CUDA memory allocated when a GPU is in use, else the process's peak RSS."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():

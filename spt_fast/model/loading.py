@@ -180,6 +180,10 @@ def random_preset_model(name: str, dtype: torch.dtype, device="cpu", seed: int =
     model.model.rotary_emb = type(rotary)(config=model.config).to(device)
     if load_4bit:
         guard_4bit(model)
+        if device.type == "cpu":
+            from ..utils import release_freed_memory
+
+            release_freed_memory()  # the full-precision layers drawn and dropped one by one
     return model.eval().requires_grad_(False)
 
 
