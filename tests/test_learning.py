@@ -6,7 +6,7 @@ import torch
 
 from spt_fast.data.corpora import Sample
 from spt_fast.data.batch import collate
-from spt_fast.model.spt import SPTConfig, SPTModel
+from spt_fast.model.spt import SPTConfig
 from spt_fast.testing import tiny_llama
 from spt_fast.data.text import Encoder
 
@@ -28,49 +28,63 @@ def kind_of(samples):
     return torch.tensor([int(s.persona[0] == "i whisper softly.") for s in samples])
 
 
+class Task:
+    """The synthetic task on a tiny random Llama (init_std 0.2: outputs a soft prompt can steer, see
+    testing.tiny_llama): training samples, a held-out batch, and seeded training batches."""
+
+    def __init__(self, char_tok, layout: str):
+        from spt_fast.model.build import build_spt_model
+
+        torch.manual_seed(0)
+        base = tiny_llama(hidden=64, layers=2, seed=1, init_std=0.2)
+        cfg = SPTConfig(num_prompts=2, prompt_len=4, init="random", lambda_sel=1.0, lambda_ctr=1.0, seed=3,
+                        layout=layout)
+        self.spt = build_spt_model(base, cfg)
+        self.pad, self.bos = char_tok.pad_token_id, char_tok.bos_token_id
+        enc = Encoder(char_tok, 128, cfg.prompt_len)
+        train_s, test_s = make_samples(256, 0), make_samples(64, 1)
+        self.train = [enc.encode(s) for s in train_s]
+        self.test = collate([enc.encode(s) for s in test_s], self.pad, self.bos)
+        self.kinds_train, self.kinds_test = kind_of(train_s), kind_of(test_s)
+
+    def batch(self, seed):
+        idx = random.Random(seed).sample(range(len(self.train)), 8)
+        return collate([self.train[i] for i in idx], self.pad, self.bos), self.kinds_train[idx]
+
+    def specialise_prompts(self):
+        """Set-up: prompt k trained only on speaker kind k, so that which prompt is best really
+        depends on the context."""
+        opt = torch.optim.Adam([self.spt.prompts.weight], lr=5e-2)
+        for step in range(80):
+            batch, kinds = self.batch(step)
+            _step(opt, _own_kind_ce(self.spt, batch, kinds))
+
+    def train_spt(self):
+        """SPT proper: every trainable part, all four losses, 120 steps."""
+        opt = torch.optim.Adam([p for p in self.spt.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(100, 220):
+            _step(opt, self.spt(self.batch(step)[0])["loss"])
+
+
+def _step(opt, loss):
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def test_spt_learns_context_dependent_prompt_choice(char_tok):
-    torch.manual_seed(0)
-    # init_std 0.2: a random model whose outputs a soft prompt can steer (see testing.tiny_llama)
-    base = tiny_llama(hidden=64, layers=2, seed=1, init_std=0.2)
-    cfg = SPTConfig(num_prompts=2, prompt_len=4, init="random", lambda_sel=1.0, lambda_ctr=1.0, seed=3,
-                    layout="prefix")
-    spt = SPTModel(base, cfg)
-    enc = Encoder(char_tok, 128, cfg.prompt_len)
-    train_s = make_samples(256, 0)
-    train = [enc.encode(s) for s in train_s]
-    test_s = make_samples(64, 1)
-    test = collate([enc.encode(s) for s in test_s], char_tok.pad_token_id, char_tok.bos_token_id)
-    kinds_train, kinds_test = kind_of(train_s), kind_of(test_s)
-
-    def batches(seed):
-        idx = random.Random(seed).sample(range(len(train)), 8)
-        return collate([train[i] for i in idx], char_tok.pad_token_id, char_tok.bos_token_id), kinds_train[idx]
-
-    # Phase 1 (set-up): make the prompts specialists, prompt k trained only on speaker kind k, so
-    # that which prompt is best really depends on the context.
-    opt = torch.optim.Adam([spt.prompts.weight], lr=5e-2)
-    for step in range(80):
-        batch, kinds = batches(step)
-        loss = _own_kind_ce(spt, batch, kinds)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    task = Task(char_tok, "prefix")
+    spt, test = task.spt, task.test
+    task.specialise_prompts()
     with torch.no_grad():
         before = spt(test)
     oracle = before["seq_ce_mean"].argmin(0)
-    assert (oracle == kinds_test).float().mean() > 0.95  # the set-up worked: the best prompt = the kind
+    assert (oracle == task.kinds_test).float().mean() > 0.95  # the set-up worked: the best prompt = the kind
 
-    # Phase 2: SPT proper, from a fresh retriever. Its pick must come to match the best prompt.
+    # SPT proper, from a fresh retriever. Its pick must come to match the best prompt.
     spt.retriever.proj.reset_parameters()
-    opt = torch.optim.Adam([p for p in spt.parameters() if p.requires_grad], lr=1e-2)
     first = float(spt(test)["loss"])
-    for step in range(100, 220):
-        batch, _ = batches(step)
-        loss = spt(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    task.train_spt()
     with torch.no_grad():
         after = spt(test)
         pick = spt.select(test)
@@ -95,42 +109,14 @@ def test_retriever_choice_becomes_context_dependent_in_the_shared_layout(char_to
     """The shared layout with the centred retriever: from prompts that each fit one kind of speaker,
     SPT's retriever comes to pick by context (usage entropy above zero on held-out contexts) and
     its pick has a lower CE than a random prompt."""
-    from spt_fast.model.build import build_spt_model
-
-    torch.manual_seed(0)
-    base = tiny_llama(hidden=64, layers=2, seed=1, init_std=0.2)
-    cfg = SPTConfig(num_prompts=2, prompt_len=4, init="random", lambda_sel=1.0, lambda_ctr=1.0, seed=3,
-                    layout="shared")
-    spt = build_spt_model(base, cfg)
-    enc = Encoder(char_tok, 128, cfg.prompt_len)
-    train_s = make_samples(256, 0)
-    train = [enc.encode(s) for s in train_s]
-    test = collate([enc.encode(s) for s in make_samples(64, 1)], char_tok.pad_token_id, char_tok.bos_token_id)
-    kinds_train = kind_of(train_s)
-
-    def batches(seed):
-        idx = random.Random(seed).sample(range(len(train)), 8)
-        return collate([train[i] for i in idx], char_tok.pad_token_id, char_tok.bos_token_id), kinds_train[idx]
-
-    opt = torch.optim.Adam([spt.prompts.weight], lr=5e-2)
-    for step in range(80):  # set-up: prompt k fits speaker kind k
-        batch, kinds = batches(step)
-        loss = _own_kind_ce(spt, batch, kinds)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
+    task = Task(char_tok, "shared")
+    spt, test = task.spt, task.test
+    task.specialise_prompts()
     spt.retriever.proj.reset_parameters()
-    spt.fit_context_statistics([batches(1000 + i)[0] for i in range(8)])
+    spt.fit_context_statistics([task.batch(1000 + i)[0] for i in range(8)])
     with torch.no_grad():
         before = spt.eval_losses(test)
-    opt = torch.optim.Adam([p for p in spt.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(100, 220):
-        batch, _ = batches(step)
-        loss = spt(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    task.train_spt()
     with torch.no_grad():
         after = spt.eval_losses(test)
     usage = torch.bincount(torch.tensor(after["picks"]), minlength=2).float() / len(after["picks"])
