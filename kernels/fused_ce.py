@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import fused_ce_chunked
 from .runtime import dot_modes, native_gpu, use_triton
 
 IGNORE_INDEX = -100
@@ -268,10 +269,13 @@ def _matmul_fp32_out(a, b):
 
 
 class FusedLinearCE(torch.autograd.Function):
-    """(hidden, scores) -> (seq_ce_sum [K, B], fusion scalar); weight, bias, targets are constants."""
+    """(hidden, scores) -> (seq_ce_sum [K, B], fusion scalar); weight, bias, targets are constants.
+
+    chunked=False: the row passes run as Triton kernels; True: in PyTorch one vocab chunk at a time
+    (fused_ce_chunked), on the rows in fp32 (no rounding of the mixed row to the head's dtype)."""
 
     @staticmethod
-    def forward(ctx, hidden, scores, weight, bias, targets):
+    def forward(ctx, hidden, scores, weight, bias, targets, chunked=False):
         K, B, T, d = hidden.shape
         dev = hidden.device
         valid = (targets != IGNORE_INDEX).reshape(-1)
@@ -284,12 +288,13 @@ class FusedLinearCE(torch.autograd.Function):
             raise ValueError(f"fused_linear_ce: target ids must be in [0, {weight.shape[0]}) or -100")
 
         h_rows = hidden.reshape(K, B * T, d)[:, pos]  # [K, n_pos, d]
-        X = [h_rows.reshape(K * n_pos, d).to(weight.dtype)]
+        row_dtype = torch.float32 if chunked else weight.dtype
+        X = [h_rows.reshape(K * n_pos, d).to(row_dtype)]
         Y = [y.repeat(K)]
         bscale = [torch.ones(K * n_pos, dtype=torch.float32, device=dev)]
         if scores is not None:
             s_rows = scores.detach().float()[b_of].t()  # [K, n_pos]
-            X.append(torch.einsum("kj,kjd->jd", s_rows, h_rows.float()).to(weight.dtype))
+            X.append(torch.einsum("kj,kjd->jd", s_rows, h_rows.float()).to(row_dtype))
             Y.append(y)
             bscale.append(s_rows.sum(0))  # the bias enters the mixed logits sum_k s_k times
         X = torch.cat(X).contiguous()
@@ -300,7 +305,7 @@ class FusedLinearCE(torch.autograd.Function):
         fusion = torch.zeros((), dtype=torch.float32, device=dev)
         if n_pos:
             w = weight.contiguous()
-            lse, z_y, e_bias = _lse_forward(X, w, None if bias is None else bias.contiguous(), bscale, Y)
+            lse, z_y, e_bias = (fused_ce_chunked.lse_forward if chunked else _lse_forward)(X, w, None if bias is None else bias.contiguous(), bscale, Y)
             loss = lse - z_y
             seq_id = (torch.arange(K, device=dev)[:, None] * B + b_of[None, :]).reshape(-1)
             seq_ce_sum.index_add_(0, seq_id, loss[: K * n_pos])
@@ -312,6 +317,7 @@ class FusedLinearCE(torch.autograd.Function):
         ctx.save_for_backward(X, Y, bscale, lse, e_bias, pos, b_of, n_tokens, scores, weight, bias)
         ctx.dims = (K, B, T, d, n_pos)
         ctx.hidden_dtype = hidden.dtype
+        ctx.chunked = chunked
         return seq_ce_sum.view(K, B), fusion
 
     @staticmethod
@@ -323,7 +329,7 @@ class FusedLinearCE(torch.autograd.Function):
         grad_hidden = torch.zeros((K, B * T, d), dtype=ctx.hidden_dtype, device=dev) if need_h else None
         grad_scores = torch.zeros_like(scores) if need_s else None
         if n_pos == 0 or not (need_h or need_s):
-            return (None if grad_hidden is None else grad_hidden.view(K, B, T, d)), grad_scores, None, None, None
+            return (None if grad_hidden is None else grad_hidden.view(K, B, T, d)), grad_scores, None, None, None, None
 
         # Per-row upstream multiplier: a CE row's grad is linear in it, so one G pass serves both
         # losses and any grad_seq (sum for L_LM, anything else a caller builds).
@@ -336,7 +342,7 @@ class FusedLinearCE(torch.autograd.Function):
             coef.append(g_fus / (B * n_tokens[b_of].float()))
         coef = torch.cat(coef).contiguous()
 
-        dX = _grad_rows(X, weight.contiguous(), None if bias is None else bias.contiguous(),
+        dX = (fused_ce_chunked.grad_rows if ctx.chunked else _grad_rows)(X, weight.contiguous(), None if bias is None else bias.contiguous(),
                         bscale, Y, lse, coef)
         dX_seq = dX[: K * n_pos].view(K, n_pos, d)
         if scores is not None:
@@ -354,7 +360,7 @@ class FusedLinearCE(torch.autograd.Function):
         if need_h:
             grad_hidden.index_copy_(1, pos, dX_seq.to(ctx.hidden_dtype))
             grad_hidden = grad_hidden.view(K, B, T, d)
-        return grad_hidden, grad_scores, None, None, None
+        return grad_hidden, grad_scores, None, None, None, None
 
 
 def fused_linear_ce_ref(hidden, weight, bias, targets, scores=None):
@@ -370,6 +376,26 @@ def fused_linear_ce_triton(hidden, weight, bias, targets, scores=None):
     return seq_ce_sum, (fusion if scores is not None else None)
 
 
+def fused_linear_ce_chunked(hidden, weight, bias, targets, scores=None):
+    """The CPU path: the same Function with its row passes in PyTorch, vocab chunk by chunk."""
+    _check_inputs(hidden, weight, bias, targets, scores)
+    seq_ce_sum, fusion = FusedLinearCE.apply(hidden, scores, weight, bias, targets, True)
+    return seq_ce_sum, (fusion if scores is not None else None)
+
+
+# Below this many bytes of fp32 logits (all K·B sequences plus the fused row) an fp32 head keeps the
+# materialised reference on CPU: it saves the backward's recomputing GEMM. Measured: README "Memory".
+MATERIALISE_MAX_BYTES = 256 * 2 ** 20
+
+
+def use_chunked(hidden, weight, targets, scores) -> bool:
+    """CPU choice: chunked for a half-precision head (the reference would copy the whole head to
+    fp32 and keep it for the backward) or when the logits would pass MATERIALISE_MAX_BYTES."""
+    K, _, _, _ = hidden.shape
+    rows = (K + (scores is not None)) * targets.numel()
+    return weight.dtype != torch.float32 or rows * weight.shape[0] * 4 > MATERIALISE_MAX_BYTES
+
+
 def fused_linear_ce(hidden, weight, bias, targets, scores=None):
     """Per-sequence CE sums and the prompt-fusion loss through a frozen LM head.
 
@@ -377,10 +403,13 @@ def fused_linear_ce(hidden, weight, bias, targets, scores=None):
     targets [B, T] int64 (-100 = padding); scores [B, K] or None.
     Returns (seq_ce_sum [K, B] fp32, fusion scalar fp32 or None), where
     fusion = mean_b mean_{valid t} CE(sum_k s[b,k] z[k,b,t], y[b,t]) (samples without targets count 0).
-    Gradients flow to hidden and scores only. CUDA -> Triton, else the reference.
+    Gradients flow to hidden and scores only. CUDA -> Triton; elsewhere the chunked PyTorch path
+    or the reference (use_chunked).
     """
     if use_triton(hidden, weight, bias, targets, scores):
         return fused_linear_ce_triton(hidden, weight, bias, targets, scores)
+    if use_chunked(hidden, weight, targets, scores):
+        return fused_linear_ce_chunked(hidden, weight, bias, targets, scores)
     return fused_linear_ce_ref(hidden, weight, bias, targets, scores)
 
 

@@ -85,14 +85,20 @@ def estimate(preset: str, layout: str, K: int, B: int, context_len: int, respons
     embeddings, LM head and norms in the compute dtype.
     trainable: prompts (K·L·d) and the retriever (d² + d), fp32, times 4 (value, gradient, two
     AdamW moments).
-    activations (shared): the context's K/V for every layer, kept through the step (B·Tc·2·d_kv
-    per layer), plus what autograd keeps of the K·B branches (L + tag + response - 1 tokens each):
-    per token and layer, the inputs of the seven projections and of the activation, the two norms'
-    fp32 inputs, q/k/v and the attention output: (10·d + 3·i) · dtype + 2 · 4 · d bytes; plus the LM
-    head's fp32 logits and their gradient over the K·B·R response rows (the reference CE path).
-    prefix: the same per-token terms for K·B whole sequences (L + context + response), no cache.
-    checkpointing (shared): the branches keep only each layer's input (d · dtype per token and
-    layer), plus one layer's full per-token terms while it is recomputed.
+    activations: what autograd keeps per token and layer, (4·d + 4·i)·dtype (q and the attention
+    output, the norms' outputs, the MLP's gate, up and activations; an NF4 projection keeps no
+    input, having no weight gradient — fitted on 2- and 4-layer 7B-width runs), plus per layer the
+    attention's keys/values, plus the fused head: its rows and their gradients in fp32
+    (3·(K+1)·B·R·d·4) and one vocabulary chunk of logits (≤ 64 MiB).
+    shared: the context's K/V for every layer (B·Tc·2·d_kv per layer) is kept through the step; the
+    K·B branches run Tb = L + tag + response − 1 tokens; attention keys/values per layer are the
+    context once per sample plus every branch's own (2·B·(Tc + K·Tb)·d_kv), and twice that while
+    the layer's backward runs. With checkpointing the branches keep each layer's input only
+    (d·dtype per token and layer) plus one layer's full terms while it is recomputed. The context
+    pass itself peaks at the K/V plus one layer's temporaries (B·Tc·(d + 3·i)·dtype and the
+    attention scores, B·H·Tc²·4); with K=1 that can pass the branches' part.
+    Every phase also holds one dequantized projection (bitsandbytes dequantizes per call: d·i·dtype).
+    prefix: the per-token terms for K·B whole sequences (L + context + response), no shared cache.
     """
     from ..model.llama import LlamaConfig
 
@@ -105,17 +111,22 @@ def estimate(preset: str, layout: str, K: int, B: int, context_len: int, respons
     dense = (v * d * (1 if c.tie_embeddings else 2) + (2 * n + 1) * d) * dtype_bytes
     weights = nf4 + dense
     trainable = 4 * 4 * (K * prompt_len * d + d * d + d)
-    per_token_layer = (10 * d + 3 * i) * dtype_bytes + 2 * 4 * d
-    rows = K * B * response_len
-    head = 2 * rows * v * 4
+    per_token_layer = (4 * d + 4 * i) * dtype_bytes
+    head = 3 * (K + 1) * B * response_len * d * 4 + 64 * 2 ** 20
     if layout == "shared":
         context_kv = B * context_len * 2 * d_kv * n * dtype_bytes
-        branch_tokens = K * B * (prompt_len + tag_len + response_len - 1)
-        kept = n * d * dtype_bytes + per_token_layer if checkpointing else n * per_token_layer
-        activations = context_kv + branch_tokens * kept + head
+        tb = prompt_len + tag_len + response_len - 1
+        branch_tokens = K * B * tb
+        attn_kv = 2 * B * (context_len + K * tb) * d_kv * dtype_bytes
+        if checkpointing:
+            kept = branch_tokens * (n * d * dtype_bytes + per_token_layer) + 2 * attn_kv
+        else:
+            kept = n * (branch_tokens * per_token_layer + attn_kv) + attn_kv
+        context_pass = B * context_len * (d + 3 * i) * dtype_bytes + B * c.n_heads * context_len ** 2 * 4
+        activations = context_kv + max(kept + head, context_pass) + d * i * dtype_bytes
     else:
         tokens = K * B * (prompt_len + context_len + response_len)
-        activations = tokens * n * per_token_layer + head
+        activations = tokens * n * (per_token_layer + 2 * d_kv * dtype_bytes) + head + d * i * dtype_bytes
     return {"weights": int(weights), "trainable": int(trainable), "activations": int(activations),
             "total": int(weights + trainable + activations)}
 
@@ -126,10 +137,12 @@ def measure_step(preset: str, layout: str, K: int, B: int, context_len: int, res
     from ..model.build import build_spt_model
     from ..model.loading import random_preset_model
     from ..model.spt import SPTConfig
-    from ..utils import resolve_dtype
+    from ..utils import bound_heap_retention, resolve_dtype
     from .train import synthetic_batches
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu":
+        bound_heap_retention()  # as `train --load-4bit` does on CPU
     meter = Meter(dev)
     torch.manual_seed(0)
     before = meter.now()
@@ -185,30 +198,34 @@ def measure_step(preset: str, layout: str, K: int, B: int, context_len: int, res
             "baseline": "process RSS (torch and libraries included)" if dev.type == "cpu" else "CUDA allocated"}
 
 
-def run_memory_bench(presets=("llama-2-7b",), layouts=("shared", "prefix"), K=4, B=8, context_len=256,
+def run_memory_bench(presets=("llama-2-7b",), layouts=("shared", "prefix"), Ks=(4,), B=8, context_len=256,
                      response_len=32, prompt_len=1, dtype="bf16", device=None, timeout_s: float = 7200,
                      checkpointing: bool = False) -> list[dict]:
     if checkpointing and "prefix" in layouts:
         raise SPTError("--activation-checkpointing is built for the shared layout: add --layout shared")
+    if isinstance(Ks, int):
+        Ks = (Ks,)
+    bad = [k for k in Ks if k < 1]
+    if bad:
+        raise SPTError(f"--num-prompts must be at least 1, got {bad[0]}")
     rows = []
-    for preset in presets:
-        for layout in layouts:
-            kw = dict(preset=preset, layout=layout, K=K, B=B, context_len=context_len, response_len=response_len,
-                      prompt_len=prompt_len, dtype=dtype, device=device, checkpointing=checkpointing)
-            code = f"import json; from {__name__} import measure_step; print(json.dumps(measure_step(**{kw!r})))"
-            try:
-                proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
-                                      env={**os.environ, "TQDM_DISABLE": "1"})
-            except subprocess.TimeoutExpired:
-                raise SPTError(f"{preset} {layout}: the step did not finish within {timeout_s:.0f} s") from None
-            if proc.returncode != 0:
-                tail = (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
-                raise SPTError(f"{preset} {layout}: failed: {tail[0]}")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            m, e = row["measured"], row["estimated"]
-            print(f"{preset} {layout}: peak {m['peak'] / GIB:.2f} GiB (weights {m['weights'] / GIB:.2f} / est "
-                  f"{e['weights'] / GIB:.2f}, trainable {m['trainable'] / 2**20:.1f} / est {e['trainable'] / 2**20:.1f} "
-                  f"MiB, activations {m['activations'] / GIB:.2f} / est {e['activations'] / GIB:.2f} GiB), "
-                  f"step {row['step_s']:.1f} s on {row['device']}", flush=True)
+    for preset, layout, K in ((p, lay, k) for p in presets for lay in layouts for k in Ks):
+        kw = dict(preset=preset, layout=layout, K=K, B=B, context_len=context_len, response_len=response_len,
+                  prompt_len=prompt_len, dtype=dtype, device=device, checkpointing=checkpointing)
+        code = f"import json; from {__name__} import measure_step; print(json.dumps(measure_step(**{kw!r})))"
+        try:
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
+                                  env={**os.environ, "TQDM_DISABLE": "1"})
+        except subprocess.TimeoutExpired:
+            raise SPTError(f"{preset} {layout} K={K}: the step did not finish within {timeout_s:.0f} s") from None
+        if proc.returncode != 0:
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
+            raise SPTError(f"{preset} {layout} K={K}: failed: {tail[0]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        m, e = row["measured"], row["estimated"]
+        print(f"{preset} {layout} K={K}: peak {m['peak'] / GIB:.2f} GiB (weights {m['weights'] / GIB:.2f} / est "
+              f"{e['weights'] / GIB:.2f}, trainable {m['trainable'] / 2**20:.1f} / est {e['trainable'] / 2**20:.1f} "
+              f"MiB, activations {m['activations'] / GIB:.2f} / est {e['activations'] / GIB:.2f} GiB), "
+              f"step {row['step_s']:.1f} s on {row['device']}", flush=True)
     return rows

@@ -76,7 +76,8 @@ def add_parser(sub) -> None:
                    help="preset:NAME (repeat; default preset:llama-2-7b)")
     m.add_argument("--layout", action="append", choices=("shared", "prefix"), default=None,
                    help="repeat (default: both)")
-    m.add_argument("--num-prompts", "-K", type=int, default=4)
+    m.add_argument("--num-prompts", "-K", type=int, action="append", default=None,
+                   help="repeat to compare (default 4), e.g. -K 1 -K 4 -K 8")
     m.add_argument("--prompt-len", "-L", type=int, default=1, help="the paper's Llama-2 setting")
     m.add_argument("--batch-size", type=int, default=8)
     m.add_argument("--context-len", type=int, default=256)
@@ -161,7 +162,7 @@ def run_memory(a) -> list[dict]:
     if bad:
         raise SPTError(f"--model must be preset:NAME (random weights built in NF4), got {bad[0]!r}")
     return run_memory_bench(tuple(m[len(PRESET_PREFIX):] for m in models), tuple(a.layout or ("shared", "prefix")),
-                            a.num_prompts, a.batch_size, a.context_len, a.response_len, a.prompt_len, a.dtype,
+                            tuple(a.num_prompts or (4,)), a.batch_size, a.context_len, a.response_len, a.prompt_len, a.dtype,
                             a.device, checkpointing=a.activation_checkpointing)
 
 

@@ -21,7 +21,7 @@ from ..model.build import build_spt_model
 from ..model.layouts import get_layout
 from ..model.loading import load
 from ..model.spt import SPTConfig
-from ..utils import DTYPE_NAMES, check_number, peak_memory_bytes, resolve_dtype
+from ..utils import DTYPE_NAMES, bound_heap_retention, check_number, peak_memory_bytes, resolve_dtype
 from . import checkpoint
 from .distributed import Distributed, data_parallel
 from .resume import (compare_settings, load_optimizer_state, load_rng_state, optimizer_state, read_log, rewrite_log,
@@ -143,6 +143,8 @@ class Trainer:
             per_step = tc.batch_size * tc.grad_accum * self.dist.world
             self.tc = tc = replace(tc, max_steps=max(1, math.ceil(tc.epochs * len(self.train_samples) / per_step)))
         if model is None:
+            if tc.load_4bit and self.dist.device.type == "cpu":
+                bound_heap_retention()  # memory is the point of a 4-bit run (utils)
             model, tokenizer = load(tc.model, resolve_dtype(tc.dtype), tc.load_4bit)
             model = model.to(self.dist.device)  # each process's own copy on its own device
         self.tokenizer = tokenizer

@@ -126,6 +126,15 @@ def test_cpu_path_matches_reference_with_grads(shape):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_path_with_uneven_branch_counts():
+    """Samples with different numbers of branches take the gathering fallback; same answer."""
+    q, k, v, ctx_k, ctx_v, ctx_len, _, grad_out = make_inputs(5, 2, 4, 2, 6, 7, 16, torch.float32, seed=6)
+    sample_of = torch.tensor([1, 0, 1, 1, 0])
+    inputs = (q, k, v, ctx_k, ctx_v, ctx_len, sample_of, grad_out)
+    for g, w in zip(run(ba.branch_attention, *inputs), run(branch_attention_ref, *inputs)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 def test_no_grad_forward():
     inputs = make_inputs(2, 2, 2, 2, 9, 5, 16, torch.float32, seed=5)[:7]
     with torch.no_grad():

@@ -1,11 +1,22 @@
-"""Triton fused linear + CE vs its PyTorch reference (CPU: TRITON_INTERPRET=1, set in conftest)."""
+"""Triton fused linear + CE and its chunked PyTorch (CPU) path vs the reference (CPU: TRITON_INTERPRET=1,
+set in conftest)."""
 import pytest
 import torch
 
 from spt_fast.kernels import fused_ce as fce
+from spt_fast.kernels import fused_ce_chunked
 from spt_fast.kernels.fused_ce import (
-    fused_linear_ce, fused_linear_ce_losses, fused_linear_ce_ref, fused_linear_ce_triton,
+    fused_linear_ce, fused_linear_ce_chunked, fused_linear_ce_losses, fused_linear_ce_ref, fused_linear_ce_triton,
 )
+
+
+@pytest.fixture(params=["triton", "chunked"])
+def impl(request, monkeypatch):
+    """Both fast paths; the chunked one with chunks of 256 columns, so every shape spans several."""
+    if request.param == "chunked":
+        monkeypatch.setattr(fused_ce_chunked, "_CHUNK_ELEMS", 1)
+        return fused_linear_ce_chunked
+    return fused_linear_ce_triton
 
 # (K, B, T, d, V): a single token, odd d (masked d tail), V not a multiple of the vocab tile,
 # several vocab tiles (split merge), more rows than one row block.
@@ -55,8 +66,8 @@ def same_dtype_torch(hidden, weight, bias, targets, scores=None):
     return fce._ce_math(hidden, weight, bias, targets, scores, hidden.dtype)
 
 
-def check(inputs, dtype, atol, rtol):
-    got = run(fused_linear_ce_triton, *inputs)
+def check(inputs, dtype, atol, rtol, fn=fused_linear_ce_triton):
+    got = run(fn, *inputs)
     want = run(fused_linear_ce_ref, *inputs)
     names = ["seq_ce_sum", "fusion", "d_hidden", "d_scores"]
     for name, g, w in zip(names, got, want):
@@ -83,21 +94,21 @@ def check(inputs, dtype, atol, rtol):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_reference(shape, dtype, atol, rtol, bias):
-    check(make_inputs(*shape, dtype, bias=bias), dtype, atol, rtol)
+def test_matches_reference(shape, dtype, atol, rtol, bias, impl):
+    check(make_inputs(*shape, dtype, bias=bias), dtype, atol, rtol, impl)
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_without_scores(bias):
+def test_without_scores(bias, impl):
     inputs = make_inputs(3, 2, 7, 48, 300, torch.float32, bias=bias, scores=False)
-    check(inputs, torch.float32, 1e-4, 1e-4)
+    check(inputs, torch.float32, 1e-4, 1e-4, impl)
 
 
-def test_seq_grad_only():
+def test_seq_grad_only(impl):
     # L_LM alone: fusion output unused, so its grad arrives as None/zeros.
     hidden, weight, bias, targets, scores, grad_seq, _ = make_inputs(2, 3, 6, 32, 150, torch.float32, bias=True)
     results = []
-    for fn in (fused_linear_ce_triton, fused_linear_ce_ref):
+    for fn in (impl, fused_linear_ce_ref):
         h = hidden.clone().requires_grad_(True)
         s = scores.clone().requires_grad_(True)
         seq, _ = fn(h, weight, bias, targets, s)
@@ -116,7 +127,7 @@ def test_chunked_backward(monkeypatch):
 def test_all_padding_gives_zeros():
     hidden, weight, bias, targets, scores, _, _ = make_inputs(2, 2, 4, 32, 100, torch.float32, bias=True)
     targets = torch.full_like(targets, -100)
-    for fn in (fused_linear_ce_triton, fused_linear_ce_ref):
+    for fn in (fused_linear_ce_triton, fused_linear_ce_chunked, fused_linear_ce_ref):
         h = hidden.clone().requires_grad_(True)
         s = scores.clone().requires_grad_(True)
         seq, fus = fn(h, weight, bias, targets, s)
@@ -181,11 +192,23 @@ def test_losses_dict():
     assert fused_linear_ce_losses(hidden, weight, bias, targets)["fusion"] is None
 
 
-def test_dispatch_uses_reference_on_cpu():
+def test_dispatch_on_cpu(monkeypatch):
+    # Small fp32 logits: the materialised reference, bit for bit.
     inputs = make_inputs(2, 2, 5, 32, 100, torch.float32)[:5]
     seq, fus = fused_linear_ce(*inputs)
     seq_ref, fus_ref = fused_linear_ce_ref(*inputs)
     assert torch.equal(seq, seq_ref) and torch.equal(fus, fus_ref)
+    called = []
+    real = fce.fused_linear_ce_chunked
+    monkeypatch.setattr(fce, "fused_linear_ce_chunked", lambda *a: called.append(1) or real(*a))
+    # A bf16 head (the reference would copy it whole to fp32), or logits past the budget: chunked.
+    fused_linear_ce(*make_inputs(2, 2, 5, 32, 100, torch.bfloat16)[:5])
+    assert called == [1]
+    monkeypatch.setattr(fce, "MATERIALISE_MAX_BYTES", (2 + 1) * 10 * 100 * 4 - 1)
+    seq, fus = fused_linear_ce(*inputs)
+    assert called == [1, 1]
+    torch.testing.assert_close(seq, seq_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fus, fus_ref, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_inputs_are_named():
