@@ -305,7 +305,8 @@ class FusedLinearCE(torch.autograd.Function):
         fusion = torch.zeros((), dtype=torch.float32, device=dev)
         if n_pos:
             w = weight.contiguous()
-            lse, z_y, e_bias = (fused_ce_chunked.lse_forward if chunked else _lse_forward)(X, w, None if bias is None else bias.contiguous(), bscale, Y)
+            lse_forward = fused_ce_chunked.lse_forward if chunked else _lse_forward
+            lse, z_y, e_bias = lse_forward(X, w, None if bias is None else bias.contiguous(), bscale, Y)
             loss = lse - z_y
             seq_id = (torch.arange(K, device=dev)[:, None] * B + b_of[None, :]).reshape(-1)
             seq_ce_sum.index_add_(0, seq_id, loss[: K * n_pos])
@@ -342,8 +343,8 @@ class FusedLinearCE(torch.autograd.Function):
             coef.append(g_fus / (B * n_tokens[b_of].float()))
         coef = torch.cat(coef).contiguous()
 
-        dX = (fused_ce_chunked.grad_rows if ctx.chunked else _grad_rows)(X, weight.contiguous(), None if bias is None else bias.contiguous(),
-                        bscale, Y, lse, coef)
+        grad_rows = fused_ce_chunked.grad_rows if ctx.chunked else _grad_rows
+        dX = grad_rows(X, weight.contiguous(), None if bias is None else bias.contiguous(), bscale, Y, lse, coef)
         dX_seq = dX[: K * n_pos].view(K, n_pos, d)
         if scores is not None:
             dX_mix = dX[K * n_pos:]  # grad w.r.t. the mixed hidden sum_k s_k h_k
