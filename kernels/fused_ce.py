@@ -385,7 +385,8 @@ def fused_linear_ce_chunked(hidden, weight, bias, targets, scores=None):
 
 
 # Below this many bytes of fp32 logits (all K·B sequences plus the fused row) an fp32 head keeps the
-# materialised reference on CPU: it saves the backward's recomputing GEMM. Measured: README "Memory".
+# materialised reference on CPU: it saves the backward's recomputing GEMM (the chunked path runs the
+# head's GEMM three times instead of two), and at this size the logits are a small part of a step.
 MATERIALISE_MAX_BYTES = 256 * 2 ** 20
 
 
