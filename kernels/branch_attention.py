@@ -410,15 +410,22 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def branch_attention_sdpa(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale: float | None = None):
-    """The CPU path: fused SDPA calls with a boolean mask, never a copy of a context per branch.
+# Above this many bytes of gathered context K/V per layer (N·Tc·2·d_kv) the CPU path groups the
+# branches by sample instead. Below it gathering is cheaper: the grouped form also computes the
+# masked cross-branch blocks (SmolLM2 chit-chat training, 6 MB a layer: ~4% slower grouped).
+GATHER_MAX_BYTES = 16 * 2 ** 20
 
-    When every sample has the same number of branches (training: K per sample) the branches are
-    grouped by sample: one query row per sample holds all its branches' tokens [K·Tb] and attends
-    to [its context | every branch's own keys] under a block-causal mask. The keys then hold the
-    context once per sample, so memory grows with B·Tc + N·Tb, not N·Tc (a 7B step gathered 150 MiB
-    per layer for K=4 that way), at the price of the masked cross-branch blocks' arithmetic. Other
-    layouts gather each branch's context.
+
+def branch_attention_sdpa(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale: float | None = None):
+    """The CPU path: fused SDPA calls with a boolean mask.
+
+    Small shapes gather each branch's context (one SDPA call over [context | own keys]). Large
+    ones (GATHER_MAX_BYTES), when every sample has the same number of branches (training: K per
+    sample), group the branches by sample instead: one query row per sample holds all its
+    branches' tokens [K·Tb] and attends to [its context | every branch's own keys] under a
+    block-causal mask. The keys then hold the context once per sample, so memory grows with
+    B·Tc + N·Tb, not N·Tc (a 7B step gathered 150 MiB per layer for K=4), at the price of the
+    masked cross-branch blocks' arithmetic.
     """
     _check_inputs(q, k, v, ctx_k, ctx_v, ctx_len, sample_of)
     k, v = _ContiguousGrad.apply(k), _ContiguousGrad.apply(v)
@@ -427,7 +434,8 @@ def branch_attention_sdpa(q, k, v, ctx_k, ctx_v, ctx_len, sample_of, scale: floa
     sample_of = sample_of.to(q.device, torch.long)
     lens = ctx_len.to(q.device, torch.long)
     per = n // bsz
-    if n % bsz or not bool((torch.bincount(sample_of, minlength=bsz) == per).all()):
+    small = n * tc * 2 * hkv * d * ctx_k.element_size() <= GATHER_MAX_BYTES
+    if small or n % bsz or not bool((torch.bincount(sample_of, minlength=bsz) == per).all()):
         return _sdpa_gathered(q, k, v, ctx_k, ctx_v, lens, sample_of, scale)
     order = torch.sort(sample_of, stable=True).indices  # rows of sample 0, then 1, ...
 

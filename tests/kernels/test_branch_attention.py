@@ -116,9 +116,12 @@ def test_reference_matches_explicit_loop():
                 torch.testing.assert_close(out[n, h, i], p @ vals, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["gathered", "grouped"])
 @pytest.mark.parametrize("shape", [(2, 1, 2, 1, 3, 4, 16), (6, 3, 4, 2, 7, 11, 32), (4, 2, 6, 3, 1, 5, 16)])
-def test_cpu_path_matches_reference_with_grads(shape):
-    """CPU dispatch runs the masked-SDPA path; it must agree with the reference, grads included."""
+def test_cpu_path_matches_reference_with_grads(shape, grouped, monkeypatch):
+    """CPU dispatch runs the masked-SDPA path (both forms); it must agree with the reference, grads included."""
+    if grouped:  # the form large shapes take
+        monkeypatch.setattr(ba, "GATHER_MAX_BYTES", 0)
     inputs = make_inputs(*shape, torch.float32, seed=3)
     got = run(ba.branch_attention, *inputs)
     want = run(branch_attention_ref, *inputs)
@@ -126,8 +129,9 @@ def test_cpu_path_matches_reference_with_grads(shape):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_path_with_uneven_branch_counts():
-    """Samples with different numbers of branches take the gathering fallback; same answer."""
+def test_cpu_path_with_uneven_branch_counts(monkeypatch):
+    """Samples with different numbers of branches take the gathering form at any size; same answer."""
+    monkeypatch.setattr(ba, "GATHER_MAX_BYTES", 0)
     q, k, v, ctx_k, ctx_v, ctx_len, _, grad_out = make_inputs(5, 2, 4, 2, 6, 7, 16, torch.float32, seed=6)
     sample_of = torch.tensor([1, 0, 1, 1, 0])
     inputs = (q, k, v, ctx_k, ctx_v, ctx_len, sample_of, grad_out)
