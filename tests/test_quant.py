@@ -10,6 +10,9 @@ Tolerances, and why:
     ~0.1 for Gaussian weights; 0.09 measured), so logits get relative L2 error <= 0.25 (0.11
     measured on the tiny Llama), cosine >= 0.97.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -323,3 +326,26 @@ def test_memory_bench_split_adds_up_and_estimate_has_the_same_parts():
     # Checkpointed, K=1's peak can be the context pass itself (one layer's temporaries over the
     # whole context), so a longer context costs K=8 no more than K=1.
     assert 0 < extra_context("shared", 8, True) <= extra_context("shared", 1, True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_bound_heap_retention_returns_freed_tensors_to_the_os():
+    # A freed 16 MiB mapping raises glibc's mmap threshold past it; an 8 MiB tensor then comes from
+    # the heap and stays resident after it is freed, unless the threshold was fixed first.
+    code = """
+import sys, torch
+from spt_fast.utils import bound_heap_retention
+from spt_fast.benchmarks.memory import _rss
+x = torch.empty(16 << 20, dtype=torch.uint8); x.fill_(1); del x
+if sys.argv[1] == "1":
+    assert bound_heap_retention()
+base = _rss()
+y = torch.empty(8 << 20, dtype=torch.uint8); y.fill_(1); del y
+print((_rss() - base) / 2 ** 20)
+"""
+    kept = {}
+    for fixed in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code, fixed], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        kept[fixed] = float(out.stdout.strip().splitlines()[-1])
+    assert kept["0"] > 6 and kept["1"] < 1, kept
