@@ -2,7 +2,8 @@
 # One GPU session's checks and figures, for the device machine (see README "Benchmarks").
 # Needs the wheels its image lacks in .whl/ (bitsandbytes with its CUDA 13 build, gguf, nltk,
 # rouge-score, defusedxml, chitchat-dataset). Writes logs and JSON to $OUT (or ./gpu_out).
-#   bench/gpu_session.sh [tests] [tests-nf4] [nf4] [nf4-quick] [generate] [kernels] [train] [profile]   (default: all)
+#   bench/gpu_session.sh [tests] [tests-nf4] [nf4] [nf4-quick] [generate] [kernels] [train] [profile] [memory]
+#   (default: all but memory)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -26,6 +27,8 @@ for s in $steps; do
     nf4) timeout 240 python3 bench/bench_nf4.py --write "$OUT/nf4_tiles.json" 2>&1 | tail -16 | tee "$OUT/nf4.log"
          [ -s "$OUT/nf4_tiles.json" ] && export SPT_FAST_NF4_TILES="$OUT/nf4_tiles.json" && cat "$OUT/nf4_tiles.json" ;;
     tests-nf4) timeout 200 python3 -m pytest -q -m gpu -k "nf4 or 4bit" -p no:cacheprovider tests 2>&1 | tail -30 | tee "$OUT/tests_nf4.log" ;;
+    memory) timeout 300 python3 -m spt_fast bench memory --model preset:llama-2-7b --model preset:llama-2-13b \
+              --layout shared --activation-checkpointing -K 4 --json "$OUT/memory_gpu.json" 2>&1 | tail -6 ;;
     profile) timeout 200 python3 bench/profile_decode.py 2>&1 | tail -45 | tee "$OUT/profile.log" ;;
     *) echo "unknown step $s" ;;
   esac

@@ -203,8 +203,6 @@ def run_memory_bench(presets=("llama-2-7b",), layouts=("shared", "prefix"), Ks=(
                      checkpointing: bool = False) -> list[dict]:
     if checkpointing and "prefix" in layouts:
         raise SPTError("--activation-checkpointing is built for the shared layout: add --layout shared")
-    if isinstance(Ks, int):
-        Ks = (Ks,)
     bad = [k for k in Ks if k < 1]
     if bad:
         raise SPTError(f"--num-prompts must be at least 1, got {bad[0]}")
