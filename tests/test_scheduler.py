@@ -60,3 +60,42 @@ def test_rows_leaving_out_of_order_keep_every_reply_exact(char_tok):
         assert errors == ["error"]
     finally:
         scheduler.stop()
+
+
+
+def submit_one(scheduler, engine, conv, opts):
+    """Run one conversation through the scheduler: (its job, (kind, value) of its last event)."""
+    out, got = {}, threading.Event()
+
+    def on(kind, value):
+        if kind in ("done", "error"):
+            out["r"] = (kind, value)
+            got.set()
+    ids, tags, _ = engine.encode([conv])
+    job = Job(ids[0], tags[0], engine.options(**opts), on)
+    assert scheduler.submit(job) and got.wait(120)
+    return job, out["r"]
+
+
+def test_context_is_cached_even_when_the_row_ends_at_its_first_token(char_tok):
+    # The context's K/V are copied into the cache after the first token goes out: a reply that ends
+    # right there (max_new_tokens=1) must still leave its context for the next turn.
+    torch.manual_seed(0)
+    spt = build_spt_model(tiny_llama(init_std=0.1), SPTConfig(num_prompts=3, prompt_len=2, layout="shared",
+                                                             init="random"))
+    engine = Engine(spt, char_tok)
+    persona, history = CONVS[1]
+    later = (persona, [*history, "fine, and you?", "good"])
+    opts = {"stops": (), "ignore_eos": True, "prompt": 1}
+    for budget, expect_hit in ((64 << 20, True), (0, False)):
+        scheduler = Scheduler(engine, max_batch=2, max_new_tokens=16, cache_bytes=budget).start()
+        try:
+            _, (kind, reply) = submit_one(scheduler, engine, (persona, history), {**opts, "max_new_tokens": 1})
+            assert kind == "done" and len(reply.tokens) == 1
+            assert len(scheduler.context_cache) == (1 if expect_hit else 0)
+            job, (kind, reply) = submit_one(scheduler, engine, later, {**opts, "max_new_tokens": 8})
+            assert (job.cached_tokens > 0) == expect_hit
+            want = engine.generate([later], max_new_tokens=8, **opts)[0]
+            assert kind == "done" and reply.tokens == want.tokens
+        finally:
+            scheduler.stop()

@@ -39,6 +39,12 @@ class ContextCache:
         self._entries.move_to_end(found)
         return best, self._entries[found]
 
+    def fits(self, n: int, caches) -> bool:
+        """Whether n tokens of these per-layer caches' K/V fit the budget at all (else skip the copy)."""
+        k = caches[0].k_cache
+        per_token = 2 * len(caches) * k.shape[1] * k.shape[3] * k.element_size()
+        return n * per_token <= self.budget
+
     def put(self, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep k, v [layers, Hkv, n, D] (tensors of the caller's own, not views of a live cache) for
         the n tokens `ids`; evicts to stay in budget."""

@@ -36,8 +36,9 @@ class Server:
     """The application's state: the engine, its scheduler, the metrics, and the limits."""
 
     def __init__(self, engine, max_batch: int = 16, max_queue: int = 64, max_tokens: int = 256,
-                 cache_mb: float = 256, max_body_bytes: int = 1 << 20, model_name: str = "spt"):
-        self.engine, self.model_name = engine, model_name
+                 cache_mb: float = 256, max_body_bytes: int = 1 << 20, model_name: str = "spt",
+                 own_thread: bool = True):
+        self.engine, self.model_name, self.own_thread = engine, model_name, own_thread
         self.max_tokens, self.max_body_bytes = max_tokens, max_body_bytes
         self.metrics = ServerMetrics()
         self.scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue, max_new_tokens=max_tokens,
@@ -49,7 +50,8 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
-        self.scheduler.start()
+        if self.own_thread:  # (else whoever made the server runs the scheduler's loop: see `serve`)
+            self.scheduler.start()
         try:
             yield
         finally:
@@ -171,18 +173,40 @@ class Server:
 
 def serve(engine, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 64,
           max_tokens: int = 256, cache_mb: float = 256, graceful_seconds: float = 30.0) -> None:
-    """Run the server until Ctrl-C / SIGTERM."""
+    """Run the server until Ctrl-C / SIGTERM: uvicorn in a thread, the model in the main thread."""
+    import threading
+
     import uvicorn
 
-    server = Server(engine, max_batch, max_queue, max_tokens, cache_mb)
+    server = Server(engine, max_batch, max_queue, max_tokens, cache_mb, own_thread=False)
     if server.scheduler.context_cache is None:
         print(f"layout '{engine.config.layout}' puts the prompt before the context: no context cache "
               "(each turn prefills its whole context)", flush=True)
-    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again under the handler that
-    # was there before it: a no-op one, so a finished shutdown ends the process with status 0.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    http = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning",
+                                         timeout_graceful_shutdown=graceful_seconds))
+
+    def on_signal(signum, frame):
+        # The first Ctrl-C / SIGTERM: stop accepting, let in-flight requests finish (up to
+        # graceful_seconds); a second: stop now. uvicorn listens for signals only in the main thread.
+        http.force_exit = http.should_exit
+        http.should_exit = True
+
+    def run_http():
+        try:
+            http.run()
+        finally:  # however uvicorn ended (a shutdown, a port in use), the model's loop ends too
+            server.scheduler.stop(timeout=0)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=run_http, name="spt-http", daemon=True)
     try:
-        uvicorn.run(server.app, host=host, port=port, log_level="warning",
-                    timeout_graceful_shutdown=graceful_seconds)
+        thread.start()
+        # The model's loop runs here, in the main thread: a decode step ran 1.3-2x slower in a
+        # second thread on the 2-vCPU machines (see Scheduler.run).
+        server.scheduler.run()
+        thread.join()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not http.started:
+        raise SPTError(f"the server did not start on {host}:{port} (see the message above)")
