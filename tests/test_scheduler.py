@@ -99,3 +99,25 @@ def test_context_is_cached_even_when_the_row_ends_at_its_first_token(char_tok):
             assert kind == "done" and reply.tokens == want.tokens
         finally:
             scheduler.stop()
+
+
+def test_warm_up_leaves_no_trace(char_tok):
+    # The server runs one request before its port opens: nothing of it may stay behind (no row, no
+    # cached context, no step in the metrics), and the stop table it built serves the first client.
+    torch.manual_seed(0)
+    spt = build_spt_model(tiny_llama(init_std=0.1), SPTConfig(num_prompts=3, prompt_len=2, layout="shared",
+                                                             init="random"))
+    engine = Engine(spt, char_tok)
+    steps = []
+    scheduler = Scheduler(engine, max_batch=2, max_new_tokens=16, on_step=steps.append)
+    scheduler.warm_up()
+    assert scheduler.active == [] and len(scheduler.context_cache) == 0 and steps == []
+    assert engine._stop_tables  # the default stops' table is built
+    scheduler.start()
+    try:
+        conv = CONVS[0]
+        _, (kind, reply) = submit_one(scheduler, engine, conv, {"max_new_tokens": 8})
+        want = engine.generate([conv], max_new_tokens=8)[0]
+        assert kind == "done" and reply.tokens == want.tokens and steps
+    finally:
+        scheduler.stop()

@@ -208,6 +208,44 @@ def test_stop_table_spans_tokens():
     assert run([6]) == 2 and run([6, 0]) == 0
 
 
+def naive_stop_table(pieces, stops):
+    """The automaton by its definition: from each state's text, append the piece, look for a stop,
+    else keep the longest tail that starts one."""
+    states = [""] + sorted({s[:i] for s in stops for i in range(1, len(s))}, key=lambda p: (len(p), p))
+    table = []
+    for prefix in states:
+        row = []
+        for piece in pieces:
+            text = prefix + piece
+            if not piece:
+                row.append(len(table))
+            elif any(stop in text for stop in stops):
+                row.append(len(states))
+            else:
+                row.append(max((i for i, p in enumerate(states) if text.endswith(p)), key=lambda i: len(states[i])))
+        table.append(row)
+    return states, table
+
+
+def test_stop_table_equals_its_definition():
+    import random
+
+    rng = random.Random(0)
+    chars = "abQR: \nxy"
+    pieces = [""] + sorted({"".join(rng.choice(chars) for _ in range(rng.randint(1, 7))) for _ in range(3000)})
+    stop_sets = [("\n", "Q:", "R:"), ("bye now", "Q:"), ("aba", "ab b", "\n"), ("x",), ("a a a",), ("ba", "ab")]
+    for _ in range(30):  # random stop sets whose prefixes contain no stop (else a state is unreachable)
+        stops = tuple({"".join(rng.choice(chars) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))})
+        if not any(stop in s[:i] for s in stops for i in range(1, len(s)) for stop in stops):
+            stop_sets.append(stops)
+    for stops in stop_sets:
+        st = StopTable(pieces, stops)
+        states, table = naive_stop_table(pieces, stops)
+        assert st.states == states, stops
+        assert st.table[:-1].tolist() == table, stops
+        assert st.table[-1].tolist() == [st.STOP] * len(pieces)
+
+
 class Scripted:
     """A backend that emits fixed texts per row (char tokenizer ids), counting decode steps."""
 

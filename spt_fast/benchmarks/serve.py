@@ -149,13 +149,37 @@ def _pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-def load_level(url: str, clients: int, convs, max_tokens: int) -> tuple[dict, list[dict]]:
+def load_level(url: str, clients: int, convs, max_tokens: int, ramp_s: float = 0.0) -> tuple[dict, list[dict]]:
+    """`clients` closed-loop clients share the conversations (each takes the next one when its
+    current conversation ends). Client i starts at i x ramp_s / clients: ramp_s = 0 is a burst of
+    cold conversations at once, ramp_s = one turn's latency spreads the arrivals as a steady load
+    does after the first turn."""
+    import queue
+    import threading
+
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for c in convs:
+        todo.put(c)
+    results, lock = [], threading.Lock()
+
+    def client(i: int) -> None:
+        time.sleep(i * ramp_s / clients)
+        while True:
+            try:
+                conv = todo.get_nowait()
+            except queue.Empty:
+                return
+            rs = run_client(url, conv, max_tokens)
+            with lock:
+                results.extend(rs)
+
     t0 = time.perf_counter()
     with futures.ThreadPoolExecutor(clients) as pool:
-        results = [r for rs in pool.map(lambda c: run_client(url, c, max_tokens), convs) for r in rs]
+        list(pool.map(client, range(clients)))
     wall = time.perf_counter() - t0
     ok = [r for r in results if "error" not in r]
-    return {"clients": clients, "requests": len(results), "failed": len(results) - len(ok), "wall_s": wall,
+    return {"clients": clients, "conversations": len(convs), "ramp_s": ramp_s, "requests": len(results),
+            "failed": len(results) - len(ok), "wall_s": wall,
             "requests_per_s": len(ok) / wall, "ttft_p50_s": _pct([r["ttft"] for r in ok], 0.5),
             "ttft_p99_s": _pct([r["ttft"] for r in ok], 0.99), "latency_p50_s": _pct([r["latency"] for r in ok], 0.5),
             "latency_p99_s": _pct([r["latency"] for r in ok], 0.99),
@@ -163,33 +187,43 @@ def load_level(url: str, clients: int, convs, max_tokens: int) -> tuple[dict, li
 
 
 def run_serve_bench(checkpoint: str | None = None, levels=(1, 4, 16, 64), turns: int = 4, max_tokens: int = 32,
-                    long_turns: int = 8, device: str = "cpu", dtype: str | None = None) -> dict:
-    """Rows per concurrency level, the context-cache figure, and the mismatch count."""
+                    long_turns: int = 8, device: str = "cpu", dtype: str | None = None, conversations: int = 16,
+                    ramp: str | float = "auto") -> dict:
+    """Rows per concurrency level (each on a fresh server, so no level finds another's contexts in
+    the cache), the context-cache figure, and the mismatch count. `ramp` is the seconds over which
+    a level's clients start; "auto" is the one-client level's median request latency."""
     from ..generation.engine import Engine
 
+    levels = sorted(levels)
+    if ramp == "auto" and levels[0] != 1:
+        raise SPTError("--ramp auto takes the one-client latency: put 1 in --levels or give --ramp in seconds")
     with tempfile.TemporaryDirectory() as tmp:
         if checkpoint is None:
             checkpoint = _fresh_checkpoint(Path(tmp))
         offline = Engine.from_checkpoint(checkpoint, device=device, dtype=dtype or "recorded")  # as serve
         rows, mismatches = [], 0
         dtype_flags = ("--dtype", dtype) if dtype else ()
-        with ServerProcess(checkpoint, "--max-batch", "16", "--max-queue", "256", "--device", device,
-                           *dtype_flags) as server:
-            for clients in levels:
-                convs = held_out_conversations(clients, turns, seed=clients)
-                row, results = load_level(server.url, clients, convs, max_tokens)
-                ok = [r for r in results if "error" not in r]
-                # The offline engine's greedy replies: what every server reply must equal (and their length).
-                want = offline.generate([(r["persona"], r["history"]) for r in ok], max_new_tokens=max_tokens)
-                row["tokens"] = sum(len(w.tokens) for w in want)
-                row["tokens_per_s"] = row["tokens"] / row["wall_s"]
-                row["mismatches"] = sum(r["text"] != w.text for r, w in zip(ok, want))
-                mismatches += row["mismatches"] + row["failed"]
-                rows.append(row)
-                print(f"{clients:>3} clients: {row['requests_per_s']:.2f} req/s, {row['tokens_per_s']:.1f} tokens/s, "
-                      f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms p99 {row['ttft_p99_s'] * 1e3:.0f} ms, "
-                      f"cache hits {row['cache_hit_rate']:.0%}, failed/mismatched {row['failed']}/{row['mismatches']}",
-                      flush=True)
+        for clients in levels:
+            # The same conversations at every level (the first n of one draw): the same work, so the
+            # levels' tokens/s compare (each level has a fresh server: no level finds another's contexts).
+            convs = held_out_conversations(max(clients, conversations), turns, seed=0)
+            ramp_s = 0.0 if clients == 1 else (rows[0]["latency_p50_s"] if ramp == "auto" else float(ramp))
+            with ServerProcess(checkpoint, "--max-batch", "16", "--max-queue", "256", "--device", device,
+                               *dtype_flags) as server:
+                row, results = load_level(server.url, clients, convs, max_tokens, ramp_s)
+            ok = [r for r in results if "error" not in r]
+            # The offline engine's greedy replies: what every server reply must equal (and their length).
+            want = offline.generate([(r["persona"], r["history"]) for r in ok], max_new_tokens=max_tokens)
+            row["tokens"] = sum(len(w.tokens) for w in want)
+            row["tokens_per_s"] = row["tokens"] / row["wall_s"]
+            row["mismatches"] = sum(r["text"] != w.text for r, w in zip(ok, want))
+            mismatches += row["mismatches"] + row["failed"]
+            rows.append(row)
+            print(f"{clients:>3} clients ({row['conversations']} conversations, starts over {ramp_s:.1f} s): "
+                  f"{row['requests_per_s']:.2f} req/s, {row['tokens_per_s']:.1f} tokens/s, "
+                  f"TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms p99 {row['ttft_p99_s'] * 1e3:.0f} ms, "
+                  f"cache hits {row['cache_hit_rate']:.0%}, failed/mismatched {row['failed']}/{row['mismatches']}",
+                  flush=True)
         cache = _cache_figure(checkpoint, long_turns, max_tokens, device, dtype_flags)
     return {"levels": rows, "context_cache": cache, "bad_replies": mismatches,
             "dtype": dtype_name(offline.spt.dtype)}

@@ -63,6 +63,11 @@ def add_parser(sub) -> None:
                    help="default: an untrained SPT checkpoint on the embedded model (K=4, L=8, shared, max_len 512)")
     v.add_argument("--levels", default="1,4,16,64", help="comma-separated numbers of concurrent clients")
     v.add_argument("--turns", type=int, default=4, help="turns per conversation")
+    v.add_argument("--conversations", type=int, default=16,
+                   help="conversations per level (at least one per client; clients take the next when done)")
+    v.add_argument("--ramp", default="auto",
+                   help="seconds over which a level's clients start (0: all at once); auto: the one-client "
+                        "level's median request latency, so arrivals spread as under steady load")
     v.add_argument("--max-tokens", type=int, default=32)
     v.add_argument("--long-turns", type=int, default=8, help="turns of the context-cache measurement")
     v.add_argument("--device", default="cpu")
@@ -147,7 +152,20 @@ def run_serve(a) -> dict:
         levels = tuple(int(x) for x in a.levels.split(",") if x.strip())
     except ValueError:
         raise SPTError(f"--levels must be comma-separated integers, got {a.levels!r}") from None
-    result = run_serve_bench(a.checkpoint, levels, a.turns, a.max_tokens, a.long_turns, a.device, a.dtype)
+    if not levels or min(levels) < 1:
+        raise SPTError(f"--levels must be positive integers, got {a.levels!r}")
+    ramp = a.ramp
+    if ramp != "auto":
+        try:
+            ramp = float(ramp)
+        except ValueError:
+            raise SPTError(f"--ramp must be seconds or auto, got {a.ramp!r}") from None
+        if ramp < 0:
+            raise SPTError(f"--ramp must be seconds >= 0 or auto, got {a.ramp!r}")
+    if a.conversations < 1:
+        raise SPTError(f"--conversations must be at least 1, got {a.conversations}")
+    result = run_serve_bench(a.checkpoint, levels, a.turns, a.max_tokens, a.long_turns, a.device, a.dtype,
+                             a.conversations, ramp)
     for line in summary_lines(result):
         print(line)
     return result

@@ -39,7 +39,7 @@ from ..kernels.inject import inject_prompts
 from ..utils import cpu_has_native_bf16, dtype_name
 from .backends import FastBackend, HFBackend
 from .decoding import GenConfig, advance, row_tokens
-from .stops import StopTable, TextDelta, cut_reply
+from .stops import StopTable, TextDelta, cut_reply, token_pieces
 
 
 @dataclass
@@ -206,6 +206,7 @@ class Engine:
         self._encoder = None
         self._tag_ids = None
         self._stop_tables: dict = {}
+        self._pieces: list[str] | None = None
         self.last_prompts: list[int] = []
         self.last_replies: list[Reply] = []
 
@@ -325,8 +326,10 @@ class Engine:
             return None
         key = (stops, str(self.device))
         if key not in self._stop_tables:
-            vocab = self.spt.base.get_output_embeddings().weight.shape[0]
-            table = StopTable.for_tokenizer(self.tokenizer, stops, vocab).to(self.device)
+            if self._pieces is None:  # each token's text: ~0.4 s of decoding, once per engine
+                vocab = self.spt.base.get_output_embeddings().weight.shape[0]
+                self._pieces = token_pieces(self.tokenizer, vocab)
+            table = StopTable(self._pieces, tuple(stops)).to(self.device)
             if len(self._stop_tables) >= 32:  # a bounded memory of stop sets (a server sees many)
                 self._stop_tables.pop(next(iter(self._stop_tables)))
             self._stop_tables[key] = table

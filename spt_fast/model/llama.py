@@ -136,15 +136,17 @@ class KVCache(nn.Module):
         view.register_buffer("v_cache", self.v_cache[start:stop], persistent=False)
         return view
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, Hkv, T, D] at slots pos [T] (every row) or [B, T] (per row); return the caches."""
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
+        """Write k, v [B, Hkv, T, D] at slots pos [T] (every row) or [B, T] (per row; `rows` =
+        arange(B)[:, None] if the caller has it, made once for all layers); return the caches."""
         if pos.dim() == 1:
             self.k_cache.index_copy_(2, pos, k.to(self.k_cache.dtype))
             self.v_cache.index_copy_(2, pos, v.to(self.v_cache.dtype))
         else:
             # Indexed assignment, not scatter_: compiled, scatter_ into the cache buffer became a
             # copy of the whole cache per layer (most of a batch-16 CPU step); this writes B*T slots.
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            if rows is None:
+                rows = torch.arange(k.shape[0], device=k.device)[:, None]
             self.k_cache[rows, :, pos] = k.transpose(1, 2).to(self.k_cache.dtype)  # indexed: [B, T, Hkv, D]
             self.v_cache[rows, :, pos] = v.transpose(1, 2).to(self.v_cache.dtype)
         return self.k_cache, self.v_cache
@@ -163,15 +165,15 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def _apply_rotary(x, cos, sin):
-    # x [B, H, T, D]; cos/sin fp32 [B, 1, T, D]. Rotating in fp32 keeps bf16 positions exact-ish.
+    """x [B, H, T, D]; cos and the sign-folded sin (see Llama._build_rope), fp32 [B, 1, T, D].
+
+    transformers' x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) written as
+    roll(x, D/2) = cat(x2, x1) times a sin whose first half is negated: the same numbers bit for
+    bit (a sign flip is exact) in one op instead of chunk, neg and cat (eager decode pays per op).
+    Rotating in fp32 keeps bf16 positions exact-ish."""
     xf = x.float()
-    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 def _causal_sdpa(q, k, v):
@@ -319,7 +321,8 @@ class Llama(nn.Module):
         inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
         freqs = torch.arange(self.config.max_seq_len, dtype=torch.float, device=device)[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        # rope_sin has its first half negated: _apply_rotary's roll form of rotate_half needs it.
+        self.rope_cos, self.rope_sin = emb.cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
     def _apply(self, fn, recurse=True):
         # model.to(bf16) would round the rotary tables too; rebuild them in fp32 wherever they went.
@@ -438,10 +441,15 @@ class Llama(nn.Module):
         mask = slots[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, T, S]
         compiled_cpu = pos.device.type == "cpu" and torch.compiler.is_compiling()
         attention = grouped_attention if compiled_cpu else masked_sdpa
+        if not compiled_cpu:
+            # The additive mask SDPA would make from the boolean one in every layer, made once.
+            mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=pos.device).masked_fill_(
+                ~mask, float("-inf"))
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
         h = inputs_embeds
         for layer, cache in zip(self.layers, caches):
             def attend(q, k, v, cache=cache):
-                kc, vc = cache.update(pos, k, v)
+                kc, vc = cache.update(pos, k, v, rows)
                 if seq_len < kc.shape[2]:
                     kc, vc = kc[:, :, :seq_len], vc[:, :, :seq_len]
                 return attention(q, kc, vc, mask)

@@ -199,6 +199,12 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=run_http, name="spt-http", daemon=True)
+    # Before the port opens (and /health answers), so that no client pays for the first calls.
+    try:
+        server.scheduler.warm_up()
+    except Exception as exc:  # a request would show the same fault, in its own reply
+        print(f"spt-fast serve: the warm-up request failed ({type(exc).__name__}: {exc}); serving anyway",
+              file=sys.stderr, flush=True)
     try:
         thread.start()
         # The model's loop runs here, in the main thread: a decode step ran 1.3-2x slower in a
