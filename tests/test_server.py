@@ -239,3 +239,18 @@ def test_queue_overflow_is_503_and_shutdown_is_clean(ckpt):
         assert proc.wait(30) == 0
     finally:
         stop_server(proc)
+
+
+def test_bench_clients_run_every_conversation_once_and_reply_as_the_offline_engine(server, offline):
+    # `spt-fast bench serve`'s load: 2 clients share 3 two-turn conversations, starting 0.2 s apart.
+    from spt_fast.benchmarks.serve import load_level
+
+    convs = [(["i like cats."], ["hi there", "what do you do?"]), (["i run a lot."], ["hello", "nice"]),
+             (["i sing."], ["hey you", "ok then"])]
+    row, results = load_level(server, 2, convs, 8, ramp_s=0.2)
+    assert (row["requests"], row["failed"], row["conversations"], row["ramp_s"]) == (6, 0, 3, 0.2)
+    assert sorted(r["persona"][0] for r in results) == sorted(c[0][0] for c in convs for _ in range(2))
+    want = offline.generate([(r["persona"], r["history"]) for r in results], max_new_tokens=8)
+    assert [r["text"] for r in results] == [w.text for w in want]
+    # Each conversation's second turn resends the first: its context comes from the cache.
+    assert all(r["cached"] > 0 for r in results if len(r["history"]) == 3)
