@@ -131,9 +131,39 @@ def test_quantized_projection_equals_its_dequantized_weights(bits, dtype, rows):
     assert (deq - w).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_projection_is_its_integer_product_and_batch_invariant(dtype):
+    from spt_fast.model.cpu_projections import W8A8Projection
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, n, bias=False) for n in (64, 32, 32)]
+    proj = W8A8Projection(layers, dtype)
+    x = torch.randn(5, 64).to(dtype)
+    x[2] = 0  # an all-zero row stays zero
+    # The reference, from the rule: symmetric int8 per weight row and per activation row, the
+    # product of the integers (exact in float64 here), then both scales.
+    w = torch.cat([layer.weight.detach() for layer in layers]).double()
+    ws = w.abs().amax(1, keepdim=True) / 127
+    wq = torch.round(w / ws).clamp(-127, 127)
+    xf = x.double()
+    xs = xf.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
+    xq = torch.round(xf / xs)
+    want = (xq @ wq.t()) * xs * ws.t()
+    got = torch.cat(proj(x), dim=-1)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output rounded to 8 bits
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    assert got[2].abs().max() == 0
+    # Integer products are exact: each row alone gives the very same numbers as the batch.
+    alone = torch.cat([torch.cat(proj(x[i:i + 1]), dim=-1) for i in range(5)])
+    assert torch.equal(alone, got)
+    # ... and there is a quantization error: not the float product.
+    assert (got.double() - xf @ w.t()).abs().max() > 1e-3
+
+
 @pytest.mark.slow
 def test_int8_int4_engines_agree_with_the_fp32_engine_on_the_embedded_model():
-    """Greedy replies of weight-only int8/int4 decoding against full precision on the real model:
+    """Greedy replies of weight-only int8/int4 (and W8A8) decoding against full precision on the real model:
     the share of generated tokens equal up to each reply's first difference is reported, with a
     floor. (A random tiny model is too flat to say anything: near-ties everywhere.)"""
     from spt_fast.data.corpora import load_samples, split_by_dialog
@@ -149,13 +179,14 @@ def test_int8_int4_engines_agree_with_the_fp32_engine_on_the_embedded_model():
     opts = dict(max_new_tokens=16, stops=(), ignore_eos=True, prompt=0)
     full = Engine(spt, tok).generate(convs, **opts)
     rates = {}
-    for weights in ("int8", "int4"):
+    for weights in ("int8", "int4", "w8a8"):
         low = Engine(spt, tok, weights=weights).generate(convs, **opts)
         same = sum(next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), len(a.tokens))
                    for a, b in zip(full, low))
         rates[weights] = same / sum(len(a.tokens) for a in full)
-    print(f"greedy agreement with fp32: int8 {rates['int8']:.1%}, int4 {rates['int4']:.1%}")
-    assert rates["int8"] >= 0.6 and rates["int4"] >= 0.2
+    print(f"greedy agreement with fp32: int8 {rates['int8']:.1%}, int4 {rates['int4']:.1%}, "
+          f"w8a8 {rates['w8a8']:.1%}")
+    assert rates["int8"] >= 0.6 and rates["int4"] >= 0.2 and rates["w8a8"] >= 0.2
 
 
 def test_kernel_choice_is_measured_once_per_machine_and_shape(tmp_path, monkeypatch):

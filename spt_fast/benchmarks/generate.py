@@ -27,7 +27,7 @@ from ..utils import cpu_info
 from .timing import read_bandwidth
 
 H100_SXM_BANDWIDTH = 3.35e12  # bytes/s
-IMPLS = ("hf", "spt_fast", "spt_fast-int8", "spt_fast-int4")
+IMPLS = ("hf", "spt_fast", "spt_fast-int8", "spt_fast-int4", "spt_fast-w8a8")
 
 
 def _weight_bytes(model) -> int:
@@ -53,14 +53,14 @@ def _weight_bytes(model) -> int:
 def engine_weight_bytes(engine, base) -> int:
     """Bytes one decode step of this engine reads: its quantized or packed projections where it has
     them (one copy each), else the base's weights (the input embedding: one row per token, left out)."""
-    from ..model.cpu_projections import CPUProjection, QuantProjection
+    from ..model.cpu_projections import CPUProjection, QuantProjection, W8A8Projection
 
     llama = getattr(engine.backend, "llama", None)
     if llama is None or not engine.cpu_projections:
         return _weight_bytes(base)
     total = 0
     for m in llama.modules():
-        if isinstance(m, QuantProjection):
+        if isinstance(m, (QuantProjection, W8A8Projection)):
             total += m.q.numel() * m.q.element_size() + m.scale.numel() * m.scale.element_size()
         elif isinstance(m, CPUProjection):
             total += sum(w.numel() * w.element_size() for w in m.weights())

@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
     g.add_argument("--model", default="default",
                    help="'default', a local model folder, or preset:NAME (random weights, e.g. preset:llama-2-7b)")
     g.add_argument("--impls", default="hf,spt_fast",
-                   help="comma-separated: hf, spt_fast, spt_fast-int8, spt_fast-int4 (CPU weight-only int8/int4)")
+                   help="comma-separated: hf, spt_fast, spt_fast-int8, spt_fast-int4 (CPU weight-only int8/int4), "
+                        "spt_fast-w8a8 (CPU int8 weights and activations)")
     g.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     g.add_argument("--load-4bit", action="store_true")

@@ -33,8 +33,9 @@ def add_model_args(p, from_checkpoint: bool = False, bf16_default: bool = True) 
                    help="quantize the base model's linear layers to NF4 (bitsandbytes)" + recorded)
     if from_checkpoint:  # a generation command
         p.add_argument("--weights", choices=WEIGHTS, default=None,
-                       help="CPU decode with weight-only int8 / int4 copies of the dense layers (faster, replies "
-                            "may differ slightly); default: full precision")
+                       help="CPU decode with weight-only int8 / int4 copies of the dense layers, or w8a8 (int8 "
+                            "weights and activations: fastest without native bf16) (faster, replies may differ "
+                            "slightly); default: full precision")
 
 
 def add_data_args(p, default: str | None = "chitchat") -> None:
