@@ -1,8 +1,9 @@
 """`spt-fast bench serve`: the HTTP server under load from concurrent multi-turn clients.
 
-The server runs as its own process on 127.0.0.1 (`spt-fast serve`); each client replays
-conversations from the held-out corpus turn by turn, resending the whole history with the
-server's own earlier replies as chat clients do, streaming every reply. Per concurrency level:
+The server runs as its own process on 127.0.0.1 (`spt-fast serve`), a fresh one per concurrency
+level; the clients of a level share the same held-out conversations at every level, start spread
+over `ramp` seconds, and replay them turn by turn on one connection each, resending the whole
+history with the server's own earlier replies as chat clients do, streaming every reply. Per level:
 requests/s, generated tokens/s, p50/p99 time to first token and total latency, the context
 cache's hit rate, and how many requests failed or replied other than the offline engine's greedy
 reply for the same conversation (must be 0). Then the context cache alone: the time to first
