@@ -161,26 +161,6 @@ def test_w8a8_projection_is_its_integer_product_and_batch_invariant(dtype):
     assert (got.double() - xf @ w.t()).abs().max() > 1e-3
 
 
-def test_w8a8_engine_replies_do_not_depend_on_the_batch(char_tok):
-    # Exact integer products: a conversation's greedy reply is the same alone and in any batch (what
-    # lets a server batch requests without changing anyone's reply).
-    from spt_fast.generation.engine import Engine
-    from spt_fast.model.build import build_spt_model
-    from spt_fast.model.spt import SPTConfig
-
-    torch.manual_seed(0)
-    base = testing.tiny_llama(init_std=0.1)
-    spt = build_spt_model(base, SPTConfig(num_prompts=3, prompt_len=2, layout="shared", init="random"))
-    engine = Engine(spt, char_tok, weights="w8a8")
-    convs = [(["i like cats."], ["hi there", "hello!", "how are you?"]), (["i drive a bus."], ["hey"]),
-             ([], ["a", "b", "what?"]), (["i sing."], [])]
-    opts = dict(max_new_tokens=12, stops=(), ignore_eos=True)
-    together = engine.generate(convs, **opts)
-    alone = [engine.generate([c], **opts)[0] for c in convs]
-    assert [r.tokens for r in together] == [r.tokens for r in alone]
-    assert [r.tokens for r in together] != [r.tokens for r in Engine(spt, char_tok).generate(convs, **opts)]
-
-
 @pytest.mark.slow
 def test_int8_int4_engines_agree_with_the_fp32_engine_on_the_embedded_model():
     """Greedy replies of weight-only int8/int4 (and W8A8) decoding against full precision on the real model:

@@ -189,7 +189,7 @@ def load_level(url: str, clients: int, convs, max_tokens: int, ramp_s: float = 0
 
 def run_serve_bench(checkpoint: str | None = None, levels=(1, 4, 16, 64), turns: int = 4, max_tokens: int = 32,
                     long_turns: int = 8, device: str = "cpu", dtype: str | None = None, conversations: int = 16,
-                    ramp: str | float = "auto") -> dict:
+                    ramp: str | float = "auto", weights: str | None = None) -> dict:
     """Rows per concurrency level (each on a fresh server, so no level finds another's contexts in
     the cache), the context-cache figure, and the mismatch count. `ramp` is the seconds over which
     a level's clients start; "auto" is the one-client level's median request latency."""
@@ -201,9 +201,10 @@ def run_serve_bench(checkpoint: str | None = None, levels=(1, 4, 16, 64), turns:
     with tempfile.TemporaryDirectory() as tmp:
         if checkpoint is None:
             checkpoint = _fresh_checkpoint(Path(tmp))
-        offline = Engine.from_checkpoint(checkpoint, device=device, dtype=dtype or "recorded")  # as serve
+        offline = Engine.from_checkpoint(checkpoint, device=device, dtype=dtype or "recorded",
+                                         weights=weights)  # as serve loads it
         rows, mismatches = [], 0
-        dtype_flags = ("--dtype", dtype) if dtype else ()
+        dtype_flags = (("--dtype", dtype) if dtype else ()) + (("--weights", weights) if weights else ())
         for clients in levels:
             # The same conversations at every level (the first n of one draw): the same work, so the
             # levels' tokens/s compare (each level has a fresh server: no level finds another's contexts).
@@ -227,7 +228,7 @@ def run_serve_bench(checkpoint: str | None = None, levels=(1, 4, 16, 64), turns:
                   flush=True)
         cache = _cache_figure(checkpoint, long_turns, max_tokens, device, dtype_flags)
     return {"levels": rows, "context_cache": cache, "bad_replies": mismatches,
-            "dtype": dtype_name(offline.spt.dtype)}
+            "dtype": dtype_name(offline.spt.dtype), "weights": weights}
 
 
 def _cache_figure(checkpoint, turns: int, max_tokens: int, device: str, dtype_flags=(), repeats: int = 3) -> dict:

@@ -4,6 +4,7 @@ optionally written as JSON."""
 import torch
 
 from ..errors import SPTError
+from ..model.cpu_projections import WEIGHTS
 from ..utils import DTYPE_NAMES
 from .common import HelpFormatter, write_json
 
@@ -74,6 +75,8 @@ def add_parser(sub) -> None:
     v.add_argument("--device", default="cpu")
     v.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="the server's and the offline engine's dtype (default: serve's own default)")
+    v.add_argument("--weights", choices=WEIGHTS, default=None,
+                   help="the server's and the offline engine's CPU weights (as `serve --weights`)")
     v.add_argument("--json", default=None, help="write the results here")
 
     m = bsub.add_parser("memory", help="one SPT step on a 4-bit preset shape: peak memory split and estimated",
@@ -166,7 +169,7 @@ def run_serve(a) -> dict:
     if a.conversations < 1:
         raise SPTError(f"--conversations must be at least 1, got {a.conversations}")
     result = run_serve_bench(a.checkpoint, levels, a.turns, a.max_tokens, a.long_turns, a.device, a.dtype,
-                             a.conversations, ramp)
+                             a.conversations, ramp, a.weights)
     for line in summary_lines(result):
         print(line)
     return result

@@ -132,8 +132,8 @@ class Engine:
     `compile=True` on CPU always uses the packed copies. `weights="int8"` / `"int4"` (CPU) decode with
     weight-only quantized copies of the dense layers instead (a quarter / an eighth of the fp32
     bytes to read per step; the replies may differ slightly from full precision); `"w8a8"` with
-    int8 weights and per-row int8 activations (an exact integer product: a row's reply never
-    depends on its batch; the fastest on a CPU without native bf16, and the furthest from fp32).
+    int8 weights and per-row int8 activations (exact integer products; the fastest on a CPU
+    without native bf16, and the furthest from fp32).
     """
 
     def __init__(self, spt, tokenizer=None, device=None, compile: bool = False, cpu_weight_layout: bool = True,

@@ -228,13 +228,16 @@ class W8A8Projection(nn.Module):
 
     The weights: one symmetric scale per output row. The activations: quantized per row on the
     fly, one symmetric scale per row. The product is an integer matrix product (torch._int_mm,
-    int32 accumulation, oneDNN's VNNI kernels on x86), so it is exact: a row's result never depends
-    on the other rows of its batch or on how the kernel blocks the work, and a batch-16 decode or a
-    prefill returns the same numbers as those rows one by one. It reads a quarter of the fp32 bytes
-    and, unlike the weight-only int8 path (bf16 activations), needs no native bf16: on the Intel
-    Xeon without AVX-512 BF16, a pass over all the embedded model's projections took 9.3 ms for one
-    row and 21 ms for 16 (fp32: 22 and 42 ms). Quantizing the activations costs accuracy: replies
-    differ from fp32 more often than with weight-only int8 (tests/test_cpu_decode.py states both).
+    int32 accumulation, oneDNN's VNNI kernels on x86), so the projection is exact: a row's result
+    never depends on the other rows of its batch or on how the kernel blocks the work. (The rest of
+    a step is not: attention's last bits depend on the batch's shape, and rounding activations to
+    int8 turns such differences into different integers far more often than fp32 turns them into
+    different tokens — through the server 30 of 128 greedy replies differed from the offline
+    engine's, none in fp32.) It reads a quarter of the fp32 bytes and, unlike the weight-only int8
+    path (bf16 activations), needs no native bf16: on the Intel Xeon without AVX-512 BF16, a pass
+    over all the embedded model's projections took 9.3 ms for one row and 21 ms for 16 (fp32: 22
+    and 42 ms). Quantizing the activations costs accuracy: replies differ from fp32 more often than
+    with weight-only int8 (tests/test_cpu_decode.py states both).
     """
 
     def __init__(self, layers, dtype: torch.dtype):
