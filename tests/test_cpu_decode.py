@@ -137,7 +137,7 @@ def test_w8a8_projection_is_its_integer_product_and_batch_invariant(dtype):
 
     torch.manual_seed(0)
     layers = [torch.nn.Linear(64, n, bias=False) for n in (64, 32, 32)]
-    proj = W8A8Projection(layers, dtype)
+    proj = W8A8Projection(layers)
     x = torch.randn(5, 64).to(dtype)
     x[2] = 0  # an all-zero row stays zero
     # The reference, from the rule: symmetric int8 per weight row and per activation row, the

@@ -99,10 +99,6 @@ class StopTable:
         # STOP is absorbing (the row is finished anyway; keeps the gather in range).
         self.table = torch.tensor(rows + [[S] * len(pieces)], dtype=torch.long)
 
-    @classmethod
-    def for_tokenizer(cls, tokenizer, stops, vocab_size: int | None = None) -> "StopTable":
-        return cls(token_pieces(tokenizer, vocab_size), tuple(stops))
-
     def to(self, device) -> "StopTable":
         self.table = self.table.to(device)
         return self

@@ -122,7 +122,7 @@ def choose_kernels(projections: list[CPUProjection], cache_file=None) -> dict[in
     from ..utils import cpu_info
 
     distinct = {}
-    for p in projections:  # one of each shape is enough to time
+    for p in projections:  # the shapes name the model in the cache key (all of them are timed)
         distinct.setdefault((tuple(p.weights()[0].shape), len(p.sizes), str(p.weights()[0].dtype)), p)
     key = "|".join(["whole-model", cpu_info()["model"], torch.__version__, f"threads={torch.get_num_threads()}",
                     ";".join(f"{s}x{n}:{d}" for s, n, d in sorted(distinct))])
@@ -240,10 +240,10 @@ class W8A8Projection(nn.Module):
     with weight-only int8 (tests/test_cpu_decode.py states both).
     """
 
-    def __init__(self, layers, dtype: torch.dtype):
+    def __init__(self, layers):
         super().__init__()
         weights = [layer.weight.detach().float() for layer in layers]
-        self.sizes, self.dtype = [w.shape[0] for w in weights], dtype
+        self.sizes = [w.shape[0] for w in weights]
         w = torch.cat(weights) if len(weights) > 1 else weights[0]
         scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
         if w.shape[1] % 8:
@@ -287,32 +287,27 @@ def attach_cpu_projections(llama, weights: str | None = None, kernel_cache=None)
         plans.append(groups)
     if not _plain(llama.output):
         return False
+    # The LM head picks every token: with int4 blocks it stays int8 (as llama.cpp's 4-bit formats
+    # keep their output matrix at higher precision), a small cost for much closer replies.
+    dtype = llama.output.weight.dtype
     if weights is None:
-        make = CPUProjection
+        make = make_head = CPUProjection
     elif weights == "w8a8":
-        dtype = llama.output.weight.dtype
-
-        def make(layers):
-            return W8A8Projection(layers, dtype)
+        make = make_head = W8A8Projection
     elif weights in WEIGHTS:
-        dtype = llama.output.weight.dtype
         bits = 8 if weights == "int8" else 4
 
         def make(layers):
             return QuantProjection(layers, bits, dtype)
+
+        def make_head(layers):
+            return QuantProjection(layers, 8, dtype)
     else:
         raise ValueError(f"weights must be one of {WEIGHTS} or None, got {weights!r}")
     for block, (qkv, o, gate_up, down) in zip(llama.layers, plans):
         block.attention.fused_qkv, block.attention.wo = make(qkv), make(o)
         block.feed_forward.fused_gate_up, block.feed_forward.w2 = make(gate_up), make(down)
-    # The LM head picks every token: with int4 blocks it stays int8 (as llama.cpp's 4-bit formats
-    # keep their output matrix at higher precision), a small cost for much closer replies.
-    if weights is None:
-        llama.output = CPUProjection([llama.output])
-    elif weights == "w8a8":
-        llama.output = W8A8Projection([llama.output], llama.output.weight.dtype)
-    else:
-        llama.output = QuantProjection([llama.output], 8, llama.output.weight.dtype)
+    llama.output = make_head([llama.output])
     if weights is None and _HAS_ONEDNN:
         dense = [m for m in llama.modules() if isinstance(m, CPUProjection)]
         kernels = choose_kernels(dense, kernel_cache)
