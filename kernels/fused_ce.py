@@ -48,25 +48,28 @@ def _check_inputs(hidden, weight, bias, targets, scores):
 
 
 def _ce_math(hidden, weight, bias, targets, scores, compute_dtype):
-    """Plain materialised-logits version in `compute_dtype` (tests also run it in bf16)."""
+    """Plain materialised-logits version in `compute_dtype` (tests also run it in bf16).
+
+    Logits only at the target positions (padding has no loss): a batch of a 97- and a 12-token
+    reply would otherwise spend 44% of this op's GEMMs on padding."""
     K, B, T, d = hidden.shape
     V = weight.shape[0]
-    logits = torch.matmul(hidden.to(compute_dtype), weight.to(compute_dtype).t())  # [K, B, T, V]
+    targets = targets.long()
+    b_of, t_of = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # the M target positions
+    y = targets[b_of, t_of]
+    logits = torch.matmul(hidden[:, b_of, t_of].to(compute_dtype), weight.to(compute_dtype).t())  # [K, M, V]
     if bias is not None:
         logits = logits + bias.to(compute_dtype)
-    targets = targets.long()
-    # ignore_index gives 0 at padding, so a sequence with no targets sums to 0 (no NaN).
-    ce = F.cross_entropy(logits.reshape(-1, V), targets.expand(K, B, T).reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="none").view(K, B, T)
-    seq_ce_sum = ce.float().sum(-1)
+    ce = F.cross_entropy(logits.reshape(-1, V), y.repeat(K), reduction="none").view(K, -1)
+    # Summed per sequence; a sequence with no targets sums to 0 (no NaN).
+    seq_ce_sum = ce.float().new_zeros(K, B).index_add(1, b_of, ce.float())
     if scores is None:
         return seq_ce_sum, None
     # The definition, literally: mix the K logit tensors with the (unnormalised) scores.
-    mixed = torch.einsum("bk,kbtv->btv", scores.to(compute_dtype), logits)
-    ce_mix = F.cross_entropy(mixed.reshape(-1, V), targets.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="none").view(B, T)
-    n_tokens = (targets != IGNORE_INDEX).sum(-1)
-    fusion = (ce_mix.float().sum(-1) / n_tokens.clamp_min(1)).mean()
+    mixed = torch.einsum("mk,kmv->mv", scores[b_of].to(compute_dtype), logits)
+    ce_mix = F.cross_entropy(mixed, y, reduction="none").float()
+    n_tokens = torch.bincount(b_of, minlength=B)
+    fusion = (ce_mix.new_zeros(B).index_add(0, b_of, ce_mix) / n_tokens.clamp_min(1)).mean()
     return seq_ce_sum, fusion
 
 

@@ -142,7 +142,8 @@ def _branch_embeds(prompts, resp_embeds):
     return torch.stack(rows)
 
 
-def _check_shared_vs_full(hf, model):
+def _check_shared_vs_full(hf, model, packed=False):
+    # packed: branch_pass gets each branch's length and skips its padding (26% here).
     ctx_lens, resp_lens, K, L = (5, 9, 2), (4, 1, 6), 2, 3
     ctx_ids, resp_ids, prompts, ctx_embeds, resp_embeds = _shared_setup(hf, ctx_lens, resp_lens, K, L)
     B = len(ctx_lens)
@@ -153,7 +154,8 @@ def _check_shared_vs_full(hf, model):
     p_ours = prompts.clone().requires_grad_(True)
     ctx = model.context_pass(ctx_embeds, torch.tensor(ctx_lens))
     sample_of = torch.arange(K * B) % B
-    logits = model.logits(model.branch_pass(_branch_embeds(p_ours, resp_embeds), ctx, sample_of))
+    lengths = torch.tensor([L + resp_lens[b] for _ in range(K) for b in range(B)]) if packed else None
+    logits = model.logits(model.branch_pass(_branch_embeds(p_ours, resp_embeds), ctx, sample_of, lengths))
     loss = sum(F.cross_entropy(logits[k * B + b, :L + resp_lens[b]], targets[b], reduction="sum")
                for k in range(K) for b in range(B))
     loss.backward()
@@ -177,9 +179,10 @@ def _check_shared_vs_full(hf, model):
     return ctx
 
 
-def test_shared_layout_matches_full_forward_and_prompt_grads():
+@pytest.mark.parametrize("packed", [False, True])
+def test_shared_layout_matches_full_forward_and_prompt_grads(packed):
     hf = testing.tiny_llama()
-    ctx = _check_shared_vs_full(hf, Llama.from_hf(hf))
+    ctx = _check_shared_vs_full(hf, Llama.from_hf(hf), packed)
     # One stored copy of the context per sample, never K copies, and nothing to backprop into.
     cfg = LlamaConfig.from_name("tiny")
     assert isinstance(ctx, ContextKV) and len(ctx.k) == len(ctx.v) == cfg.n_layers
@@ -202,23 +205,28 @@ def test_shared_layout_through_triton_kernel_interpreted(monkeypatch):
 
 def test_shared_layout_with_tied_head_and_one_layer():
     hf = hf_tiny(tie_word_embeddings=True, num_hidden_layers=1)
-    _check_shared_vs_full(hf, Llama.from_hf(hf))
+    _check_shared_vs_full(hf, Llama.from_hf(hf), packed=True)
 
 
-def test_context_pass_matches_full_forward_keys():
-    # The kept K of layer 0 are the rotated keys of positions 0..Tc-1 (checked against a hook).
+@pytest.mark.parametrize("lens", [(7, 7), (7, 4), (1, 6)])  # padded, packed (21% / 50% padding)
+def test_context_pass_matches_full_forward_keys(lens):
+    # The kept K/V of each layer are the rotated keys and values of each sample's real positions,
+    # as a full forward computes them (checked against a hook on every layer).
     hf = testing.tiny_llama()
     model = Llama.from_hf(hf)
     x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(4))
-    ctx = model.context_pass(x, torch.tensor([7, 4]))
-    seen = {}
-    attn = model.layers[1].attention
-    orig = attn.qkv
-    attn.qkv = lambda *a: seen.setdefault("kv", orig(*a))
+    ctx = model.context_pass(x, torch.tensor(lens))
+    seen = []
+    for layer in model.layers:
+        orig = layer.attention.qkv
+        layer.attention.qkv = lambda *a, orig=orig: seen.append(orig(*a)) or seen[-1]
     with torch.no_grad():
         model(x)
-    assert torch.allclose(ctx.k[1], seen["kv"][1], atol=1e-6)
-    assert torch.allclose(ctx.v[1], seen["kv"][2], atol=1e-6)
+    assert len(seen) == len(ctx.k) == len(model.layers)
+    for i, (_, k, v) in enumerate(seen):
+        for b, n in enumerate(lens):
+            assert torch.allclose(ctx.k[i][b, :, :n], k[b, :, :n], atol=1e-5), (i, b)
+            assert torch.allclose(ctx.v[i][b, :, :n], v[b, :, :n], atol=1e-5), (i, b)
 
 
 def test_branch_pass_through_4bit_layers():
@@ -333,3 +341,29 @@ def test_column_major_linears_keeps_values_and_ties():
     assert hf.lm_head.weight is hf.model.embed_tokens.weight
     assert_rel_close(hf(ids).logits, before, rel=1e-6)
     assert column_major_linears(hf) == 0  # already column-major: nothing to do
+
+
+def test_extend_equals_prefill_and_decode():
+    # Continuous batching's joint pass: two rows decode a token, one prefills from scratch, one
+    # after a cached prefix; hidden states and every cache slot equal the separate calls'.
+    torch.manual_seed(0)
+    hf = testing.tiny_llama()
+    model = Llama.from_hf(hf).eval()
+    d = hf.config.hidden_size
+    x0, x1, x2, x3, tok = (torch.randn(n, d) for n in (5, 7, 6, 7, 2))
+    with torch.no_grad():
+        ref, ours = model.setup_caches(4, 64, torch.float32), model.setup_caches(4, 64, torch.float32)
+        for caches in (ref, ours):
+            model.prefill(x0[None], [c.rows(0, 1) for c in caches])
+            model.prefill(x1[None], [c.rows(1, 2) for c in caches])
+            model.prefill(x3[None, :4], [c.rows(3, 4) for c in caches])
+        want = [*model.decode(tok[:, None], torch.tensor([[5], [7]]), [c.rows(0, 2) for c in ref])[:, 0],
+                model.prefill(x2[None], [c.rows(2, 3) for c in ref])[0, -1],
+                model.decode(x3[None, 4:], torch.tensor([[4, 5, 6]]), [c.rows(3, 4) for c in ref])[0, -1]]
+        got = model.extend([tok[:1], tok[1:], x2, x3[4:]], [5, 7, 0, 4], ours)
+    for r in range(4):
+        torch.testing.assert_close(got[r], want[r], atol=1e-5, rtol=1e-5)
+    for a, b in zip(ref, ours):
+        for r, n in enumerate((6, 8, 6, 7)):
+            torch.testing.assert_close(a.k_cache[r, :, :n], b.k_cache[r, :, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a.v_cache[r, :, :n], b.v_cache[r, :, :n], atol=1e-5, rtol=1e-5)

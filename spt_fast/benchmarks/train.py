@@ -6,6 +6,8 @@ batch, world, samples_per_s, tokens_per_s, peak_mem_bytes (plus the ratios again
 `--world-size N` also runs the prefix and shared impls data-parallel in N processes under
 torchrun (gloo on CPU, nccl on GPUs), the same global batch split across them, as
 `torchrun ... spt-fast train` does: the row tracks what the processes cost or gain.
+Each impl repeats its timed batches (whole passes, `passes` in the row) until `min_seconds` have
+passed, so a fast impl's figure is not a few seconds at the mercy of a shared machine's noise.
 """
 import json
 import os
@@ -108,7 +110,8 @@ def part_of(batch: Batch, rank: int, world: int) -> Batch:
 
 # ---- one impl, in this process (or in each of torchrun's) -----------------------------------------
 def measure(impl: str, model: str, K: int, B: int, steps: int, dtype: str, load_4bit: bool, max_len: int,
-            data: str, context_len: int | None, response_len: int | None, prompt_len: int, device: str) -> dict:
+            data: str, context_len: int | None, response_len: int | None, prompt_len: int, device: str,
+            min_seconds: float = 0.0) -> dict:
     from ..model.build import build_spt_model
     from ..model.loading import load_any
     from ..training.distributed import Distributed, data_parallel
@@ -155,19 +158,25 @@ def measure(impl: str, model: str, K: int, B: int, steps: int, dtype: str, load_
         torch.cuda.reset_peak_memory_stats()
     dist.barrier()
     t0 = time.perf_counter()
-    for b in batches[1:]:
-        one(b)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    passes = 0
+    while True:  # whole passes over the same batches until min_seconds (every process decides alike)
+        for b in batches[1:]:
+            one(b)
+        passes += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if not dist.any(time.perf_counter() - t0 < min_seconds):
+            break
     dist.barrier()
     dt = time.perf_counter() - t0
-    tokens = sum(int((b.ctx_len + b.resp_len).sum()) for b in batches[1:])
+    tokens = passes * sum(int((b.ctx_len + b.resp_len).sum()) for b in batches[1:])
     peak = dist.sum(torch.tensor(float(peak_memory_bytes()), device=device))  # all processes together
     forward = None  # noqa: F841 (the DDP wrapper, held through this cell, goes before its process group)
     dist.close()
     return {"impl": impl, "model": model, "device": device, "dtype": dtype + ("+nf4" if load_4bit else ""),
             "K": K, "batch": B, "world": dist.world, "steps": steps, "max_len": max_len,
-            "samples_per_s": steps * B / dt, "tokens_per_s": tokens / dt, "peak_mem_bytes": int(peak.item())}
+            "passes": passes, "samples_per_s": passes * steps * B / dt, "tokens_per_s": tokens / dt,
+            "peak_mem_bytes": int(peak.item())}
 
 
 def _launch(kw: dict, world: int) -> subprocess.CompletedProcess:
@@ -184,7 +193,7 @@ def _launch(kw: dict, world: int) -> subprocess.CompletedProcess:
 
 def run_train_bench(model="default", impls=IMPLS, K=4, B=2, steps=3, dtype="fp32", load_4bit=False, max_len=512,
                     data="chitchat", context_len=None, response_len=None, prompt_len=8, device=None,
-                    isolate=True, worlds=(1,)) -> list[dict]:
+                    isolate=True, worlds=(1,), min_seconds=0.0) -> list[dict]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     for world in worlds:
         if world < 1 or B % world:
@@ -198,7 +207,7 @@ def run_train_bench(model="default", impls=IMPLS, K=4, B=2, steps=3, dtype="fp32
                 continue  # DESIGN §2's baseline is one process
             kw = dict(impl=impl, model=model, K=K, B=B, steps=steps, dtype=dtype, load_4bit=load_4bit,
                       max_len=max_len, data=data, context_len=context_len, response_len=response_len,
-                      prompt_len=prompt_len, device=device)
+                      prompt_len=prompt_len, device=device, min_seconds=min_seconds)
             if impl == "straightforward" and load_4bit:
                 kw["load_4bit"] = False  # DESIGN §2: the straightforward approach has no 4-bit
             label = impl if world == 1 else f"{impl} x{world} processes"

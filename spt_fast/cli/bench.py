@@ -25,7 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("--num-prompts", "-K", type=int, default=4)
     p.add_argument("--prompt-len", "-L", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (distinct batches) after one warm-up step")
+    p.add_argument("--min-seconds", type=float, default=20.0,
+                   help="repeat the timed steps (whole passes over the same batches) until this long has passed: "
+                        "a few seconds of a fast impl are at the mercy of a shared machine's noise")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     p.add_argument("--load-4bit", action="store_true")
     p.add_argument("--max-len", type=int, default=512)
@@ -110,7 +113,7 @@ def run_train(a) -> list[dict]:
 
     rows = run_train_bench(a.model, tuple(a.impl or IMPLS), a.num_prompts, a.batch_size, a.steps, a.dtype,
                            a.load_4bit, a.max_len, a.data, a.context_len, a.response_len, a.prompt_len, a.device,
-                           worlds=tuple(dict.fromkeys(a.world_size or [1])))
+                           worlds=tuple(dict.fromkeys(a.world_size or [1])), min_seconds=a.min_seconds)
     print(format_rows(rows))
     return rows
 

@@ -24,6 +24,7 @@ import torch.utils.checkpoint
 
 from ..errors import ModelLoadError
 from ..kernels.branch_attention import branch_attention
+from .packing import Packing
 
 
 @dataclass
@@ -359,7 +360,7 @@ class Llama(nn.Module):
     def context_pass(self, ctx_embeds: torch.Tensor, ctx_len: torch.Tensor) -> ContextKV:
         """Run the shared contexts [B, Tc, d] (right padded to Tc) once; keep each layer's K/V."""
         tc = ctx_embeds.shape[1]
-        cos, sin = self._rope(torch.arange(tc, device=ctx_embeds.device), tc - 1)
+        ctx_len = ctx_len.to(ctx_embeds.device, torch.long)
         ks, vs = [], []
 
         def keep(q, k, v):
@@ -367,36 +368,52 @@ class Llama(nn.Module):
             vs.append(v)
             return _causal_sdpa(q, k, v)
 
-        h = ctx_embeds
+        packing = Packing(ctx_len, tc) if Packing.worth_it(ctx_len, tc) else None
+        if packing is None:
+            h, heads, attend = ctx_embeds, (lambda x: x), keep
+            cos, sin = self._rope(torch.arange(tc, device=ctx_embeds.device), tc - 1)
+        else:  # K/V are kept padded [B, Hkv, Tc, D] (zeros past ctx_len): the branches read them so
+            h, heads, attend = packing.pack(ctx_embeds), packing.unpack_heads, packing.attend(keep)
+            cos, sin = self._rope(packing.positions, tc - 1)
         for layer in self.layers[:-1]:
-            h = layer(h, cos, sin, keep)
+            h = layer(h, cos, sin, attend)
         # The last layer's K/V are all the branches need from it: skip its attention and MLP.
         last = self.layers[-1]
         _, k, v = last.attention.qkv(last.attention_norm(h), cos, sin)
-        ks.append(k)
-        vs.append(v)
-        return ContextKV(ks, vs, ctx_len.to(ctx_embeds.device, torch.long))
+        ks.append(heads(k))
+        vs.append(heads(v))
+        return ContextKV(ks, vs, ctx_len)
 
-    def branch_pass(self, branch_embeds: torch.Tensor, ctx: ContextKV, sample_of: torch.Tensor) -> torch.Tensor:
+    def branch_pass(self, branch_embeds: torch.Tensor, ctx: ContextKV, sample_of: torch.Tensor,
+                    lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Branches [N, Tb, d] after their sample's context: hidden [N, Tb, d] after the final norm.
 
-        Token j of branch n sits at position ctx.ctx_len[sample_of[n]] + j. Right padding is harmless.
+        Token j of branch n sits at position ctx.ctx_len[sample_of[n]] + j. Right padding is harmless;
+        with `lengths` [N] (real tokens per branch) the padding is skipped, and its hidden are 0.
         """
-        tb = branch_embeds.shape[1]
-        sample_of = sample_of.to(branch_embeds.device, torch.long)
-        positions = ctx.ctx_len[sample_of][:, None] + torch.arange(tb, device=branch_embeds.device)
+        n, tb = branch_embeds.shape[:2]
+        dev = branch_embeds.device
+        sample_of = sample_of.to(dev, torch.long)
+        positions = ctx.ctx_len[sample_of][:, None] + torch.arange(tb, device=dev)
+        packing = None
+        if lengths is not None and Packing.worth_it(lengths.to(dev), tb):
+            packing = Packing(lengths.to(dev), tb)
+            positions = positions.reshape(-1)[packing.index][None]
         # ctx_len <= Tc, so Tc + Tb - 1 bounds every branch position.
         cos, sin = self._rope(positions, ctx.k[0].shape[2] + tb - 1)
-        h = branch_embeds
+        h = branch_embeds if packing is None else packing.pack(branch_embeds)
         recompute = self.checkpoint_branches and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             def attend(q, k, v, i=i):
                 return branch_attention(q, k, v, ctx.k[i], ctx.v[i], ctx.ctx_len, sample_of)
+            if packing is not None:
+                attend = packing.attend(attend)
             if recompute:
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attend, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, attend)
-        return self.norm(h)
+        h = self.norm(h)
+        return h if packing is None else packing.unpack(h)
 
     # ---- generation with a static KV cache ---------------------------------------------------
     def setup_caches(self, batch: int, seq_len: int, dtype: torch.dtype | None = None, device=None) -> list[KVCache]:

@@ -44,7 +44,10 @@ class SharedSPTModel(SPTModel):
         row_src = torch.arange(N, device=dev) % B
         rows = inject_prompts(rest, self.prompts.weight.to(embeds.dtype), row_src, prompt_idx,
                               torch.zeros(N, dtype=torch.long, device=dev))
-        hidden = self.fast.branch_pass(rows, ctx, row_src)  # [N, L + tail + R - 1, d]
+        # Row n's real tokens: the prompt, its tail and all but the last response token; the rest
+        # is padding that branch_pass skips.
+        lengths = (L + tail + batch.resp_len.to(dev) - 1).clamp_min(1)[row_src]
+        hidden = self.fast.branch_pass(rows, ctx, row_src, lengths)  # [N, L + tail + R - 1, d]
         # Target r of row b is predicted by branch position L + tail_b - 1 + r.
         at = (L + tail[:, None] - 1 + torch.arange(R, device=dev)[None, :])[row_src]  # [N, R]
         out = torch.gather(hidden, 1, at[:, :, None].expand(N, R, hidden.shape[-1]))
