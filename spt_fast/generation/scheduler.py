@@ -52,6 +52,19 @@ class Job:
     delta: TextDelta | None = None
 
 
+@dataclass
+class _Joining:
+    """A job about to join the batch: its slot, the rows it still has to prefill (after `start`
+    cached tokens, up to `total`), its prompt, and where its context's shareable part ends."""
+    job: Job
+    slot: int
+    rows: torch.Tensor
+    start: int
+    total: int
+    prompt: int
+    at: int
+
+
 class Scheduler:
     """Continuous batching over an Engine's compact Llama (see the module docstring)."""
 
@@ -103,7 +116,7 @@ class Scheduler:
         context_cache, on_step = self.context_cache, self.on_step
         self.context_cache, self.on_step = None, None
         try:
-            self._admit(job)
+            self._join([self._prepare(job, len(self.active))])
             while job in self.active:
                 self._step()
         finally:
@@ -150,24 +163,35 @@ class Scheduler:
                 admit = []
                 while self.waiting and len(self.active) + len(admit) < self.max_batch:
                     admit.append(self.waiting.popleft())
+            joining = []
+            try:
+                self._drop_cancelled()  # first: the joining rows' slots follow the active rows
+            except Exception as exc:
+                self._fail_all(exc, admit)
+                continue
             for job in admit:
+                if job.cancelled:
+                    continue
                 try:
-                    self._admit(job)
+                    joining.append(self._prepare(job, len(self.active) + len(joining)))
                 except Exception as exc:  # this request alone fails; the batch goes on
-                    if job in self.active:
-                        self.active.remove(job)
                     self._report(job, "error", f"generation failed: {type(exc).__name__}: {exc}")
             try:
-                self._drop_cancelled()
-                if self.active:
+                if joining:
+                    self._join(joining)
+                elif self.active:
                     self._step()
-            except Exception as exc:  # never leave a request hanging: fail every job in flight
-                for job in self.active:
-                    self._report(job, "error", f"generation failed: {type(exc).__name__}: {exc}")
-                self.active = []
+            except Exception as exc:
+                self._fail_all(exc, [j.job for j in joining])
         for job in list(self.waiting) + self.active:
             self._report(job, "error", "the server is shutting down")
         self.waiting.clear()
+        self.active = []
+
+    def _fail_all(self, exc: Exception, others: list[Job]) -> None:
+        """Never leave a request hanging: fail every job in flight (and `others` not yet in it)."""
+        for job in self.active + [j for j in others if j not in self.active]:
+            self._report(job, "error", f"generation failed: {type(exc).__name__}: {exc}")
         self.active = []
 
     def _report(self, job: Job, kind: str, value) -> None:
@@ -177,47 +201,67 @@ class Scheduler:
             pass
 
     @torch.no_grad()
-    def _admit(self, job: Job) -> None:
-        if job.cancelled:
-            return
-        eng, slot = self.engine, len(self.active)
+    def _prepare(self, job: Job, slot: int) -> "_Joining":
+        """A job's prompt-injected rows, with the cached part of its context already in its slot."""
+        eng = self.engine
         rows, lengths, idx = eng.prepare([job.ids], [job.tag_len], job.gen)
         total = int(lengths[0])
         if total + job.gen.max_new_tokens > self.caches[0].seq_len:
             raise SPTError(f"{total} context and prompt tokens + max_tokens={job.gen.max_new_tokens} do not fit "
                            f"the server's {self.caches[0].seq_len} positions")
-        caches = [c.rows(slot, slot + 1) for c in self.caches]
-        start = 0
+        start, at = 0, 0
         if self.context_cache is not None:
             at = int(eng.spt.prompt_positions(torch.tensor([len(job.ids)]), torch.tensor([job.tag_len]))[0])
             start, kv = self.context_cache.longest_prefix(job.ids[:at])
             if kv is not None:
-                for i, c in enumerate(caches):
-                    c.k_cache[0, :, :start] = kv[0][i]
-                    c.v_cache[0, :, :start] = kv[1][i]
-        if start == 0:
-            hidden = self.llama.prefill(rows[:, :total], caches)
-        else:  # only what follows the cached prefix, at its own positions
-            pos = torch.arange(start, total, device=rows.device)[None]
-            hidden = self.llama.decode(rows[:, start:total], pos, caches, kv_len=round_up(total, 16))
-        logits = self.llama.logits(hidden[:, -1]).float()
-        keep = None
-        if self.context_cache is not None and at > start and self.context_cache.fits(at, caches):
-            def keep():  # (stack makes the copies the cache keeps)
-                k = torch.stack([c.k_cache[0, :, :at] for c in caches])
-                v = torch.stack([c.v_cache[0, :, :at] for c in caches])
-                self.context_cache.put(job.ids[:at], k, v)
-        job.cached_tokens, job.prompt, job.pos = start, int(idx[0]), total
-        if not job.gen.greedy:
-            job.generator = torch.Generator(device=eng.device)
-            job.generator.seed() if job.gen.seed is None else job.generator.manual_seed(job.gen.seed)
-        job.stops = eng.stop_table(job.gen.stops)
-        job.delta = TextDelta(job.gen.stops)
-        self.active.append(job)
-        self._report(job, "prompt", job.prompt)
-        # The context's K/V are copied into the cache once the first token is out (~30 ms of copying
-        # a 400-token context that a client would otherwise wait for), before the row can finish.
-        self._take(job, logits[0], then=keep)
+                for i, c in enumerate(self.caches):
+                    c.k_cache[slot, :, :start] = kv[0][i]
+                    c.v_cache[slot, :, :start] = kv[1][i]
+        return _Joining(job, slot, rows[0, start:total], start, total, int(idx[0]), at)
+
+    @torch.no_grad()
+    def _join(self, joining: list["_Joining"]) -> None:
+        """One pass: every active row's next token and every joining row's prefill (Llama.extend)."""
+        eng, n = self.engine, len(self.active)
+        if self.on_step is not None:
+            self.on_step(n + len(joining))
+        tokens = torch.tensor([j.token for j in self.active], dtype=torch.long, device=eng.device)
+        pieces = list(self.llama.tok_embeddings(tokens).split(1)) if n else []
+        hidden = self.llama.extend(pieces + [j.rows for j in joining], [j.pos for j in self.active] +
+                                   [j.start for j in joining], self.caches)
+        logits = self.llama.logits(hidden).float()
+        decoding = list(self.active)
+        for job in decoding:  # every row's new K/V is in its cache: advance all before any row moves
+            job.pos += 1
+        for j in joining:
+            job = j.job
+            job.cached_tokens, job.prompt, job.pos = j.start, j.prompt, j.total
+            if not job.gen.greedy:
+                job.generator = torch.Generator(device=eng.device)
+                job.generator.seed() if job.gen.seed is None else job.generator.manual_seed(job.gen.seed)
+            job.stops = eng.stop_table(job.gen.stops)
+            job.delta = TextDelta(job.gen.stops)
+            self.active.append(job)
+            self._report(job, "prompt", job.prompt)
+        # Joining rows first: each copies its context's K/V into the context cache once its first
+        # token is out (~30 ms for a 400-token context that a client would otherwise wait for), and
+        # before any row finishes and moves another into its slot.
+        for j, row in zip(joining, logits[n:]):
+            self._take(j.job, row, then=self._keeper(j))
+        for job, row in zip(decoding, logits[:n]):
+            self._take(job, row)
+        self._drop_cancelled()
+
+    def _keeper(self, j: "_Joining") -> Callable[[], None] | None:
+        caches = [c.rows(j.slot, j.slot + 1) for c in self.caches]
+        if self.context_cache is None or j.at <= j.start or not self.context_cache.fits(j.at, caches):
+            return None
+
+        def keep():  # (stack makes the copies the cache keeps)
+            k = torch.stack([c.k_cache[0, :, :j.at] for c in caches])
+            v = torch.stack([c.v_cache[0, :, :j.at] for c in caches])
+            self.context_cache.put(j.job.ids[:j.at], k, v)
+        return keep
 
     def _step(self) -> None:
         n = len(self.active)

@@ -473,6 +473,60 @@ class Llama(nn.Module):
             h = layer(h, cos, sin, attend)
         return self.norm(h)
 
+    def extend(self, pieces: list[torch.Tensor], starts: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """Row r of the caches gets pieces[r] ([n_r, d] embeddings) at positions starts[r]..; one pass
+        for all rows: hidden [R, d] of each row's last token.
+
+        What continuous batching runs when requests join: the decoding rows' one token each and the
+        new rows' whole prefills go through the projections as one [1, M, d] matrix (one read of the
+        weights, and larger GEMMs than one row's prefill), while attention runs per kind of row: the
+        one-token rows as one batched call, each longer row alone against its own slots.
+        """
+        dev = pieces[0].device
+        n = [p.shape[0] for p in pieces]
+        one = 0  # rows 0..one-1 add one token each (decode rows come first)
+        while one < len(n) and n[one] == 1:
+            one += 1
+        pos = torch.cat([torch.arange(s, s + k, device=dev) for s, k in zip(starts, n)])
+        last = max(s + k for s, k in zip(starts, n))
+        seq_len = min(-(-last // 16) * 16, caches[0].seq_len)
+        if last > caches[0].seq_len:
+            raise ValueError(f"extending to position {last - 1} does not fit a cache of {caches[0].seq_len}")
+        cos, sin = self._rope(pos[None], seq_len - 1)
+        slots = torch.arange(seq_len, device=dev)
+        dec_pos = pos[:one]
+        dec_rows = torch.arange(one, device=dev)[:, None]
+        dec_mask = torch.zeros((one, 1, 1, seq_len), dtype=pieces[0].dtype, device=dev).masked_fill_(
+            slots[None, None, None, :] > dec_pos[:, None, None, None], float("-inf"))
+        bounds = [one]
+        for k in n[one:]:
+            bounds.append(bounds[-1] + k)
+
+        def attend(q, k, v, cache):  # q [1, H, M, D], k/v [1, Hkv, M, D]: rows' tokens one after another
+            outs = []
+            if one:
+                kc, vc = cache.update(dec_pos[:, None], k[0, :, :one].transpose(0, 1)[:, :, None],
+                                      v[0, :, :one].transpose(0, 1)[:, :, None], dec_rows)
+                out = masked_sdpa(q[0, :, :one].transpose(0, 1)[:, :, None], kc[:one, :, :seq_len],
+                                  vc[:one, :, :seq_len], dec_mask)  # [one, H, 1, D]
+                outs.append(out[:, :, 0].transpose(0, 1)[None])
+            for r, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=one):
+                row = cache.rows(r, r + 1)
+                kc, vc = row.update(pos[a:b], k[:, :, a:b], v[:, :, a:b])
+                end = starts[r] + b - a
+                if starts[r] == 0:
+                    outs.append(_causal_sdpa(q[:, :, a:b], kc[:, :, :end], vc[:, :, :end]))
+                else:  # query i (position starts[r] + i) sees slots 0..starts[r] + i
+                    allowed = slots[None, :end] <= pos[a:b, None]
+                    outs.append(masked_sdpa(q[:, :, a:b], kc[:, :, :end], vc[:, :, :end], allowed[None, None]))
+            return torch.cat(outs, dim=2)
+
+        h = torch.cat(pieces)[None]
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, cos, sin, lambda q, k, v, cache=cache: attend(q, k, v, cache))
+        ends = torch.tensor(list(range(one)) + [b - 1 for b in bounds[1:]], device=dev)
+        return self.norm(h[0, ends])
+
     def decode_one_token(self, token: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
                          kv_len: int | None = None) -> torch.Tensor:
         """Next-token logits [B, V] (fp32) for tokens [B] at per-row positions pos [B] (< kv_len)."""
