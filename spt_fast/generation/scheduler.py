@@ -1,9 +1,10 @@
 """Continuous batching: requests join the running batch at the next step and leave when done.
 
-One thread owns the model. Each step it admits waiting requests into free rows of a static KV
-cache (the row's context prefilled alone, reusing a cached context prefix where the layout allows,
-generation.context_cache), then decodes one token for every active row at its own position, each
-row with its own soft prompt, sampling settings, seed and stop strings. A finished or cancelled
+One thread owns the model. Each step decodes one token for every active row at its own position,
+each row with its own soft prompt, sampling settings, seed and stop strings. A step that admits
+waiting requests (into free rows of a static KV cache, after the part of their context that the
+context cache holds where the layout allows, generation.context_cache) is one pass for all:
+the active rows' next tokens and the new rows' prefills together (Llama.extend). A finished or cancelled
 row frees its slot at once (the last active row moves into it, so active rows stay rows 0..n-1 of
 the cache). Everything a request sees goes through its `on_event` callback, from this thread.
 

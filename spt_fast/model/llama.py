@@ -391,7 +391,7 @@ class Llama(nn.Module):
         Token j of branch n sits at position ctx.ctx_len[sample_of[n]] + j. Right padding is harmless;
         with `lengths` [N] (real tokens per branch) the padding is skipped, and its hidden are 0.
         """
-        n, tb = branch_embeds.shape[:2]
+        tb = branch_embeds.shape[1]
         dev = branch_embeds.device
         sample_of = sample_of.to(dev, torch.long)
         positions = ctx.ctx_len[sample_of][:, None] + torch.arange(tb, device=dev)
