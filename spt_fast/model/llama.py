@@ -501,6 +501,14 @@ class Llama(nn.Module):
         bounds = [one]
         for k in n[one:]:
             bounds.append(bounds[-1] + k)
+        # A row after a cached prefix: query i (position starts[r] + i) sees slots 0..starts[r] + i.
+        # The additive masks are made once here, not from a boolean one in every layer.
+        masks = {}
+        for r, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=one):
+            if starts[r]:
+                end = starts[r] + b - a
+                masks[r] = torch.zeros((1, 1, b - a, end), dtype=pieces[0].dtype, device=dev).masked_fill_(
+                    slots[None, None, None, :end] > pos[None, None, a:b, None], float("-inf"))
 
         def attend(q, k, v, cache):  # q [1, H, M, D], k/v [1, Hkv, M, D]: rows' tokens one after another
             outs = []
@@ -514,12 +522,11 @@ class Llama(nn.Module):
                 row = cache.rows(r, r + 1)
                 kc, vc = row.update(pos[a:b], k[:, :, a:b], v[:, :, a:b])
                 end = starts[r] + b - a
-                if starts[r] == 0:
+                if r in masks:
+                    outs.append(masked_sdpa(q[:, :, a:b], kc[:, :, :end], vc[:, :, :end], masks[r]))
+                else:
                     outs.append(_causal_sdpa(q[:, :, a:b], kc[:, :, :end], vc[:, :, :end]))
-                else:  # query i (position starts[r] + i) sees slots 0..starts[r] + i
-                    allowed = slots[None, :end] <= pos[a:b, None]
-                    outs.append(masked_sdpa(q[:, :, a:b], kc[:, :, :end], vc[:, :, :end], allowed[None, None]))
-            return torch.cat(outs, dim=2)
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
         h = torch.cat(pieces)[None]
         for layer, cache in zip(self.layers, caches):
