@@ -125,3 +125,21 @@ def test_bench_train_has_a_row_per_world_size(tmp_path):
     assert all(r["speedup_vs_one_process"] > 0 for r in rows if r["world"] == 2)
     # Passes repeat until 0.5 s have passed, the torchrun processes deciding together (else a hang).
     assert all(r["passes"] >= 1 for r in rows) and max(r["passes"] for r in rows) > 1
+    # In one process the fast impls are timed before and after the baseline, the windows merged.
+    windows = {(r["impl"], r["world"]): r["windows"] for r in rows}
+    assert windows == {("straightforward", 1): 1, ("prefix", 1): 2, ("shared", 1): 2, ("prefix", 2): 1,
+                       ("shared", 2): 1}
+    for r in rows:
+        assert r["seconds"] >= 0.5 * r["windows"]
+
+
+def test_bench_train_merges_two_windows_by_their_time():
+    from spt_fast.benchmarks.train import _merge
+
+    a = {"impl": "shared", "passes": 3, "windows": 1, "seconds": 20.0, "samples_per_s": 0.9, "tokens_per_s": 400.0,
+         "peak_mem_bytes": 100}
+    b = {**a, "passes": 2, "seconds": 30.0, "samples_per_s": 0.4, "tokens_per_s": 180.0, "peak_mem_bytes": 120}
+    m = _merge(a, b)
+    assert m["samples_per_s"] == (0.9 * 20 + 0.4 * 30) / 50 and m["tokens_per_s"] == (400 * 20 + 180 * 30) / 50
+    assert (m["passes"], m["windows"], m["seconds"], m["peak_mem_bytes"]) == (5, 2, 50.0, 120)
+    assert _merge(a, {"impl": "shared", "error": "boom"})["error"] == "boom"

@@ -7,7 +7,9 @@ batch, world, samples_per_s, tokens_per_s, peak_mem_bytes (plus the ratios again
 torchrun (gloo on CPU, nccl on GPUs), the same global batch split across them, as
 `torchrun ... spt-fast train` does: the row tracks what the processes cost or gain.
 Each impl repeats its timed batches (whole passes, `passes` in the row) until `min_seconds` have
-passed, so a fast impl's figure is not a few seconds at the mercy of a shared machine's noise.
+passed, so a fast impl's figure is not a few seconds at the mercy of a shared machine's noise;
+and with the straightforward baseline in the run, the other impls are timed before and after it
+(`windows` = 2 in their rows, merged), so a drift of the machine's speed reaches all of them.
 """
 import json
 import os
@@ -175,7 +177,8 @@ def measure(impl: str, model: str, K: int, B: int, steps: int, dtype: str, load_
     dist.close()
     return {"impl": impl, "model": model, "device": device, "dtype": dtype + ("+nf4" if load_4bit else ""),
             "K": K, "batch": B, "world": dist.world, "steps": steps, "max_len": max_len,
-            "passes": passes, "samples_per_s": passes * steps * B / dt, "tokens_per_s": tokens / dt,
+            "passes": passes, "windows": 1, "seconds": dt, "samples_per_s": passes * steps * B / dt,
+            "tokens_per_s": tokens / dt,
             "peak_mem_bytes": int(peak.item())}
 
 
@@ -198,33 +201,41 @@ def run_train_bench(model="default", impls=IMPLS, K=4, B=2, steps=3, dtype="fp32
     for world in worlds:
         if world < 1 or B % world:
             raise SPTError(f"--world-size {world}: needs a positive count that divides --batch-size {B}")
+    for impl in impls:
+        if impl not in IMPLS:
+            raise SPTError(f"unknown impl {impl!r}; choose from {IMPLS}")
     rows = []
     for world in worlds:
-        for impl in impls:
-            if impl not in IMPLS:
-                raise SPTError(f"unknown impl {impl!r}; choose from {IMPLS}")
-            if world > 1 and impl == "straightforward":
-                continue  # DESIGN §2's baseline is one process
+        order = [i for i in impls if world == 1 or i != "straightforward"]  # DESIGN §2's baseline: one process
+        if world == 1 and isolate and "straightforward" in order and len(order) > 1:
+            # The fast impls are timed before and after the slow baseline, and their two windows
+            # merged: a shared machine's speed drifts over minutes, and the ratios should not
+            # depend on which impl ran in a slow phase.
+            others = [i for i in order if i != "straightforward"]
+            order = others + ["straightforward"] + others[::-1]
+        measured = {}
+        for impl in order:
             kw = dict(impl=impl, model=model, K=K, B=B, steps=steps, dtype=dtype, load_4bit=load_4bit,
                       max_len=max_len, data=data, context_len=context_len, response_len=response_len,
                       prompt_len=prompt_len, device=device, min_seconds=min_seconds)
             if impl == "straightforward" and load_4bit:
                 kw["load_4bit"] = False  # DESIGN §2: the straightforward approach has no 4-bit
-            label = impl if world == 1 else f"{impl} x{world} processes"
+            label = (impl if world == 1 else f"{impl} x{world} processes") + (" (again)" if impl in measured else "")
             if isolate or world > 1:
                 proc = _launch(kw, world)
                 lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
                 if proc.returncode != 0 or not lines:
                     tail = (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
-                    rows.append({**kw, "world": world, "error": tail[0]})
+                    measured[impl] = {**kw, "world": world, "error": tail[0]}
                     print(f"{label}: failed: {tail[0]}", file=sys.stderr, flush=True)
                     continue
                 row = json.loads(lines[-1])
             else:
                 row = measure(**kw)
-            rows.append(row)
             print(f"{label:>15}: {row['samples_per_s']:.3f} samples/s, {row['tokens_per_s']:.0f} tokens/s, "
                   f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB", flush=True)
+            measured[impl] = _merge(measured[impl], row) if impl in measured else row
+        rows += [measured[i] for i in impls if i in measured]
     one = {r["impl"]: r for r in rows if "error" not in r and r["world"] == 1}
     for r in rows:
         if "error" in r:
@@ -235,6 +246,18 @@ def run_train_bench(model="default", impls=IMPLS, K=4, B=2, steps=3, dtype="fp32
         if r["world"] > 1 and r["impl"] in one:
             r["speedup_vs_one_process"] = r["samples_per_s"] / one[r["impl"]]["samples_per_s"]
     return rows
+
+
+def _merge(first: dict, second: dict) -> dict:
+    """One row from two timing windows of the same impl (a failed window fails the row)."""
+    if "error" in first or "error" in second:
+        return first if "error" in first else second
+    seconds = first["seconds"] + second["seconds"]
+    samples = first["samples_per_s"] * first["seconds"] + second["samples_per_s"] * second["seconds"]
+    tokens = first["tokens_per_s"] * first["seconds"] + second["tokens_per_s"] * second["seconds"]
+    return {**first, "passes": first["passes"] + second["passes"], "windows": first["windows"] + second["windows"],
+            "seconds": seconds, "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+            "peak_mem_bytes": max(first["peak_mem_bytes"], second["peak_mem_bytes"])}
 
 
 def _ratio(row: dict, other: str) -> str:
