@@ -60,9 +60,9 @@ def _ce_math(hidden, weight, bias, targets, scores, compute_dtype):
     logits = torch.matmul(hidden[:, b_of, t_of].to(compute_dtype), weight.to(compute_dtype).t())  # [K, M, V]
     if bias is not None:
         logits = logits + bias.to(compute_dtype)
-    ce = F.cross_entropy(logits.reshape(-1, V), y.repeat(K), reduction="none").view(K, -1)
+    ce = F.cross_entropy(logits.reshape(-1, V), y.repeat(K), reduction="none").view(K, -1).float()
     # Summed per sequence; a sequence with no targets sums to 0 (no NaN).
-    seq_ce_sum = ce.float().new_zeros(K, B).index_add(1, b_of, ce.float())
+    seq_ce_sum = ce.new_zeros(K, B).index_add(1, b_of, ce)
     if scores is None:
         return seq_ce_sum, None
     # The definition, literally: mix the K logit tensors with the (unnormalised) scores.

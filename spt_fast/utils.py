@@ -154,3 +154,8 @@ def cpu_has_native_bf16() -> bool:
     """True when the CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX)."""
     flags = cpu_info()["flags"]
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def round_up(n: int, m: int) -> int:
+    """n rounded up to a multiple of m."""
+    return -(-n // m) * m

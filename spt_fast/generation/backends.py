@@ -11,6 +11,7 @@ import inspect
 
 import torch
 
+from ..utils import round_up
 from .decoding import advance
 
 
@@ -34,10 +35,6 @@ def left_align(rows: torch.Tensor, lengths: torch.Tensor):
     aligned = torch.gather(rows, 1, src[:, :, None].expand(B, S, rows.shape[2]))
     aligned = aligned * mask[:, :, None].to(aligned.dtype)
     return aligned, mask.long(), src
-
-
-def round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def step_guards(entries) -> list[bool]:

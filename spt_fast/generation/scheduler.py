@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..errors import SPTError
-from .backends import round_up
+from ..utils import round_up
 from .context_cache import ContextCache
 from .decoding import GenConfig, sample_next
 from .engine import Engine, Reply

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from ..errors import ModelLoadError
+from ..utils import round_up
 from ..kernels.branch_attention import branch_attention
 from .packing import Packing
 
@@ -396,8 +397,10 @@ class Llama(nn.Module):
         sample_of = sample_of.to(dev, torch.long)
         positions = ctx.ctx_len[sample_of][:, None] + torch.arange(tb, device=dev)
         packing = None
-        if lengths is not None and Packing.worth_it(lengths.to(dev), tb):
-            packing = Packing(lengths.to(dev), tb)
+        if lengths is not None:
+            lengths = lengths.to(dev)
+        if lengths is not None and Packing.worth_it(lengths, tb):
+            packing = Packing(lengths, tb)
             positions = positions.reshape(-1)[packing.index][None]
         # ctx_len <= Tc, so Tc + Tb - 1 bounds every branch position.
         cos, sin = self._rope(positions, ctx.k[0].shape[2] + tb - 1)
@@ -489,7 +492,7 @@ class Llama(nn.Module):
             one += 1
         pos = torch.cat([torch.arange(s, s + k, device=dev) for s, k in zip(starts, n)])
         last = max(s + k for s, k in zip(starts, n))
-        seq_len = min(-(-last // 16) * 16, caches[0].seq_len)
+        seq_len = min(round_up(last, 16), caches[0].seq_len)
         if last > caches[0].seq_len:
             raise ValueError(f"extending to position {last - 1} does not fit a cache of {caches[0].seq_len}")
         cos, sin = self._rope(pos[None], seq_len - 1)
