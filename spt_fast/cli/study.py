@@ -23,6 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--retriever-lr", type=float, default=d.retriever_lr)
     p.add_argument("--retriever", choices=RETRIEVERS, default=d.retriever)
+    p.add_argument("--tau-gold", type=float, default=d.tau_gold, help="temperature of the selection target")
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="held-out samples for generation metrics")
     p.add_argument("--val-samples", type=int, default=d.val_samples, help="held-out samples for validation loss")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -33,7 +34,8 @@ def add_parser(sub) -> None:
 def run(a) -> dict:
     sc = StudyConfig(output_dir=a.output_dir, model=a.model, data=a.data, data_format=a.data_format, steps=a.steps,
                      batch_size=a.batch_size, seeds=list(a.seeds), num_prompts=a.num_prompts,
-                     prompt_len=a.prompt_len, max_len=a.max_len, lr=a.lr, retriever_lr=a.retriever_lr, retriever=a.retriever,
+                     prompt_len=a.prompt_len, max_len=a.max_len, lr=a.lr, retriever_lr=a.retriever_lr,
+                     retriever=a.retriever, tau_gold=a.tau_gold,
                      eval_samples=a.eval_samples, val_samples=a.val_samples, max_new_tokens=a.max_new_tokens,
                      runs=a.runs, progress=not a.no_progress)
     return run_study(sc)

@@ -56,7 +56,7 @@ def add_arguments(p) -> None:
                    help="centered: context features standardised with corpus statistics before W; "
                         "paper: the paper's retriever exactly (raw pooled features)")
     p.add_argument("--tau-gold", type=float, default=s.tau_gold,
-                   help="temperature of the selection target softmax(-CE / tau)")
+                   help="temperature of the selection target softmax(-CE / tau) (the paper: 1; the default is sharper, README)")
     p.add_argument("--target-noise", type=float, default=s.target_noise,
                    help="std of Gaussian noise added to the selection target (the authors' Llama-2 run: 0.1)")
     p.add_argument("--no-sel", action="store_true", help="drop the selection loss")

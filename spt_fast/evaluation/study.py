@@ -64,6 +64,7 @@ class StudyConfig:
     lr: float = 3e-3
     retriever_lr: float = 1e-3
     retriever: str = "centered"
+    tau_gold: float = SPTConfig.tau_gold
     eval_samples: int = 64  # held-out samples for generation metrics
     val_samples: int = 200  # held-out samples for the validation losses and the retriever's picks
     max_new_tokens: int = 32
@@ -73,7 +74,7 @@ class StudyConfig:
     def settings(self) -> dict:
         """What a finished run must share with this study to be reused."""
         keep = ("model", "data", "data_format", "steps", "batch_size", "num_prompts", "prompt_len", "max_len",
-                "lr", "retriever_lr", "retriever", "eval_samples", "val_samples", "max_new_tokens")
+                "lr", "retriever_lr", "retriever", "tau_gold", "eval_samples", "val_samples", "max_new_tokens")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -138,7 +139,7 @@ def _one_run(sc: StudyConfig, name: str, spec: RunSpec, seed: int, base, tok, sp
         return row
     cfg = SPTConfig(num_prompts=K, prompt_len=sc.prompt_len, layout=layout, max_len=sc.max_len, seed=seed,
                     use_sel="sel" in losses, use_fus="fus" in losses, use_ctr="ctr" in losses,
-                    retriever=sc.retriever)
+                    retriever=sc.retriever, tau_gold=sc.tau_gold)
     tc = TrainConfig(model=sc.model, data=sc.data, data_format=sc.data_format, output_dir=str(folder),
                      max_steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr, retriever_lr=sc.retriever_lr,
                      seed=seed, eval_samples=sc.val_samples, eval_every=0,

@@ -35,7 +35,7 @@ class SPTConfig:
     layout: str = "auto"  # shared where the model is a Llama, else prefix (README, "Quality study")
     lambda_sel: float = 0.4
     lambda_ctr: float = 0.4
-    tau_gold: float = 1.0
+    tau_gold: float = 0.03  # paper: 1; sharper target so the retriever learns to choose (README)
     tau_sim: float = 1.0
     target_noise: float = 0.0  # std of Gaussian noise on the selection target (authors' Llama-2 run: 0.1)
     use_sel: bool = True
