@@ -9,15 +9,30 @@ reference.
 This folder sits at the top of the repository and installs as `spt_fast.kernels` only.
 """
 import importlib.machinery
+import importlib.util
+import os
 import sys
 import types
 
+
+def _stand_aside(name: str) -> None:
+    """Found as a top-level `kernels` (Python started in the repository root): that name belongs
+    to an unrelated package (transformers >= 5.25 depends on it and imports from it; bitsandbytes
+    probes it). Put the real one in our place when it is installed elsewhere on sys.path, else an
+    empty module, which to both libraries looks not installed (no file, no attributes)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec(name, elsewhere)
+    if spec is not None and spec.loader is not None:
+        real = importlib.util.module_from_spec(spec)
+        sys.modules[name] = real  # the import system returns whatever sits here when we finish
+        spec.loader.exec_module(real)
+        return
+    empty = types.ModuleType(name)
+    empty.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    empty.__path__ = []
+    sys.modules[name] = empty
+
+
 if __name__ != "spt_fast.kernels":
-    # Found as a top-level `kernels` (Python started in the repository root). That name belongs to
-    # an unrelated package which transformers and bitsandbytes probe for; to them this must look
-    # not installed, as an empty namespace does (no file, no version, no attributes), so the
-    # module is replaced by an empty one before anything of ours is loaded under that name.
-    _empty = types.ModuleType(__name__)
-    _empty.__spec__ = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
-    _empty.__path__ = []
-    sys.modules[__name__] = _empty
+    _stand_aside(__name__)

@@ -56,8 +56,8 @@ def naive_losses(spt: SPTModel, encoded, cfg: SPTConfig, bos_id: int):
     s = F.softplus(F.cosine_similarity(W(feats)[:, None, :], keys[None, :, :], dim=-1), beta=10, threshold=1)
     lm = ce_sum.sum() / (K * counts.sum())
     mean = ce_sum / counts
-    pi = F.softmax(-mean.detach().t(), -1)
-    sel = (pi * (pi.log() - F.log_softmax(s, -1))).sum(-1).mean()
+    log_pi = F.log_softmax(-mean.detach().t() / cfg.tau_gold, -1)
+    sel = (log_pi.exp() * (log_pi - F.log_softmax(s / cfg.tau_sim, -1))).sum(-1).mean()
     fus = torch.stack([
         F.cross_entropy((s[b][:, None, None] * z).sum(0), torch.tensor(e.response_ids))
         for b, (z, e) in enumerate(zip(fused_logits, encoded))

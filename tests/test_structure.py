@@ -79,27 +79,52 @@ def test_every_stage_folder_explains_itself():
         assert doc and len(doc) > 40, f"{init} needs a docstring saying what the stage holds"
 
 
+def _from_repo_root(code: str, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
 def test_kernels_from_the_repo_root_never_pass_for_the_kernels_package():
-    # Python started in the repo root sees kernels/ as a top-level package: it must look like
-    # nothing is installed to transformers and bitsandbytes, which probe that name.
+    # Python started in the repo root sees kernels/ as a top-level package. transformers (>= 5.25
+    # depends on the unrelated `kernels` package and imports from it) and bitsandbytes must get
+    # that package when it is installed, and "not installed" when it is not: never ours.
     code = (
-        "import importlib, sys\n"
+        "import importlib.metadata, os\n"
         "from transformers.utils.import_utils import is_kernels_available\n"
-        "assert not is_kernels_available()\n"
-        "import kernels\n"
-        "assert getattr(kernels, '__file__', None) is None and not [n for n in vars(kernels) if not n.startswith('__')]\n"
         "try:\n"
+        "    importlib.metadata.version('kernels'); real = True\n"
+        "except importlib.metadata.PackageNotFoundError:\n"
+        "    real = False\n"
+        "assert is_kernels_available() == real, (is_kernels_available(), real)\n"
+        "import kernels\n"
+        "where = getattr(kernels, '__file__', None)\n"
+        "if real:\n"
+        "    assert where and not where.startswith(os.getcwd()), where\n"
         "    from kernels import get_kernel\n"
-        "    raise SystemExit('get_kernel importable')\n"
-        "except ImportError:\n"
-        "    pass\n"
+        "else:\n"
+        "    assert where is None and not [n for n in vars(kernels) if not n.startswith('__')]\n"
+        "    try:\n"
+        "        from kernels import get_kernel\n"
+        "        raise SystemExit('get_kernel importable')\n"
+        "    except ImportError:\n"
+        "        pass\n"
         "import spt_fast.kernels.retrieval as r\n"
         "assert r.__file__.endswith('kernels/retrieval.py'), r.__file__\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    out = _from_repo_root(code)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_an_installed_kernels_package_takes_the_place_of_ours(tmp_path):
+    # Whatever this venv holds: a `kernels` package later on sys.path is what `import kernels`
+    # gives in the repo root, and our modules stay reachable as spt_fast.kernels.
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("MARK = 'the other package'\n")
+    code = ("import kernels, spt_fast.kernels.retrieval as r\n"
+            "print(kernels.MARK, r.__name__)\n")
+    out = _from_repo_root(code, PYTHONPATH=str(tmp_path))
+    assert out.returncode == 0 and out.stdout.strip() == "the other package spt_fast.kernels.retrieval", out.stderr[-2000:]
 
 
 def test_wheel_holds_every_package_and_no_top_level_kernels(tmp_path):
