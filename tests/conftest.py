@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Engines loaded by from_checkpoint (the CLI's) step eagerly in tests unless a test asks for a
+# compile mode: a background compile per test would cost CI minutes. tests/test_serve.py
+# covers the default ("auto").
+os.environ.setdefault("SPT_FAST_COMPILE", "off")
 
 import torch  # noqa: E402
 

@@ -4,12 +4,14 @@ ragged batches, both layouts, retrieved and mixed forced prompts), a 4-bit base,
 fallback, and the real embedded model (slow). Then sampling, stop strings and early exit, the
 max-new-tokens bound, streaming, bad input, the chat loop and the benchmark function."""
 import io
+import os
 import warnings
 
 import pytest
 import torch
 
 from spt_fast import testing
+from spt_fast.cli import build_parser
 from spt_fast.training import checkpoint
 from spt_fast.data.corpora import Sample
 from spt_fast.generation.decoding import advance, sample_next
@@ -18,7 +20,7 @@ from spt_fast.model.build import build_spt_model
 from spt_fast.errors import CheckpointError, SPTError
 from spt_fast.generation.oracle import generate_batch
 from spt_fast.model.llama import Llama
-from spt_fast.generation.engine import Engine
+from spt_fast.generation.engine import Engine, compile_mode, use_persistent_compile_cache
 from spt_fast.data.batch import collate
 from spt_fast.model.spt import SPTConfig
 from spt_fast.data.text import Encoder
@@ -537,3 +539,129 @@ def test_generation_dtype_follows_the_cpu(saved, monkeypatch):
     assert engine_module.generation_dtype("cuda") is None
     monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: False)
     assert Engine.from_checkpoint(ck, device="cpu").spt.dtype == torch.float32
+
+
+# ---- decode-step modes: eager, compiled, and "background" (the CPU default of from_checkpoint and
+# of the generating CLIs: a call runs eagerly until its kind of step was compiled between calls) ----
+def test_compile_mode_resolution(monkeypatch):
+    monkeypatch.setenv("SPT_FAST_COMPILE", "auto")
+    assert compile_mode("auto", "cpu", cpu_projections=True) == "background"
+    assert compile_mode("auto", "cpu", cpu_projections=False) is False  # e.g. NF4 bases on CPU
+    assert compile_mode("auto", "cuda", cpu_projections=False) is False
+    assert compile_mode("on", "cpu", True) is True and compile_mode(True, "cpu", True) is True
+    assert compile_mode("off", "cpu", True) is False and compile_mode(False, "cpu", True) is False
+    assert compile_mode("background", "cpu", True) == "background"
+    monkeypatch.setenv("SPT_FAST_COMPILE", "off")
+    assert compile_mode("auto", "cpu", True) is False
+    assert compile_mode("on", "cpu", True) is True  # an explicit choice beats the environment
+    monkeypatch.setenv("SPT_FAST_COMPILE", "ON")
+    assert compile_mode("auto", "cpu", True) is True
+    monkeypatch.setenv("SPT_FAST_COMPILE", "fast")
+    with pytest.raises(SPTError, match="SPT_FAST_COMPILE='fast'"):
+        compile_mode("auto", "cpu", True)
+    with pytest.raises(SPTError, match="compile='yes'"):
+        compile_mode("yes", "cpu", True)
+
+
+def test_persistent_compile_cache_folder(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("SPT_FAST_CACHE", str(tmp_path))
+    for start in (None, default_cache_dir()):  # unset, or the /tmp default inductor wrote there itself
+        if start is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", start)
+        use_persistent_compile_cache()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    mine = str(tmp_path / "mine")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", mine)  # the user's choice stays
+    use_persistent_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == mine
+
+
+def test_cli_compile_flag():
+    p = build_parser()
+    for cmd in (["chat"], ["generate"], ["eval"]):
+        assert p.parse_args(cmd + ["--checkpoint", "x"]).compile == "auto"
+        assert p.parse_args(cmd + ["--checkpoint", "x", "--compile"]).compile == "on"
+        assert p.parse_args(cmd + ["--checkpoint", "x", "--compile", "off"]).compile == "off"
+    with pytest.raises(SystemExit):
+        p.parse_args(["chat", "--checkpoint", "x", "--compile", "always"])
+
+
+def test_background_compile_mode(char_tok, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    spt = spt_for(tiny(seed=11))
+    eager = Engine(spt, char_tok, compile=False)
+    bg = Engine(spt, char_tok, compile="background")
+    assert bg.compile == "background" and bg.cpu_projections
+    backend = bg.backend
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    want = [r.tokens for r in eager.generate(CONVS)]
+    # The first call of a kind of step runs eagerly and compiles nothing (a one-off call).
+    assert [r.tokens for r in bg.generate(CONVS)] == want
+    assert backend._latched is False and not backend._pending and not backend._ready
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    # The second compiles that kind first and runs compiled: the same tokens (fp32).
+    assert [r.tokens for r in bg.generate(CONVS)] == want
+    assert backend._latched is True and len(backend._ready) == 1
+    # The graph traced on the scratch caches serves the engine's own caches: one graph, no recompile.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    assert [r.tokens for r in bg.generate(CONVS)] == want and backend._latched is True
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+
+    # Another kind (sampling: a noise input, other constants): eager first; compile_pending (chat,
+    # between turns) compiles it in a second thread; the next call waits for it and runs compiled.
+    # A seeded sampled reply is the same either way.
+    kw = dict(temperature=0.8, top_p=0.9, seed=3)
+    first = [r.tokens for r in bg.generate(CONVS, **kw)]
+    assert backend._latched is False
+    bg.compile_pending()
+    assert len(backend._pending) == 1
+    assert [r.tokens for r in bg.generate(CONVS, **kw)] == first == [r.tokens for r in eager.generate(CONVS, **kw)]
+    assert backend._latched is True and len(backend._ready) == 2 and not backend.compiling
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
+
+
+def test_chat_compiles_between_turns(saved, char_tok):
+    # chat's default engine on CPU: the first turn eager, the step compiled while the user would be
+    # typing (compile_pending), later turns compiled; the replies are the eager engine's (fp32).
+    import argparse
+
+    from spt_fast.cli import chat
+
+    ck, spt = saved
+    parser = argparse.ArgumentParser()
+    chat.add_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["chat", "--checkpoint", str(ck), "--max-new-tokens", "12"])
+    engine = Engine.from_checkpoint(ck, device="cpu", dtype="fp32", compile="background")
+    out = io.StringIO()
+    chat.run(args, stdin=io.StringIO("hello there\nhow are you?\nbye\n"), stdout=out, engine=engine)
+    assert engine.backend._ready and engine.backend._latched is True and not engine.backend.compiling
+    eager = Engine.from_checkpoint(ck, device="cpu", dtype="fp32", compile="off")
+    history = []
+    for message in ("hello there", "how are you?", "bye"):
+        history.append(message)
+        history.append(eager.reply([], history, max_new_tokens=12))
+        assert f"]> {history[-1]}\n" in out.getvalue()
+
+
+def test_background_compile_failure_stays_eager(char_tok):
+    spt = spt_for(tiny(seed=12))
+    bg = Engine(spt, char_tok, compile="background")
+    want = [r.tokens for r in Engine(spt, char_tok, compile=False).generate(CONVS[:1])]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    bg.backend._make_compiled(False)  # its settings, as the first step would make them
+    bg.backend._compiled = broken
+    assert [r.tokens for r in bg.generate(CONVS[:1])] == want  # eager: the first of its kind
+    with pytest.warns(UserWarning, match="compiling the decode step failed.*no compiler here"):
+        assert [r.tokens for r in bg.generate(CONVS[:1])] == want
+    assert bg.backend._latched is False
+    bg.compile_pending()  # no second attempt
+    assert not bg.backend._pending
+    assert [r.tokens for r in bg.generate(CONVS[:1])] == want and bg.backend._latched is False

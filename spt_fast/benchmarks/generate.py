@@ -80,12 +80,14 @@ def _timed(fn, device, clock) -> float:
 
 def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_sizes=(1, 16), dtype="fp32",
                        load_4bit: bool = False, context_len: int = 128, new_tokens: int = 32, device=None,
-                       num_prompts: int = 4, prompt_len: int = 8, repeats: int = 3, compile: bool = False,
+                       num_prompts: int = 4, prompt_len: int = 8, repeats: int = 3, compile: bool | str = "auto",
                        bandwidth: float = H100_SXM_BANDWIDTH, seed: int = 0, clock: str = "wall") -> list[dict]:
     """Rows {"impl","model","device","dtype","batch","ttft_ms","decode_tokens_per_s","step_ms",...}.
 
     clock="process" times CPU runs by the process's CPU time instead of wall time: with one torch
     thread that is the work done, unaffected by other jobs taking the cores (a shared machine).
+    compile: the engines' decode-step mode ("auto", as `generate`/`chat`/`eval` run: compiled on CPU
+    once the first call of a shape has run; the bench waits for that compile before timing).
     """
     from ..generation.engine import Engine
     from ..kernels.inject import inject_prompts
@@ -163,6 +165,9 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
         calls = {"hf": hf_call, **{impl: functools.partial(ours_call, engine=e) for impl, e in engines.items()}}
         for impl in impls:
             calls[impl](new_tokens)  # warm-up (and compilation)
+            if impl in engines and engines[impl].fast:
+                engines[impl].backend.wait_compiled()  # (background mode: compiled after that call)
+                calls[impl](new_tokens)
             calls[impl](1)
         # Implementations alternate inside each repeat, and the best repeat counts: on a shared
         # machine, load that comes and goes then hits every implementation alike.
@@ -178,7 +183,7 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
             row = {"impl": impl, "model": model, "device": device.type, "dtype": dname, "batch": B,
                    "ttft_ms": round(first * 1e3, 3), "decode_tokens_per_s": round(B / step, 2),
                    "step_ms": round(step * 1e3, 3), "context_len": context_len, "new_tokens": new_tokens,
-                   "load_4bit": bool(load_4bit), "compile": bool(compile and impl.startswith("spt_fast")),
+                   "load_4bit": bool(load_4bit), "compile": str(engines[impl].compile) if impl in engines else "",
                    "threads": torch.get_num_threads(), "clock": clock, "weight_bytes": weight_bytes[impl],
                    "achieved_GBps": round(weight_bytes[impl] / step / 1e9, 1),
                    "roofline_pct": round(100 * weight_bytes[impl] / read_bps / step, 1),

@@ -202,7 +202,7 @@ def run_serve_bench(checkpoint: str | None = None, levels=(1, 4, 16, 64), turns:
         if checkpoint is None:
             checkpoint = _fresh_checkpoint(Path(tmp))
         offline = Engine.from_checkpoint(checkpoint, device=device, dtype=dtype or "recorded",
-                                         weights=weights)  # as serve loads it
+                                         weights=weights, compile=False)  # as serve loads it
         rows, mismatches = [], 0
         dtype_flags = (("--dtype", dtype) if dtype else ()) + (("--weights", weights) if weights else ())
         for clients in levels:

@@ -6,7 +6,7 @@ import torch
 from ..errors import SPTError
 from ..model.cpu_projections import WEIGHTS
 from ..utils import DTYPE_NAMES
-from .common import HelpFormatter, write_json
+from .common import HelpFormatter, add_compile_arg, write_json
 
 
 def add_parser(sub) -> None:
@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
     g.add_argument("--new-tokens", type=int, default=32)
     g.add_argument("--device", default=None)
     g.add_argument("--repeats", type=int, default=3)
-    g.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
+    add_compile_arg(g)
     g.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
                    help="GPU memory bandwidth (bytes/s) for the roofline (on CPU it is measured at start)")
     g.add_argument("--clock", choices=("wall", "process"), default="wall",

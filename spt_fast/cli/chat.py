@@ -11,7 +11,7 @@ import sys
 
 from ..errors import SPTError
 from ..generation.decoding import GenConfig
-from .common import HelpFormatter, add_model_args
+from .common import HelpFormatter, add_compile_arg, add_model_args
 
 HELP = """commands:
   /persona             show the persona
@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=g.seed, help="sampling seed (turn t uses seed + t)")
     c.add_argument("--selection-noise", type=float, default=g.selection_noise,
                    help="std of Gaussian noise on retriever scores")
-    c.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    add_compile_arg(c)
     return c
 
 
@@ -116,6 +116,8 @@ def run(args, stdin=None, stdout=None, engine=None) -> None:
 
         history.append(line)
         seed = None if args.seed is None else args.seed + turn
+        if getattr(engine.backend, "compiling", False):
+            say("(compiling the decode step for this machine: once, then kept on disk)")
         try:
             pieces = engine.stream(persona, history, prompt=forced, seed=seed, **gen)
             first = next(pieces, None)  # retrieval has run: the chosen prompt is known
@@ -129,5 +131,6 @@ def run(args, stdin=None, stdout=None, engine=None) -> None:
             say(f"error: {exc}")
             continue
         say()
+        engine.compile_pending()  # while the user reads and types
         history.append(engine.last_replies[0].text)
         turn += 1

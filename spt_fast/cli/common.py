@@ -38,6 +38,15 @@ def add_model_args(p, from_checkpoint: bool = False, bf16_default: bool = True) 
                             "slightly); default: full precision")
 
 
+def add_compile_arg(p) -> None:
+    """--compile auto|on|off for the commands that generate (chat, generate, eval)."""
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="the decode step: 'auto' on CPU runs the first call of each batch shape eagerly and "
+                        "compiles that step between calls (kept on disk: a later run recompiles in seconds), "
+                        "eager on GPU; 'on' compiles before the first step (CUDA graphs on GPU); 'off' eager. "
+                        "SPT_FAST_COMPILE sets what auto means")
+
+
 def add_data_args(p, default: str | None = "chitchat") -> None:
     p.add_argument("--data", default=default, required=default is None,
                    help="'chitchat' (the corpus of the chitchat-dataset package) or a ConvAI2 .txt / JSONL file")

@@ -7,7 +7,7 @@ from ..evaluation.metrics import format_table
 from ..evaluation.plots import plot_prompt_usage
 from ..generation.decoding import GenConfig
 from ..utils import check_number, dtype_name
-from .common import HelpFormatter, add_data_args, add_model_args, check_writable, write_json
+from .common import HelpFormatter, add_compile_arg, add_data_args, add_model_args, check_writable, write_json
 
 
 def add_parser(sub) -> None:
@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
                    help="evaluate as the authors' code: replies cut at a newline or any ':', case-sensitive F1, "
                         "ConvAI2 __SILENCE__ turns kept in the history")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    add_compile_arg(p)
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--predictions", default=None, help="write predictions (JSONL) here")
     p.add_argument("--plot", default=None, help="write the prompt-usage-per-turn PNG here")
@@ -62,7 +63,7 @@ def run(a) -> None:
         check_number("--max-samples", a.max_samples, 1, strict=False, integer=True)
     samples = eval_samples(a)
     engine = Engine.from_checkpoint(a.checkpoint, device=a.device, dtype=a.dtype, model=a.model,
-                                    load_4bit=a.load_4bit, weights=a.weights)
+                                    load_4bit=a.load_4bit, weights=a.weights, compile=a.compile)
     result = evaluate(engine, samples, a.max_samples, a.batch_size, a.max_new_tokens, a.bertscore_model,
                       a.selection_noise, progress=not a.no_progress, paper=a.paper_metrics,
                       bertscore_layer=a.bertscore_layer)
@@ -71,6 +72,7 @@ def run(a) -> None:
     if a.json:
         write_json(a.json, {**result["metrics"], "checkpoint": a.checkpoint, "K": K,
                             "dtype": dtype_name(engine.spt.dtype), "weights": a.weights or "full",
+                            "compile": str(engine.compile),
                             "usage": [result["picks"].count(k) for k in range(K)]})
     if a.predictions:
         write_predictions(a.predictions, result)

@@ -5,7 +5,7 @@ from ..data.corpora import load_contexts
 from ..errors import SPTError
 from ..generation.decoding import GenConfig
 from ..utils import check_number
-from .common import HelpFormatter, add_model_args
+from .common import HelpFormatter, add_compile_arg, add_model_args
 
 
 def add_parser(sub) -> None:
@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--selection-noise", type=float, default=g.selection_noise)
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    add_compile_arg(p)
 
 
 def run(a) -> None:
@@ -37,7 +38,7 @@ def run(a) -> None:
     check_number("--max-new-tokens", a.max_new_tokens, 1, strict=False, integer=True)
     check_number("--selection-noise", a.selection_noise, strict=False)
     engine = Engine.from_checkpoint(a.checkpoint, device=a.device, dtype=a.dtype, model=a.model,
-                                    load_4bit=a.load_4bit, weights=a.weights)
+                                    load_4bit=a.load_4bit, weights=a.weights, compile=a.compile)
     opts = dict(max_new_tokens=a.max_new_tokens, selection_noise=a.selection_noise, seed=0)
     engine.options(**opts)  # bad options fail before any generation
     for start in range(0, len(convs), a.batch_size):

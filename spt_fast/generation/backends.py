@@ -7,7 +7,10 @@
 """
 from __future__ import annotations
 
+import copy
 import inspect
+import threading
+import warnings
 
 import torch
 
@@ -50,15 +53,32 @@ def step_guards(entries) -> list[bool]:
             or (e.guard_type == "ID_MATCH" and e.name == "self.llama._buffers['rope_cos']") for e in entries]
 
 
+def raise_recompile_limits() -> None:
+    """Every engine, batch bucket and cache length is one more graph of the step's code object:
+    past dynamo's default limit of 8 a fullgraph compile fails instead of recompiling. Dynamo's
+    settings are per thread: a compiling thread calls this itself."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+
+
 class FastBackend:
     """The compact Llama with static caches; the decode step optionally compiled."""
 
     name = "spt_fast"
     _count = 0
 
-    def __init__(self, llama, compile: bool = False, nf4: bool = False, freeze: bool = True):
+    def __init__(self, llama, compile: bool | str = False, nf4: bool = False, freeze: bool = True):
         self.llama = llama
+        # True: every step compiled (the first call waits for the compile). "background" (CPU): the
+        # first call of each kind of step (batch bucket, cache length, dtype, sampling options) runs
+        # eagerly; the kind is compiled before the second call, or between calls (compile_pending).
         self.compile = compile
+        self.background = compile == "background"
+        self._seen: dict = {}  # background mode: step kind -> inputs of its first (eager) step
+        self._ready: set = set()  # ... kinds whose compiled graph exists
+        self._failed: set = set()  # ... kinds whose compile failed (they stay eager)
+        self._pending: dict = {}  # ... kind -> the thread compiling it (compile_pending)
+        self._latched = None  # ... whether the current call runs compiled
         self.nf4 = nf4  # NF4 layers run on the project's kernels (no bitsandbytes call in a step)
         self.caches = None
         self._compiled = None
@@ -79,6 +99,7 @@ class FastBackend:
         return min(round_up(need, 256 if self.compile else 16), self.llama.config.max_seq_len)
 
     def prefill(self, rows, lengths, max_new_tokens: int):
+        self._latched = None
         B, T = rows.shape[:2]
         S = self._cache_len(T + max_new_tokens)
         c = self.caches
@@ -86,7 +107,7 @@ class FastBackend:
                 or c[0].k_cache.device != rows.device:
             self.caches = None  # free the old caches before allocating new ones
             self.caches = self.llama.setup_caches(B, S, rows.dtype, rows.device)
-            if self.compile:
+            if self.compile and rows.is_cuda:
                 for cache in self.caches:  # CUDA graphs need the mutated buffers at fixed addresses
                     torch._dynamo.mark_static_address(cache.k_cache)
                     torch._dynamo.mark_static_address(cache.v_cache)
@@ -111,51 +132,128 @@ class FastBackend:
 
     def step(self, token, pos, done, state, noise, *args, max_pos: int):
         if not self.compile:
-            # Eager: attend only to slots that can be live (a multiple of 16 keeps SDPA shapes tidy).
-            return self._step(token, pos, done, state, noise, *args, kv_len=round_up(max_pos + 1, 16))
+            return self._eager(token, pos, done, state, noise, *args, max_pos=max_pos)
         if self._compiled is None:
-            import contextlib
-
-            import torch._inductor.config as inductor_config
-
-            from ..model.quant import is_quantized
-
-            mode = "reduce-overhead" if token.is_cuda else None
-            # bitsandbytes' 4-bit layers may break the graph: allow it there, demand one graph
-            # elsewhere (the project's NF4 kernels are custom ops inside the graph).
-            fullgraph = self.nf4 or not is_quantized(self.llama)
-            # Every engine, batch bucket and cache length is one more graph of the same code object:
-            # past dynamo's default limit of 8 a fullgraph compile fails instead of recompiling.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            torch._dynamo.config.accumulated_recompile_limit = max(
-                torch._dynamo.config.accumulated_recompile_limit, 4096)
-            options = None if token.is_cuda else {"guard_filter_fn": step_guards}
-            self._compiled = torch.compile(self._step, mode=mode, options=options, fullgraph=fullgraph,
-                                           dynamic=False)
-            if token.is_cuda and self.nf4:
-                from ..model.quant import NF4Fused
-
-                for m in self.llama.modules():  # CUDA graphs must not copy the weights per replay
-                    if isinstance(m, NF4Fused):
-                        for b in m.buffers(recurse=False):
-                            torch._dynamo.mark_static_address(b)
-            self._compile_settings = contextlib.nullcontext()
-            if not token.is_cuda and not is_quantized(self.llama) and self.freeze:
-                # CPU: freezing makes the weights constants of the step (the one-row product-sums of
-                # spt_fast.model.cpu_projections read them in place); for plain nn.Linear layers (no CPU
-                # projections attached) inductor also prepacks them and concat-linear merges q/k/v
-                # and gate/up. The step then no longer sees later changes to the base weights.
-                # Inductor reads these settings when it
-                # compiles, at a call (the first, or a recompile), not at torch.compile (where
-                # options={...} leaves freezing off): so every call runs under them (~15 us).
-                self._compile_settings = inductor_config.patch(
-                    {"freezing": True, "cpp.enable_concat_linear": True})
+            self._compiled = self._make_compiled(token.is_cuda)
+        if self.background:
+            if self._latched is None:  # a call decodes all its steps one way: eager or compiled
+                self._latched = self._choose(token, pos, done, state, noise, args)
+            if not self._latched:
+                return self._eager(token, pos, done, state, noise, *args, max_pos=max_pos)
         if token.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
         with self._compile_settings:
-            out = self._compiled(token, pos, done, state, noise, *args, number=self.number)
+            out = self._compiled(self, token, pos, done, state, noise, *args, number=self.number)
         # A CUDA graph reuses its output buffers on the next replay: keep copies.
         return tuple(t.clone() for t in out) if token.is_cuda else out
+
+    def _choose(self, token, pos, done, state, noise, args) -> bool:
+        """Background mode, a call's first step: True to run the call compiled.
+
+        The first call of a kind runs eagerly (a one-off call is over before a compile would pay);
+        the second compiles it (in this thread, now: its first step waits) unless an idle-time
+        compile (compile_pending) already did. A call never overlaps a compile: the compiler's
+        Python holds the GIL, which an eager step retakes around each of its ~1,600 small ops, and
+        on 2 vCPUs a 1.2 s eager reply took 12 s beside one; it waits for it instead.
+        """
+        self.wait_compiled()
+        kind = self._kind(token, noise, args)
+        if kind in self._ready:
+            return True
+        if kind in self._failed:
+            return False
+        if kind not in self._seen:
+            self._seen[kind] = (tuple(None if t is None else t.clone() for t in (token, pos, done, state, noise)),
+                                args)
+            return False
+        # Compile now on scratch caches (the step must not run twice on the real ones).
+        self._compile(kind, *self._seen[kind])
+        return kind in self._ready
+
+    def compile_pending(self) -> None:
+        """Compile, in a second thread, every kind of step that has run eagerly so far: for callers
+        with idle time between calls (chat, while the user types). A call that starts before it is
+        done waits for it."""
+        for kind, (inputs, args) in list(self._seen.items()):
+            if kind not in self._ready and kind not in self._failed and kind not in self._pending:
+                thread = threading.Thread(target=self._compile, args=(kind, inputs, args), name="spt-fast-compile",
+                                          daemon=True)
+                self._pending[kind] = thread
+                thread.start()
+
+    def _compile(self, kind, inputs, args) -> None:
+        """Compile one kind of step by running it once on a shadow backend (same model and number,
+        scratch caches of the same shape): the graph then serves this backend, whose caches are
+        guarded by shape only. A failure warns and leaves that kind eager."""
+        shadow = copy.copy(self)
+        shadow.caches = self.llama.setup_caches(kind[0], kind[1], kind[2], inputs[0].device)
+        try:
+            raise_recompile_limits()  # (dynamo's settings are per thread)
+            with torch.no_grad(), self._compile_settings:
+                self._compiled(shadow, *inputs, *args, number=self.number)
+            self._ready.add(kind)
+        except Exception as exc:  # noqa: BLE001 - any compile failure leaves eager steps
+            self._failed.add(kind)
+            warnings.warn(f"compiling the decode step failed ({type(exc).__name__}: {exc}); decoding stays eager",
+                          stacklevel=2)
+
+    def _eager(self, token, pos, done, state, noise, *args, max_pos: int):
+        # Attend only to slots that can be live (a multiple of 16 keeps SDPA shapes tidy).
+        return self._step(token, pos, done, state, noise, *args, kv_len=round_up(max_pos + 1, 16))
+
+    def _kind(self, token, noise, args) -> tuple:
+        """What a compiled step is specialised on: shapes of the batch and caches, dtype, and the
+        sampling options (constants of the graph)."""
+        temperature, top_p, table, eos_id, ignore_eos = args
+        c = self.caches[0].k_cache
+        return (token.shape[0], c.shape[2], c.dtype, noise is None, None if table is None else tuple(table.shape),
+                float(temperature), float(top_p), int(eos_id), bool(ignore_eos))
+
+    @property
+    def compiling(self) -> bool:
+        """A background compile is running."""
+        return any(t.is_alive() for t in self._pending.values())
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for the background compiles started so far; True once none is running."""
+        for thread in list(self._pending.values()):
+            thread.join(timeout)
+        return not any(t.is_alive() for t in self._pending.values())
+
+    def _make_compiled(self, cuda: bool):
+        import contextlib
+
+        import torch._inductor.config as inductor_config
+
+        from ..model.quant import is_quantized
+
+        mode = "reduce-overhead" if cuda else None
+        # bitsandbytes' 4-bit layers may break the graph: allow it there, demand one graph
+        # elsewhere (the project's NF4 kernels are custom ops inside the graph).
+        fullgraph = self.nf4 or not is_quantized(self.llama)
+        raise_recompile_limits()
+        options = None if cuda else {"guard_filter_fn": step_guards}
+        # The unbound function, the backend an argument: a background compile traces it with a
+        # shadow backend (scratch caches) and the same graph then serves this one.
+        compiled = torch.compile(FastBackend._step, mode=mode, options=options, fullgraph=fullgraph, dynamic=False)
+        if cuda and self.nf4:
+            from ..model.quant import NF4Fused
+
+            for m in self.llama.modules():  # CUDA graphs must not copy the weights per replay
+                if isinstance(m, NF4Fused):
+                    for b in m.buffers(recurse=False):
+                        torch._dynamo.mark_static_address(b)
+        self._compile_settings = contextlib.nullcontext()
+        if not cuda and not is_quantized(self.llama) and self.freeze:
+            # CPU: freezing makes the weights constants of the step (the one-row product-sums of
+            # spt_fast.model.cpu_projections read them in place); for plain nn.Linear layers (no CPU
+            # projections attached) inductor also prepacks them and concat-linear merges q/k/v
+            # and gate/up. The step then no longer sees later changes to the base weights.
+            # Inductor reads these settings when it compiles, at a call (the first, or a recompile),
+            # not at torch.compile (where options={...} leaves freezing off): so every call runs
+            # under them (~15 us).
+            self._compile_settings = inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": True})
+        return compiled
 
 
 class HFBackend:

@@ -13,7 +13,8 @@ One generation call, for a batch where every row has its own persona, history an
    eos and stop-string detection (a token-level automaton, `stops.StopTable`) all run on the
    device; the host looks only every `check_every` steps (1 on CPU, 8 on GPU, 1 when streaming),
    and stops early once every row is finished. With `compile=True` the decode step (model +
-   sampling + stop check) is one torch.compile'd function, CUDA-graphed on GPU.
+   sampling + stop check) is one torch.compile'd function, CUDA-graphed on GPU; "background"
+   (what `from_checkpoint` picks on CPU) compiles it between calls while calls run eagerly.
 
 Non-Llama models fall back to the Hugging Face forward with its own cache (backends.HFBackend),
 with one warning; everything else (retrieval, sampling, stops, streaming) is shared. Everything
@@ -120,6 +121,46 @@ def generation_dtype(device) -> str | None:
     None (the checkpoint's training dtype) elsewhere. Training keeps its own --dtype."""
     return "bf16" if torch.device(device).type == "cpu" and cpu_has_native_bf16() else None
 
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def compile_mode(compile, device, cpu_projections: bool):
+    """The decode-step mode for an engine: False (eager), True (compiled before the first step) or
+    "background" (CPU: eager calls until a second thread has compiled their kind of step, between
+    calls; the compiled graphs persist on disk, so a later run recompiles in seconds, not a minute).
+
+    "auto" means background on a CPU whose dense layers run on the engine's CPU projections (dense
+    or int8/int4 weights), eager elsewhere (GPU: the compiled CUDA-graph step is --compile on). The
+    environment variable SPT_FAST_COMPILE=auto|on|off sets what "auto" means (the tests use off).
+    """
+    if compile in ("auto", None):
+        compile = os.environ.get("SPT_FAST_COMPILE", "auto").strip().lower()
+        if compile not in COMPILE_CHOICES:
+            raise SPTError(f"SPT_FAST_COMPILE={compile!r}: expected one of {', '.join(COMPILE_CHOICES)}")
+        if compile == "auto":
+            return "background" if torch.device(device).type == "cpu" and cpu_projections else False
+    if compile in ("on", True):
+        return True
+    if compile in ("off", False):
+        return False
+    if compile == "background":
+        return compile
+    raise SPTError(f"compile={compile!r}: expected one of {', '.join(COMPILE_CHOICES)} (or True/False)")
+
+
+def use_persistent_compile_cache() -> None:
+    """Keep inductor's compiled code under our cache folder (~/.cache/spt_fast/inductor), unless the
+    user chose a folder: its default is under /tmp, which a reboot empties. Inductor writes its
+    default into the environment at its first use, hence the comparison rather than setdefault."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from ..model.loading import cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+
+
 class Engine:
     """Replies from a trained SPT checkpoint, one or many conversations at a time.
 
@@ -152,14 +193,13 @@ class Engine:
         self.spt = spt
         self.tokenizer = tokenizer
         self.config = spt.config
-        self.compile = compile
         self.nf4_kernels = False
         self.cpu_projections = False
         problem = fast_path_problem(spt.base)
         if problem is None:
             llama = getattr(spt, "fast", None)
             nf4 = spt.device.type == "cuda" and is_quantized(spt.base)
-            cpu_dense = spt.device.type == "cpu" and not is_quantized(spt.base) and (compile or cpu_weight_layout)
+            cpu_dense = spt.device.type == "cpu" and not is_quantized(spt.base) and (compile not in (False, "off") or cpu_weight_layout)
             if not isinstance(llama, Llama) or nf4 or cpu_dense or weights:
                 # A private view where layers get swapped below: the model's own layers (training,
                 # the HF path) stay untouched.
@@ -181,13 +221,11 @@ class Engine:
                 column_major_linears(llama)
             if weights and not self.cpu_projections:
                 raise SPTError(f"weights={weights!r} is a CPU option for a full-precision (fp32/bf16) base")
-            if compile and spt.device.type == "cpu":
-                from ..model.loading import cache_dir
-
-                # Compiled steps kept across runs (inductor's on-disk cache) under our cache folder.
-                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+            mode = compile_mode(compile, spt.device, self.cpu_projections)
+            if mode and spt.device.type == "cpu":
+                use_persistent_compile_cache()
             # With the CPU projections attached the step reads weights as inputs: cacheable.
-            self.backend = FastBackend(llama, compile=compile, nf4=self.nf4_kernels, freeze=not self.cpu_projections)
+            self.backend = FastBackend(llama, compile=mode, nf4=self.nf4_kernels, freeze=not self.cpu_projections)
             self.max_positions = llama.config.max_seq_len
         else:
             if weights:
@@ -213,6 +251,17 @@ class Engine:
         self.last_replies: list[Reply] = []
 
     @property
+    def compile(self):
+        """How decode steps run: False (eager), True (compiled), "background" (see compile_mode)."""
+        return getattr(self.backend, "compile", False)
+
+    def compile_pending(self) -> None:
+        """Background compile mode: compile the kinds of step that ran eagerly so far, in a second
+        thread, now (for a caller about to be idle, e.g. waiting for its user); else nothing."""
+        if getattr(self.backend, "background", False):
+            self.backend.compile_pending()
+
+    @property
     def fast(self) -> bool:
         return isinstance(self.backend, FastBackend)
 
@@ -221,13 +270,13 @@ class Engine:
         return self.spt.device
 
     @classmethod
-    def from_checkpoint(cls, path, device=None, dtype=None, compile: bool = False, model: str | None = None,
+    def from_checkpoint(cls, path, device=None, dtype=None, compile: bool | str = "auto", model: str | None = None,
                         load_4bit: bool | None = None, layout: str | None = None,
                         weights: str | None = None) -> "Engine":
         """An engine for a checkpoint (or training output) folder; the base model is the one recorded
         there unless `model` overrides it. dtype: "fp32"/"bf16" or a torch dtype; None means
         generation_dtype(device): bf16 on a CPU with native bf16 math, else as trained; "recorded"
-        the training dtype."""
+        the training dtype. compile: "auto" (the default here; see compile_mode), "on"/True, "off"/False."""
         from ..training.checkpoint import load_for_inference
 
         if device is None:

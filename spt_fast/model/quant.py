@@ -7,6 +7,7 @@ off that path; see its docstring for the mechanism.
 """
 import copy
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -86,6 +87,10 @@ def quantize_linear_layers(model: nn.Module, compute_dtype=torch.bfloat16, block
 
 def is_quantized(model: nn.Module) -> bool:
     """True if any layer of `model` holds 4-bit bitsandbytes weights."""
+    if "bitsandbytes" not in sys.modules:
+        # Nothing can hold its layers before it is imported; importing it only to ask costs ~1.5 s
+        # of a CLI's start (it loads native libraries and compiles its CPU ops).
+        return False
     try:
         return len(_iter_linear4bit(model)) > 0
     except ImportError:
