@@ -648,6 +648,40 @@ def test_chat_compiles_between_turns(saved, char_tok):
         assert f"]> {history[-1]}\n" in out.getvalue()
 
 
+def test_chat_process_ends_cleanly_while_compiling(saved, tmp_path):
+    # One message, then end of input: chat ends while its step compiles in the second thread.
+    # With the embedded model Python's shutdown aborted there (status 134, "terminate called
+    # without an active exception"); whether it does depends on the compile's phase at exit (this
+    # tiny model's compile did not abort), so chat._leave is also tested directly below.
+    import subprocess
+    import sys
+
+    ck, _ = saved
+    env = {**os.environ, "SPT_FAST_COMPILE": "auto", "SPT_FAST_CACHE": str(tmp_path),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "spt_fast", "chat", "--checkpoint", str(ck), "--dtype", "fp32",
+                           "--max-new-tokens", "8"], input="hello there\n", capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bot [prompt " in proc.stdout and "terminate called" not in proc.stderr
+
+
+def test_chat_leaves_at_once_while_compiling(monkeypatch):
+    from types import SimpleNamespace
+
+    from spt_fast.cli import chat
+
+    exits = []
+    monkeypatch.setattr(chat.os, "_exit", exits.append)
+    out = io.StringIO()
+    busy = SimpleNamespace(backend=SimpleNamespace(compiling=True))
+    idle = SimpleNamespace(backend=SimpleNamespace(compiling=False))
+    chat._leave(busy, True, out, 130)
+    chat._leave(busy, False, out, 0)  # a caller's own engine (tests): never exits their process
+    chat._leave(idle, True, out, 0)
+    assert exits == [130]
+
+
 def test_background_compile_failure_stays_eager(char_tok):
     spt = spt_for(tiny(seed=12))
     bg = Engine(spt, char_tok, compile="background")

@@ -7,6 +7,7 @@ turn (its oldest turns are dropped once it outgrows the context budget).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import SPTError
@@ -52,6 +53,7 @@ def run(args, stdin=None, stdout=None, engine=None) -> None:
 
     inp = stdin or sys.stdin
     out = stdout or sys.stdout
+    own = engine is None
     if engine is None:
         engine = Engine.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
                                         compile=args.compile, model=args.model, load_4bit=args.load_4bit,
@@ -61,8 +63,6 @@ def run(args, stdin=None, stdout=None, engine=None) -> None:
                selection_noise=args.selection_noise)
     engine.options(**gen)  # bad options fail now, not at the first message
     persona = [p for p in args.persona if p.strip()]
-    history: list[str] = []
-    forced = None
 
     def say(text=""):
         out.write(text + "\n")
@@ -71,6 +71,28 @@ def run(args, stdin=None, stdout=None, engine=None) -> None:
     path = "fast engine" if engine.fast else "Hugging Face fallback path"
     say(f"spt-fast chat: {K} soft prompt(s), {engine.config.layout} layout, {path}. /help for commands.")
     say(f"persona: {' '.join(persona) if persona else '(none)'}")
+    try:
+        _converse(engine, args, inp, out, say, persona, gen, K)
+    except KeyboardInterrupt:
+        _leave(engine, own, out, 130)
+        raise
+    _leave(engine, own, out, 0)
+
+
+def _leave(engine, own: bool, out, code: int) -> None:
+    """Ending while a compile runs in its second thread: exit at once (output flushed). Python's
+    own shutdown aborted there ("terminate called without an active exception", status 134) inside
+    the compiler's native threads. What inductor had written to its disk cache stays. Only for an
+    engine this command made itself (tests pass theirs and keep their process)."""
+    if own and getattr(engine.backend, "compiling", False):
+        out.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _converse(engine, args, inp, out, say, persona, gen, K) -> None:
+    forced = None
+    history: list[str] = []
     turn = 0
     while True:
         out.write("you> ")
