@@ -226,3 +226,52 @@ def test_kernel_choice_is_measured_once_per_machine_and_shape(tmp_path, monkeypa
             torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
         for u, v in zip(a4 if isinstance(a4, tuple) else [a4], b4 if isinstance(b4, tuple) else [b4]):
             torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_bmm_attention_equals_masked_sdpa(dtype, atol):
+    # Grouped heads (9 query heads over 3 K/V heads, as SmolLM2), ragged rows: each row attends to
+    # its own prefix of the slots. Tolerances: fp32 rounding; bf16 outputs (values ~1, ulp 2^-7).
+    from spt_fast.model.llama import bmm_attention, masked_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    b, s = 5, 40
+    q = torch.randn(b, 9, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(b, 3, s, 16, generator=g).to(dtype) for _ in range(2))
+    pos = torch.tensor([0, 3, 17, 38, 39])
+    keep = torch.arange(s)[None, None, None, :] <= pos[:, None, None, None]
+    mask = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
+    want, got = masked_sdpa(q, k, v, mask), bmm_attention(q, k, v, mask)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=0)
+    # Row 0 attends to slot 0 alone: its output is that slot's value for every head of the group.
+    torch.testing.assert_close(got[0, :3, 0].float(), v[0, 0, 0].float().expand(3, 16), atol=atol, rtol=0)
+
+
+def test_decode_attention_choice_is_measured_once(tmp_path, monkeypatch):
+    from spt_fast.model import cpu_projections as cp
+    from spt_fast.model.llama import LlamaConfig, bmm_attention, masked_sdpa
+
+    cfg = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, intermediate_size=96,
+                      max_seq_len=64)
+    cache = tmp_path / "kernels.json"
+    calls = []
+    real = cp.cached_choice
+
+    def counting(cache_file, key, measure):
+        def counted():
+            calls.append(key)
+            return measure()
+        return real(cache_file, key, counted)
+
+    monkeypatch.setattr(cp, "cached_choice", counting)
+    first = cp.choose_decode_attention(cfg, torch.bfloat16, cache)
+    assert first in ("sdpa", "bmm") and len(calls) == 1
+    assert cp.choose_decode_attention(cfg, torch.bfloat16, cache) == first and len(calls) == 1  # from the file
+    cp.choose_decode_attention(cfg, torch.float32, cache)  # another dtype: measured too
+    assert len(calls) == 2
+    # The engine's view uses what was chosen.
+    llama = Llama(cfg)
+    assert llama.decode_attention is masked_sdpa
+    monkeypatch.setattr(cp, "choose_decode_attention", lambda *a, **k: "bmm")
+    assert attach_cpu_projections(llama, None, cache) and llama.decode_attention is bmm_attention

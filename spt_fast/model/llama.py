@@ -186,6 +186,19 @@ def masked_sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def bmm_attention(q, k, v, mask):
+    """masked_sdpa's result (additive mask [B, 1, T, S]) as two batched matmuls over the query
+    heads grouped by their K/V head (no expanded K/V copies), softmax in fp32. On some CPUs the
+    fused kernel is several times slower than this for one query token in bf16: the engine
+    measures which to use (cpu_projections.choose_decode_attention)."""
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv
+    scores = torch.matmul(q.reshape(b, hkv, g * t, d), k.transpose(-1, -2)).float() * d ** -0.5
+    probs = torch.softmax(scores.view(b, hkv, g, t, s) + mask[:, :, None], dim=-1).to(q.dtype)
+    return torch.matmul(probs.view(b, hkv, g * t, s), v).reshape(b, h, t, d)
+
+
 def grouped_attention(q, k, v, mask):
     """Masked attention written as broadcast products and sums, for a compiled CPU decode step.
 
@@ -316,6 +329,8 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self._build_rope(self.tok_embeddings.weight.device)
+        # An eager decode step's attention (additive mask); the CPU engine may pick bmm_attention.
+        self.decode_attention = masked_sdpa
 
     def _build_rope(self, device):
         # Tables in fp32 for every position up to max_seq_len, with transformers' exact formula.
@@ -460,8 +475,9 @@ class Llama(nn.Module):
         slots = torch.arange(seq_len, device=pos.device)
         mask = slots[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, T, S]
         compiled_cpu = pos.device.type == "cpu" and torch.compiler.is_compiling()
-        attention = grouped_attention if compiled_cpu else masked_sdpa
-        if not compiled_cpu:
+        one_row = compiled_cpu and pos.shape[0] == 1
+        attention = grouped_attention if one_row else getattr(self, "decode_attention", masked_sdpa)
+        if not one_row:
             # The additive mask SDPA would make from the boolean one in every layer, made once.
             mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=pos.device).masked_fill_(
                 ~mask, float("-inf"))
