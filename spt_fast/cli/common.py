@@ -42,7 +42,8 @@ def add_compile_arg(p) -> None:
     """--compile auto|on|off for the commands that generate (chat, generate, eval)."""
     p.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                    help="the decode step: 'auto' on CPU runs the first call of each batch shape eagerly and "
-                        "compiles that step between calls (kept on disk: a later run recompiles in seconds), "
+                        "compiles the step before the second (chat: between turns; kept on disk: a later run "
+                        "recompiles in seconds), "
                         "eager on GPU; 'on' compiles before the first step (CUDA graphs on GPU); 'off' eager. "
                         "SPT_FAST_COMPILE sets what auto means")
 

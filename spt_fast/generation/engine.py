@@ -14,7 +14,7 @@ One generation call, for a batch where every row has its own persona, history an
    device; the host looks only every `check_every` steps (1 on CPU, 8 on GPU, 1 when streaming),
    and stops early once every row is finished. With `compile=True` the decode step (model +
    sampling + stop check) is one torch.compile'd function, CUDA-graphed on GPU; "background"
-   (what `from_checkpoint` picks on CPU) compiles it between calls while calls run eagerly.
+   (what `from_checkpoint` picks on CPU) runs a kind of step eagerly once and compiled after.
 
 Non-Llama models fall back to the Hugging Face forward with its own cache (backends.HFBackend),
 with one warning; everything else (retrieval, sampling, stops, streaming) is shared. Everything
@@ -126,8 +126,9 @@ COMPILE_CHOICES = ("auto", "on", "off")
 
 def compile_mode(compile, device, cpu_projections: bool):
     """The decode-step mode for an engine: False (eager), True (compiled before the first step) or
-    "background" (CPU: eager calls until a second thread has compiled their kind of step, between
-    calls; the compiled graphs persist on disk, so a later run recompiles in seconds, not a minute).
+    "background" (CPU: the first call of each kind of step eager, the kind compiled before the
+    second, or between calls by compile_pending; the compiled code persists on disk, so a later
+    run recompiles in seconds, not a minute or two; see FastBackend).
 
     "auto" means background on a CPU whose dense layers run on the engine's CPU projections (dense
     or int8/int4 weights), eager elsewhere (GPU: the compiled CUDA-graph step is --compile on). The

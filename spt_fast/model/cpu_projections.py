@@ -87,23 +87,28 @@ class CPUProjection(nn.Module):
 KERNELS = ("onednn", "blas")
 
 
-def _time_kernels(projections: list[CPUProjection], rows: int, reps: int = 3) -> dict[str, float]:
-    """Seconds one pass over these projections takes with each kernel, for `rows` input rows."""
+def _best_time(fn, reps: int) -> float:
+    """Fastest of `reps` timed calls of fn(), after one untimed call (oneDNN primitive creation,
+    page faults)."""
     import time
 
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _time_kernels(projections: list[CPUProjection], rows: int, reps: int = 3) -> dict[str, float]:
+    """Seconds one pass over these projections takes with each kernel, for `rows` input rows."""
     out = {}
     xs = [torch.randn(rows, p.weights()[0].shape[1], dtype=p.weights()[0].dtype) for p in projections]
     for kernel in KERNELS:
         for p in projections:
             p.kernels = {1: kernel, 2: kernel}
-        # warm-up (oneDNN primitive creation, page faults)
-        [p(x) for p, x in zip(projections, xs)]
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            [p(x) for p, x in zip(projections, xs)]
-            best = min(best, time.perf_counter() - t0)
-        out[kernel] = best
+        out[kernel] = _best_time(lambda: [p(x) for p, x in zip(projections, xs)], reps)
     return out
 
 
@@ -166,8 +171,6 @@ def choose_decode_attention(config, dtype: torch.dtype, cache_file=None) -> str:
     `cache_file`. PyTorch's fused SDPA with a mask and grouped K/V took 5.7 ms a call in bf16 on
     the AMD EPYC (Zen 5, no AMX) against 1.0 ms for two batched matmuls (fp32: 0.79 vs 0.76):
     30 layers of it were most of an eager bf16 batch-16 step."""
-    import time
-
     from ..utils import cpu_info
 
     key = "|".join(["decode-attention", cpu_info()["model"], torch.__version__, f"threads={torch.get_num_threads()}",
@@ -182,17 +185,9 @@ def choose_decode_attention(config, dtype: torch.dtype, cache_file=None) -> str:
         k, v = (torch.randn(b, config.n_kv_heads, s, config.head_dim, generator=g).to(dtype) for _ in range(2))
         keep = torch.arange(s)[None, None, None, :] <= torch.randint(s // 2, s, (b, 1, 1, 1), generator=g)
         mask = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
-        times = {}
         with torch.no_grad():
-            for name, fn in (("sdpa", masked_sdpa), ("bmm", bmm_attention)):
-                fn(q, k, v, mask)
-                best = float("inf")
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    for _ in range(4):
-                        fn(q, k, v, mask)
-                    best = min(best, time.perf_counter() - t0)
-                times[name] = best
+            times = {name: _best_time(lambda fn=fn: [fn(q, k, v, mask) for _ in range(4)], 5)
+                     for name, fn in (("sdpa", masked_sdpa), ("bmm", bmm_attention))}
         return min(times, key=times.get)
 
     return cached_choice(cache_file, key, measure)

@@ -200,7 +200,7 @@ def bmm_attention(q, k, v, mask):
 
 
 def grouped_attention(q, k, v, mask):
-    """Masked attention written as broadcast products and sums, for a compiled CPU decode step.
+    """Masked attention written as broadcast products and sums, for a compiled one-row CPU decode step.
 
     Inductor fuses each product+sum into one vectorised loop that reads K/V once per KV group (no
     expanded copies, nothing materialised); the fused SDPA kernel and small batched matmuls both
@@ -476,7 +476,7 @@ class Llama(nn.Module):
         mask = slots[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, T, S]
         compiled_cpu = pos.device.type == "cpu" and torch.compiler.is_compiling()
         one_row = compiled_cpu and pos.shape[0] == 1
-        attention = grouped_attention if one_row else getattr(self, "decode_attention", masked_sdpa)
+        attention = grouped_attention if one_row else self.decode_attention
         if not one_row:
             # The additive mask SDPA would make from the boolean one in every layer, made once.
             mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=pos.device).masked_fill_(
