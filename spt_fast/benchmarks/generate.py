@@ -61,7 +61,7 @@ def engine_weight_bytes(engine, base) -> int:
     total = 0
     for m in llama.modules():
         if isinstance(m, (QuantProjection, W8A8Projection)):
-            total += m.q.numel() * m.q.element_size() + m.scale.numel() * m.scale.element_size()
+            total += m.read_bytes()
         elif isinstance(m, CPUProjection):
             total += sum(w.numel() * w.element_size() for w in m.weights())
     norms = [p for n, p in llama.named_parameters() if n.endswith("norm.weight")]

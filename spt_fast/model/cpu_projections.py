@@ -197,58 +197,86 @@ class QuantProjection(nn.Module):
     """One or more bias-free linear layers with weight-only int8 or int4 weights.
 
     int8: one scale per output row; int4: groups of `group` input columns with a scale and an
-    offset each (w = q * scale + low). A few rows (decode) go through PyTorch's own CPU kernels,
-    aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu (tinygemm format, w = (q - 8) * scale +
-    zero), with the activations in bf16: those kernels are vectorised for bf16 and many times slower
-    than a dense matmul in fp32 (measured: bench/cpu_projections.py). Reading a quarter (int8) or an
-    eighth (int4) of the fp32 bytes is what a decode step is bound by. Many rows (a prefill) are
-    compute-bound and those kernels are slow there, so the weights are dequantised into the
-    activations' dtype for one dense matmul; for int4 this reads a second 4-bit copy in plain
-    nibble order (the tinygemm layout is private to the kernel), so int4 holds int8's bytes but a
-    decode step reads half of them.
+    offset each (w = q * scale + low). A few rows (decode) go through this project's kernels
+    (spt_fast/model/cpu_quant.c: fp32 activations, the weights turned to fp32 in registers) where
+    they could be built, else through PyTorch's own, aten._weight_int8pack_mm /
+    _weight_int4pack_mm_for_cpu (bf16 activations; int4 in tinygemm's format, w = (q - 8) * scale +
+    zero), which read the weights at less than half the speed (measured: 10-14 GB/s against 21-33
+    on the AMD EPYC). Reading a quarter (int8) or an eighth (int4) of the fp32 bytes is what a
+    decode step is bound by. Many rows (a prefill) are compute-bound and those kernels are slow
+    there, so the weights are dequantised into the activations' dtype for one dense matmul (with
+    PyTorch's int4 kernels this reads a second 4-bit copy in plain nibble order: their layout is
+    private to them).
     """
 
     KERNEL_ROWS = 32  # at most this many rows (a decode batch) through the int kernels; more: dense
 
     def __init__(self, layers, bits: int, dtype: torch.dtype, group: int = 32):
         super().__init__()
+        from . import cpu_quant
+
         weights = [layer.weight.detach().float() for layer in layers]
         self.sizes, self.bits, self.dtype, self.group = [w.shape[0] for w in weights], bits, dtype, group
         w = torch.cat(weights) if len(weights) > 1 else weights[0]
         n, k = w.shape
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 8 or 4, got {bits}")
+        if bits == 4 and k % group:
+            raise ValueError(f"int4 needs the input width {k} divisible by the group size {group}")
+        self.native = k % 8 == 0 and group % 8 == 0 and cpu_quant.library() is not None
+        # Zero rows up to the kernels' output tile (ours: 32; PyTorch's int4: 16), cut off after.
+        pad = -n % (cpu_quant.TILE if self.native else 16 if bits == 4 else 1)
+        w = torch.cat([w, w.new_zeros(pad, k)]) if pad else w
+        n = w.shape[0]
         if bits == 8:
             scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
-            self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8), persistent=False)
-            self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)  # the kernel's
+            q = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
+            if self.native:
+                self.register_buffer("q", cpu_quant.pack_int8(q), persistent=False)
+                self.register_buffer("scale", scale, persistent=False)
+            else:
+                self.register_buffer("q", q, persistent=False)
+                self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)  # the kernel's
             self.register_buffer("row_scale", scale.to(dtype), persistent=False)  # the dense path's
-        elif bits == 4:
-            if k % group:
-                raise ValueError(f"int4 needs the input width {k} divisible by the group size {group}")
-            pad = -n % 16  # the kernel takes output widths in multiples of 16: zero rows, cut off after
-            w = torch.cat([w, w.new_zeros(pad, k)]) if pad else w
-            n = w.shape[0]
-            g = w.reshape(n, k // group, group)
-            low, high = g.amin(-1), g.amax(-1)
-            scale = ((high - low) / 15).clamp_min(1e-12)
-            q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+            return
+        g = w.reshape(n, k // group, group)
+        low, high = g.amin(-1), g.amax(-1)
+        scale = ((high - low) / 15).clamp_min(1e-12)
+        q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+        if self.native:
+            self.register_buffer("q", cpu_quant.pack_int4(q), persistent=False)
+            self.register_buffer("scale", scale.t().contiguous(), persistent=False)  # [k / group, n]
+            self.register_buffer("low", low.t().contiguous(), persistent=False)
+        else:
             self.register_buffer("q", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
             zero = low + 8 * scale
             self.register_buffer("scale", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous(),
                                  persistent=False)
             nibbles = q.to(torch.uint8).reshape(n, k // 2, 2)
             self.register_buffer("plain", nibbles[..., 0] | (nibbles[..., 1] << 4), persistent=False)
-            self.register_buffer("group_scale", scale.to(dtype), persistent=False)  # [n, k / group]
-            self.register_buffer("group_low", low.to(dtype), persistent=False)
-        else:
-            raise ValueError(f"bits must be 8 or 4, got {bits}")
+        self.register_buffer("group_scale", scale.to(dtype), persistent=False)  # [n, k / group]
+        self.register_buffer("group_low", low.to(dtype), persistent=False)
+
+    def read_bytes(self) -> int:
+        """Bytes a decode step reads: the integer weights and their scales (and offsets)."""
+        parts = [self.q, self.scale] + ([self.low] if self.native and self.bits == 4 else [])
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weights [n, k] the kernels multiply by, in `dtype` (int4: with its padding rows)."""
+        """The weights [n, k] the kernels multiply by, in `dtype` (with the padding rows)."""
+        from . import cpu_quant
+
         if self.bits == 8:
-            return self.q.to(dtype) * self.row_scale.to(dtype)[:, None]
-        n, half = self.plain.shape
-        q = torch.stack([self.plain & 0xF, self.plain >> 4], -1).reshape(n, -1, self.group).to(dtype)
-        return (q * self.group_scale[..., None].to(dtype) + self.group_low[..., None].to(dtype)).reshape(n, 2 * half)
+            q = cpu_quant.unpack_int8(self.q) if self.native else self.q
+            return q.to(dtype) * self.row_scale.to(dtype)[:, None]
+        if self.native:
+            q = cpu_quant.unpack_int4(self.q)
+        else:
+            n, half = self.plain.shape
+            q = torch.stack([self.plain & 0xF, self.plain >> 4], -1).reshape(n, 2 * half)
+        n, k = q.shape
+        q = q.reshape(n, -1, self.group).to(dtype)
+        return (q * self.group_scale[..., None].to(dtype) + self.group_low[..., None].to(dtype)).reshape(n, k)
 
     def forward(self, x):
         rows = x.shape[:-1].numel()
@@ -256,8 +284,12 @@ class QuantProjection(nn.Module):
         width = sum(self.sizes)
         if rows > self.KERNEL_ROWS:
             y = F.linear(flat, self.dequantized(x.dtype)[:width])
+        elif self.native and self.bits == 8:
+            y = torch.ops.spt_fast.int8_mm(flat.float(), self.q, self.scale)[:, :width]
+        elif self.native:
+            y = torch.ops.spt_fast.int4_mm(flat.float(), self.q, self.scale, self.low, self.group)[:, :width]
         elif self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale)
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale)[:, :width]
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.q, self.group,
                                                             self.scale)[:, :width]
@@ -294,6 +326,9 @@ class W8A8Projection(nn.Module):
         # layout here (9.3 ms a pass, 15.4 with a contiguous [k, n]).
         self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), persistent=False)
         self.register_buffer("scale", scale / 127, persistent=False)  # with the activations' 1/127
+
+    def read_bytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
 
     def forward(self, x):
         rows = x.shape[:-1].numel()

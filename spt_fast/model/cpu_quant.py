@@ -1,0 +1,185 @@
+"""Weight-only int8 / int4 products for a few rows on the CPU (a decode step's projections).
+
+PyTorch's own kernels for this (aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu) read the
+weights at 10-14 GB/s of the ~30 a decode step could stream, which left `--weights int8|int4` no
+faster than the compiled bf16 step. The kernels in cpu_quant.c (tile layouts described there) are
+built once per machine with the system C compiler and kept under the cache folder; where that is
+impossible (no compiler) `library()` is None and QuantProjection keeps PyTorch's kernels.
+
+They are registered as PyTorch operators (`torch.ops.spt_fast.int8_mm` / `int4_mm`), so a compiled
+decode step calls them in place, as one graph.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_quant.c")
+TILE = 32  # output rows per tile (cpu_quant.c's T)
+
+_lock = threading.Lock()
+_lib = None
+_tried = False
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the CPU's model name and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields.get("model name", "") + "|" + fields.get("flags", "")
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile the source into `target` atomically (a temporary sibling renamed into place)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    # -fopenmp links libgomp.so.1; torch has loaded its own copy under that name, which the
+    # loader then reuses: one OpenMP thread pool for torch and these kernels, not two competing.
+    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def library():
+    """The built kernels (a ctypes library), or None where they cannot be built or loaded (one warning;
+    SPT_FAST_CPU_QUANT=0 turns them off)."""
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("SPT_FAST_CPU_QUANT", "1") == "0" or platform.system() != "Linux":
+            return None
+        compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+        if compiler is None:
+            warnings.warn("no C compiler found: int8/int4 weights use PyTorch's slower kernels", stacklevel=2)
+            return None
+        from .loading import cache_dir
+
+        key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
+        target = cache_dir() / "cpu_kernels" / f"cpu_quant-{key}.so"
+        try:
+            if not target.exists():
+                _build(compiler, target)
+            import torch.version  # noqa: F401 - torch (and its libgomp) is loaded before the kernels
+
+            lib = ctypes.CDLL(str(target))
+            if lib.spt_quant_tile() != TILE:
+                raise RuntimeError(f"tile {lib.spt_quant_tile()} != {TILE}")
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            warnings.warn(f"building the int8/int4 CPU kernels failed ({exc}); using PyTorch's slower kernels",
+                          stacklevel=2)
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.spt_int8_mm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        lib.spt_int4_mm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+        lib.spt_int8_mm.restype = lib.spt_int4_mm.restype = None
+        _lib = lib
+        return _lib
+
+
+def int4_rounds_to_bf16() -> bool:
+    """Whether the built int4 kernel takes its activations in bf16 (CPUs with AVX-512 BF16)."""
+    return bool(library().spt_int4_bf16())
+
+
+# ---- packing (plain [n, k] integers -> the kernels' tiles) and the dense weights back ----
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """[n, k] int8 (n a multiple of TILE) -> [n / TILE, k, TILE]."""
+    n, k = q.shape
+    return q.reshape(n // TILE, TILE, k).transpose(1, 2).contiguous()
+
+
+def unpack_int8(tiles: torch.Tensor) -> torch.Tensor:
+    return tiles.transpose(1, 2).reshape(-1, tiles.shape[1])
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[n, k] integers 0..15 (n a multiple of TILE, k of 8) -> [n / TILE, k / 8, TILE] int32 words,
+    nibble i of a word holding column 8 b + i."""
+    n, k = q.shape
+    nibbles = q.to(torch.int64).reshape(n, k // 8, 8)
+    words = (nibbles << (4 * torch.arange(8))).sum(-1)  # < 2^32
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.reshape(n // TILE, TILE, k // 8).transpose(1, 2).contiguous()
+
+
+def unpack_int4(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: [n, k] int32 values 0..15."""
+    tiles, blocks, _ = words.shape
+    q = (words[..., None] >> (4 * torch.arange(8, dtype=torch.int32))) & 15  # [t, b, TILE, 8]
+    return q.permute(0, 2, 1, 3).reshape(tiles * TILE, blocks * 8)
+
+
+# ---- the operators ----
+# Defined through torch.library.Library rather than the torch.library.custom_op decorator: its
+# extra layers cost ~9 us a call (15 against 6.4), and a decode step makes 121 of them.
+
+_ops = torch.library.Library("spt_fast", "DEF")
+_ops.define("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor")
+_ops.define("int4_mm(Tensor x, Tensor q, Tensor scale, Tensor low, int group) -> Tensor")
+
+
+def _int8_mm(x, q, scale):
+    x = x.contiguous()
+    m, k = x.shape
+    y = x.new_empty(m, q.shape[0] * TILE)
+    library().spt_int8_mm(x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), m, y.shape[1], k,
+                          torch.get_num_threads())
+    return y
+
+
+def _int4_mm(x, q, scale, low, group):
+    x = x.contiguous()
+    m, k = x.shape
+    y = x.new_empty(m, q.shape[0] * TILE)
+    library().spt_int4_mm(x.data_ptr(), q.data_ptr(), scale.data_ptr(), low.data_ptr(), y.data_ptr(), m,
+                          y.shape[1], k, group, torch.get_num_threads())
+    return y
+
+
+_ops.impl("int8_mm", _int8_mm, "CPU")
+_ops.impl("int4_mm", _int4_mm, "CPU")
+
+
+@torch.library.register_fake("spt_fast::int8_mm")
+def _(x, q, scale):
+    return x.new_empty(x.shape[0], q.shape[0] * TILE)
+
+
+@torch.library.register_fake("spt_fast::int4_mm")
+def _(x, q, scale, low, group):
+    return x.new_empty(x.shape[0], q.shape[0] * TILE)
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [m, k] fp32 times the int8 tiles q [n / TILE, k, TILE] with scales [n] fp32: [m, n] fp32."""
+    return torch.ops.spt_fast.int8_mm(x, q, scale)
+
+
+def int4_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int) -> torch.Tensor:
+    """x [m, k] fp32 times the int4 words q [n / TILE, k / 8, TILE] with per-group scale and low
+    [k / group, n] fp32: [m, n] fp32. With AVX-512 BF16 the activations are rounded to bf16
+    (cpu_quant.c says why), else they stay fp32."""
+    return torch.ops.spt_fast.int4_mm(x, q, scale, low, group)
