@@ -105,13 +105,13 @@ def test_attach_refuses_layers_it_does_not_handle():
 @pytest.mark.parametrize("bits, dtype", [(8, torch.float32), (8, torch.bfloat16), (4, torch.float32),
                                          (4, torch.bfloat16)])
 def test_quantized_projection_equals_its_dequantized_weights(bits, dtype, rows, native, monkeypatch):
-    from spt_fast.model import cpu_quant
+    from spt_fast.model import cpu_native
     from spt_fast.model.cpu_projections import QuantProjection
 
-    if native and cpu_quant.library() is None:
+    if native and cpu_native.library() is None:
         pytest.skip("the CPU kernels could not be built here")
     if not native:
-        monkeypatch.setattr(cpu_quant, "library", lambda: None)
+        monkeypatch.setattr(cpu_native, "library", lambda: None)
     torch.manual_seed(0)
     layers = [torch.nn.Linear(64, n, bias=False) for n in (64, 32, 32)]
     proj = QuantProjection(layers, bits, dtype)
@@ -119,7 +119,7 @@ def test_quantized_projection_equals_its_dequantized_weights(bits, dtype, rows, 
     x = torch.randn(*rows, 64)
     dense_fp32 = rows[0] * rows[1] > proj.KERNEL_ROWS and dtype == torch.float32
     # PyTorch's int kernels take bf16 activations, ours fp32 (int4: bf16 where the CPU has AVX-512 BF16)
-    exact = dense_fp32 or (native and dtype == torch.float32 and (bits == 8 or not cpu_quant.int4_rounds_to_bf16()))
+    exact = dense_fp32 or (native and dtype == torch.float32 and (bits == 8 or not cpu_native.int4_rounds_to_bf16()))
     atol = 1e-4 if exact else 0.15
     # The dequantized weights, rebuilt from the same rule (int8: per row; int4: groups of 32).
     w = torch.cat([layer.weight.detach() for layer in layers])
@@ -275,12 +275,17 @@ def test_decode_attention_choice_is_measured_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cp, "cached_choice", counting)
     first = cp.choose_decode_attention(cfg, torch.bfloat16, cache)
-    assert first in ("sdpa", "bmm") and len(calls) == 1
+    assert first in ("sdpa", "bmm", "native") and len(calls) == 1
     assert cp.choose_decode_attention(cfg, torch.bfloat16, cache) == first and len(calls) == 1  # from the file
     cp.choose_decode_attention(cfg, torch.float32, cache)  # another dtype: measured too
     assert len(calls) == 2
     # The engine's view uses what was chosen.
     llama = Llama(cfg)
     assert llama.decode_attention is masked_sdpa
+    assert not llama.native_attention
     monkeypatch.setattr(cp, "choose_decode_attention", lambda *a, **k: "bmm")
     assert attach_cpu_projections(llama, None, cache) and llama.decode_attention is bmm_attention
+    assert not llama.native_attention
+    monkeypatch.setattr(cp, "choose_decode_attention", lambda *a, **k: "native")
+    native = Llama(cfg)
+    assert attach_cpu_projections(native, None, cache) and native.native_attention

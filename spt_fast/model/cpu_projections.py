@@ -166,28 +166,38 @@ def cached_choice(cache_file, key: str, measure):
 
 
 def choose_decode_attention(config, dtype: torch.dtype, cache_file=None) -> str:
-    """"sdpa" or "bmm": the faster eager attention for a decode step of 16 rows (one query each,
-    512 cached positions) on this CPU in this dtype, measured once per machine and kept in
+    """"sdpa", "bmm" or "native": the fastest attention for a decode step of 16 rows (one query
+    each, 512 cached positions) on this CPU in this dtype, measured once per machine and kept in
     `cache_file`. PyTorch's fused SDPA with a mask and grouped K/V took 5.7 ms a call in bf16 on
     the AMD EPYC (Zen 5, no AMX) against 1.0 ms for two batched matmuls (fp32: 0.79 vs 0.76):
-    30 layers of it were most of an eager bf16 batch-16 step."""
+    30 layers of it were most of an eager bf16 batch-16 step. "native" is cpu_native's C kernel
+    (where it was built), which then serves every one-token step, compiled ones included."""
+    from . import cpu_native
     from ..utils import cpu_info
 
+    q_shape = (16, config.n_heads, 1, config.head_dim)
+    native = cpu_native.library() is not None and cpu_native.attention_applies(
+        torch.empty(q_shape, dtype=dtype), torch.empty(1, config.n_kv_heads, 1, config.head_dim, dtype=dtype))
     key = "|".join(["decode-attention", cpu_info()["model"], torch.__version__, f"threads={torch.get_num_threads()}",
-                    str(dtype), f"{config.n_heads}/{config.n_kv_heads}x{config.head_dim}"])
+                    str(dtype), f"{config.n_heads}/{config.n_kv_heads}x{config.head_dim}"]
+                   + (["with-native"] if native else []))
 
     def measure():
         from .llama import bmm_attention, masked_sdpa
 
         g = torch.Generator().manual_seed(0)
         b, s = 16, 512
-        q = torch.randn(b, config.n_heads, 1, config.head_dim, generator=g).to(dtype)
+        q = torch.randn(*q_shape, generator=g).to(dtype)
         k, v = (torch.randn(b, config.n_kv_heads, s, config.head_dim, generator=g).to(dtype) for _ in range(2))
-        keep = torch.arange(s)[None, None, None, :] <= torch.randint(s // 2, s, (b, 1, 1, 1), generator=g)
+        last = torch.randint(s // 2, s, (b,), generator=g)
+        keep = torch.arange(s)[None, None, None, :] <= last[:, None, None, None]
         mask = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
+        candidates = {"sdpa": masked_sdpa, "bmm": bmm_attention}
+        if native:
+            candidates["native"] = lambda q, k, v, mask: cpu_native.decode_attention(q, k, v, last)
         with torch.no_grad():
             times = {name: _best_time(lambda fn=fn: [fn(q, k, v, mask) for _ in range(4)], 5)
-                     for name, fn in (("sdpa", masked_sdpa), ("bmm", bmm_attention))}
+                     for name, fn in candidates.items()}
         return min(times, key=times.get)
 
     return cached_choice(cache_file, key, measure)
@@ -198,7 +208,7 @@ class QuantProjection(nn.Module):
 
     int8: one scale per output row; int4: groups of `group` input columns with a scale and an
     offset each (w = q * scale + low). A few rows (decode) go through this project's kernels
-    (spt_fast/model/cpu_quant.c: fp32 activations, the weights turned to fp32 in registers) where
+    (spt_fast/model/cpu_native.c: fp32 activations, the weights turned to fp32 in registers) where
     they could be built, else through PyTorch's own, aten._weight_int8pack_mm /
     _weight_int4pack_mm_for_cpu (bf16 activations; int4 in tinygemm's format, w = (q - 8) * scale +
     zero), which read the weights at less than half the speed (measured: 10-14 GB/s against 21-33
@@ -213,7 +223,7 @@ class QuantProjection(nn.Module):
 
     def __init__(self, layers, bits: int, dtype: torch.dtype, group: int = 32):
         super().__init__()
-        from . import cpu_quant
+        from . import cpu_native
 
         weights = [layer.weight.detach().float() for layer in layers]
         self.sizes, self.bits, self.dtype, self.group = [w.shape[0] for w in weights], bits, dtype, group
@@ -223,16 +233,16 @@ class QuantProjection(nn.Module):
             raise ValueError(f"bits must be 8 or 4, got {bits}")
         if bits == 4 and k % group:
             raise ValueError(f"int4 needs the input width {k} divisible by the group size {group}")
-        self.native = k % 8 == 0 and group % 8 == 0 and cpu_quant.library() is not None
+        self.native = k % 8 == 0 and group % 8 == 0 and cpu_native.library() is not None
         # Zero rows up to the kernels' output tile (ours: 32; PyTorch's int4: 16), cut off after.
-        pad = -n % (cpu_quant.TILE if self.native else 16 if bits == 4 else 1)
+        pad = -n % (cpu_native.TILE if self.native else 16 if bits == 4 else 1)
         w = torch.cat([w, w.new_zeros(pad, k)]) if pad else w
         n = w.shape[0]
         if bits == 8:
             scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
             q = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)
             if self.native:
-                self.register_buffer("q", cpu_quant.pack_int8(q), persistent=False)
+                self.register_buffer("q", cpu_native.pack_int8(q), persistent=False)
                 self.register_buffer("scale", scale, persistent=False)
             else:
                 self.register_buffer("q", q, persistent=False)
@@ -244,7 +254,7 @@ class QuantProjection(nn.Module):
         scale = ((high - low) / 15).clamp_min(1e-12)
         q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
         if self.native:
-            self.register_buffer("q", cpu_quant.pack_int4(q), persistent=False)
+            self.register_buffer("q", cpu_native.pack_int4(q), persistent=False)
             self.register_buffer("scale", scale.t().contiguous(), persistent=False)  # [k / group, n]
             self.register_buffer("low", low.t().contiguous(), persistent=False)
         else:
@@ -264,13 +274,17 @@ class QuantProjection(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weights [n, k] the kernels multiply by, in `dtype` (with the padding rows)."""
-        from . import cpu_quant
+        from . import cpu_native
 
+        if self.native and dtype in (torch.float32, torch.bfloat16):  # one pass in C (~10x the torch ops)
+            if self.bits == 8:
+                return cpu_native.dequantize_int8(self.q, self.scale, dtype)
+            return cpu_native.dequantize_int4(self.q, self.scale, self.low, self.group, dtype)
         if self.bits == 8:
-            q = cpu_quant.unpack_int8(self.q) if self.native else self.q
+            q = cpu_native.unpack_int8(self.q) if self.native else self.q
             return q.to(dtype) * self.row_scale.to(dtype)[:, None]
         if self.native:
-            q = cpu_quant.unpack_int4(self.q)
+            q = cpu_native.unpack_int4(self.q)
         else:
             n, half = self.plain.shape
             q = torch.stack([self.plain & 0xF, self.plain >> 4], -1).reshape(n, 2 * half)
@@ -389,6 +403,7 @@ def attach_cpu_projections(llama, weights: str | None = None, kernel_cache=None)
 
     choice = choose_decode_attention(llama.config, dtype, kernel_cache)
     llama.decode_attention = bmm_attention if choice == "bmm" else masked_sdpa
+    llama.native_attention = choice == "native"
     if weights is None and _HAS_ONEDNN:
         dense = [m for m in llama.modules() if isinstance(m, CPUProjection)]
         kernels = choose_kernels(dense, kernel_cache)

@@ -329,8 +329,10 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self._build_rope(self.tok_embeddings.weight.device)
-        # An eager decode step's attention (additive mask); the CPU engine may pick bmm_attention.
+        # An eager decode step's attention (additive mask); the CPU engine may pick bmm_attention, or
+        # (native_attention) the C kernel of cpu_native for every one-token step, compiled or not.
         self.decode_attention = masked_sdpa
+        self.native_attention = False
 
     def _build_rope(self, device):
         # Tables in fp32 for every position up to max_seq_len, with transformers' exact formula.
@@ -472,6 +474,18 @@ class Llama(nn.Module):
         """
         seq_len = caches[0].seq_len if kv_len is None else min(kv_len, caches[0].seq_len)
         cos, sin = self._rope(pos, seq_len - 1)
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+        if self.native_attention and pos.shape[1] == 1 and inputs_embeds.dtype in (torch.float32, torch.bfloat16):
+            from .cpu_native import decode_attention
+
+            last = pos[:, 0].contiguous()
+            h = inputs_embeds
+            for layer, cache in zip(self.layers, caches):
+                def attend(q, k, v, cache=cache):
+                    kc, vc = cache.update(pos, k, v, rows)
+                    return decode_attention(q, kc, vc, last)  # reads slots 0..pos of each row only
+                h = layer(h, cos, sin, attend)
+            return self.norm(h)
         slots = torch.arange(seq_len, device=pos.device)
         mask = slots[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, T, S]
         compiled_cpu = pos.device.type == "cpu" and torch.compiler.is_compiling()
@@ -481,7 +495,6 @@ class Llama(nn.Module):
             # The additive mask SDPA would make from the boolean one in every layer, made once.
             mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=pos.device).masked_fill_(
                 ~mask, float("-inf"))
-        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
         h = inputs_embeds
         for layer, cache in zip(self.layers, caches):
             def attend(q, k, v, cache=cache):
@@ -529,13 +542,20 @@ class Llama(nn.Module):
                 masks[r] = torch.zeros((1, 1, b - a, end), dtype=pieces[0].dtype, device=dev).masked_fill_(
                     slots[None, None, None, :end] > pos[None, None, a:b, None], float("-inf"))
 
+        native = self.native_attention and pieces[0].dtype in (torch.float32, torch.bfloat16)
+        if native:
+            from .cpu_native import decode_attention
+
         def attend(q, k, v, cache):  # q [1, H, M, D], k/v [1, Hkv, M, D]: rows' tokens one after another
             outs = []
             if one:
                 kc, vc = cache.update(dec_pos[:, None], k[0, :, :one].transpose(0, 1)[:, :, None],
                                       v[0, :, :one].transpose(0, 1)[:, :, None], dec_rows)
-                out = masked_sdpa(q[0, :, :one].transpose(0, 1)[:, :, None], kc[:one, :, :seq_len],
-                                  vc[:one, :, :seq_len], dec_mask)  # [one, H, 1, D]
+                q_one = q[0, :, :one].transpose(0, 1)[:, :, None]
+                if native:  # as decode() runs them: a row's result never depends on the batch
+                    out = decode_attention(q_one, kc[:one], vc[:one], dec_pos)
+                else:
+                    out = masked_sdpa(q_one, kc[:one, :, :seq_len], vc[:one, :, :seq_len], dec_mask)  # [one, H, 1, D]
                 outs.append(out[:, :, 0].transpose(0, 1)[None])
             for r, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=one):
                 row = cache.rows(r, r + 1)

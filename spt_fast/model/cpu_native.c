@@ -1,6 +1,6 @@
 /* Weight-only int8 / int4 matrix products for a few rows (CPU decode), y = x W^T.
  *
- * Built at run time by spt_fast/model/cpu_quant.py with the system C compiler (-O3 -march=native
+ * Built at run time by spt_fast/model/cpu_native.py with the system C compiler (-O3 -march=native
  * -fopenmp; linked to the libgomp torch already loaded, so one OpenMP pool serves both).
  *
  * Layouts (tiles of T = 32 output rows; N padded to a multiple of 32 with zero rows):
@@ -12,6 +12,7 @@
  * x: [M][K] fp32, y: [M][N] fp32 (N the padded width). K a multiple of 8; G of 8. `threads`: torch's
  * thread count (OpenMP's per-thread default would be every core).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -286,6 +287,273 @@ void spt_int4_mm(const float* x, const uint32_t* q, const float* scale, const fl
   }
   free(xs);
 #endif
+}
+
+/* ---- dequantization (a prefill multiplies many rows: one dense product beats the int kernels) ----
+ * out [N][K] in fp32 or bf16 (bf != 0), from the tiles above. */
+void spt_int8_dequant(const int8_t* q, const float* scale, void* out, int64_t N, int64_t K, int bf, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < N; n++) {
+    const int8_t* qt = q + (n / T) * K * T + n % T;
+    float s = scale[n];
+    if (bf) {
+      uint16_t* o = (uint16_t*)out + n * K;
+      for (int64_t k = 0; k < K; k++) {
+        float f = (float)qt[k * T] * s;
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        o[k] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+      }
+    } else {
+      float* o = (float*)out + n * K;
+      for (int64_t k = 0; k < K; k++) o[k] = (float)qt[k * T] * s;
+    }
+  }
+}
+
+void spt_int4_dequant(const uint32_t* q, const float* scale, const float* low, void* out, int64_t N, int64_t K,
+                      int64_t G, int bf, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < N; n++) {
+    const uint32_t* qt = q + (n / T) * (K / 8) * T + n % T;
+    for (int64_t k = 0; k < K; k++) {
+      float f = (float)((qt[(k / 8) * T] >> (4 * (k % 8))) & 15u) * scale[(k / G) * N + n] + low[(k / G) * N + n];
+      if (bf) {
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        ((uint16_t*)out)[n * K + k] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+      } else {
+        ((float*)out)[n * K + k] = f;
+      }
+    }
+  }
+}
+
+/* ---- decode attention: one query token per row ----
+ * q [B][H][D], caches k/v [B][Hkv][S][D] (slots past a row's position are never read), out [B][H][D];
+ * row b attends to slots 0..pos[b]; the H / Hkv query heads of a K/V head share its reads. fp32 math,
+ * q/k/v/out all fp32 or all bf16. One task per (row, K/V head), spread over the threads: the fused
+ * SDPA kernel, small batched matmuls and inductor's loops all cost 15-60 us a layer for this, and
+ * the 16-row batched matmuls ~1 ms. */
+
+#if defined(__AVX512F__)
+static inline __m512 load16(const void* p, int bf) {
+  if (bf) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  return _mm512_loadu_ps((const float*)p);
+}
+/* exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r), r in [-ln2/2, ln2/2], a degree-6
+ * polynomial (relative error ~2e-7); below -87 it is 0. */
+static inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mov_ps(~tiny, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+}
+
+/* One query head over n slots, D = 16 C with C <= 8: q (pre-scaled) and the output stay in
+ * registers; scores four slots at a time (four independent FMA chains and reductions: one at a
+ * time was bound by their latency, ~60 cycles a slot). */
+static void attend_head(const char* q, const char* k, const char* v, char* out, int64_t n, int64_t D, float scale,
+                        int bf, float* sc) {
+  int64_t es = bf ? 2 : 4, C = D / 16;
+  __m512 qv[8], o[8];
+  for (int c = 0; c < 8; c++) {
+    qv[c] = c < C ? _mm512_mul_ps(load16(q + c * 16 * es, bf), _mm512_set1_ps(scale)) : _mm512_setzero_ps();
+    o[c] = _mm512_setzero_ps();
+  }
+  int64_t s = 0;
+  for (; s + 4 <= n; s += 4) {
+    const char* k0 = k + s * D * es;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int c = 0; c < 8; c++) {
+      if (c >= C) break;
+      a0 = _mm512_fmadd_ps(qv[c], load16(k0 + (c * 16) * es, bf), a0);
+      a1 = _mm512_fmadd_ps(qv[c], load16(k0 + (D + c * 16) * es, bf), a1);
+      a2 = _mm512_fmadd_ps(qv[c], load16(k0 + (2 * D + c * 16) * es, bf), a2);
+      a3 = _mm512_fmadd_ps(qv[c], load16(k0 + (3 * D + c * 16) * es, bf), a3);
+    }
+    sc[s] = _mm512_reduce_add_ps(a0);
+    sc[s + 1] = _mm512_reduce_add_ps(a1);
+    sc[s + 2] = _mm512_reduce_add_ps(a2);
+    sc[s + 3] = _mm512_reduce_add_ps(a3);
+  }
+  for (; s < n; s++) {
+    __m512 a = _mm512_setzero_ps();
+    for (int c = 0; c < 8; c++) {
+      if (c >= C) break;
+      a = _mm512_fmadd_ps(qv[c], load16(k + (s * D + c * 16) * es, bf), a);
+    }
+    sc[s] = _mm512_reduce_add_ps(a);
+  }
+  float top = sc[0], sum;
+  for (s = 1; s < n; s++) top = sc[s] > top ? sc[s] : top;
+  __m512 vs = _mm512_setzero_ps(), vt = _mm512_set1_ps(top);
+  for (s = 0; s + 16 <= n; s += 16) {
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + s), vt));
+    _mm512_storeu_ps(sc + s, e);
+    vs = _mm512_add_ps(vs, e);
+  }
+  sum = _mm512_reduce_add_ps(vs);
+  for (; s < n; s++) {
+    sc[s] = expf(sc[s] - top);
+    sum += sc[s];
+  }
+  for (s = 0; s < n; s++) {
+    __m512 p = _mm512_set1_ps(sc[s]);
+    const char* vs_ = v + s * D * es;
+    for (int c = 0; c < 8; c++) {
+      if (c >= C) break;
+      o[c] = _mm512_fmadd_ps(p, load16(vs_ + c * 16 * es, bf), o[c]);
+    }
+  }
+  __m512 inv = _mm512_set1_ps(1.f / sum);
+  for (int c = 0; c < C; c++) {
+    __m512 r = _mm512_mul_ps(o[c], inv);
+    if (bf) {
+      float tmp[16];
+      _mm512_storeu_ps(tmp, r);
+      for (int j = 0; j < 16; j++) {
+        uint32_t u;
+        memcpy(&u, &tmp[j], 4);
+        ((uint16_t*)out)[c * 16 + j] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+      }
+    } else {
+      _mm512_storeu_ps((float*)out + c * 16, r);
+    }
+  }
+}
+#endif
+
+static inline float ld(const void* p, int64_t i, int bf) {
+  if (bf) {
+    uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  }
+  return ((const float*)p)[i];
+}
+
+static inline void st(void* p, int64_t i, float f, int bf) {
+  if (bf) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    ((uint16_t*)p)[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  } else {
+    ((float*)p)[i] = f;
+  }
+}
+
+static void attend_group(const char* q, const char* k, const char* v, char* out, int64_t n, int64_t g, int64_t D,
+                         float scale, int bf, float* sc /* [g][n] */, float* acc /* [g][D] */) {
+  int64_t es = bf ? 2 : 4;
+  for (int64_t s = 0; s < n; s++) {
+    const char* ks = k + s * D * es;
+    for (int64_t h = 0; h < g; h++) {
+      const char* qh = q + h * D * es;
+      float dot = 0.f;
+#if defined(__AVX512F__)
+      if (D % 16 == 0) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(load16(qh + d * es, bf), load16(ks + d * es, bf), a);
+        dot = _mm512_reduce_add_ps(a);
+      } else
+#endif
+        for (int64_t d = 0; d < D; d++) dot += ld(qh, d, bf) * ld(ks, d, bf);
+      sc[h * n + s] = dot * scale;
+    }
+  }
+  for (int64_t h = 0; h < g; h++) {
+    float* row = sc + h * n;
+    float top = row[0], sum = 0.f;
+    for (int64_t s = 1; s < n; s++) top = row[s] > top ? row[s] : top;
+    int64_t s = 0;
+#if defined(__AVX512F__)
+    __m512 vs = _mm512_setzero_ps(), vt = _mm512_set1_ps(top);
+    for (; s + 16 <= n; s += 16) {
+      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + s), vt));
+      _mm512_storeu_ps(row + s, e);
+      vs = _mm512_add_ps(vs, e);
+    }
+    sum = _mm512_reduce_add_ps(vs);
+#endif
+    for (; s < n; s++) {
+      row[s] = expf(row[s] - top);
+      sum += row[s];
+    }
+    for (int64_t d = 0; d < D; d++) acc[h * D + d] = 0.f;
+    float inv = 1.f / sum;
+    for (s = 0; s < n; s++) row[s] *= inv;
+  }
+  for (int64_t s = 0; s < n; s++) {
+    const char* vsrc = v + s * D * es;
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+      for (int64_t d = 0; d < D; d += 16) {
+        __m512 vv = load16(vsrc + d * es, bf);
+        for (int64_t h = 0; h < g; h++) {
+          float* a = acc + h * D + d;
+          _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(sc[h * n + s]), vv, _mm512_loadu_ps(a)));
+        }
+      }
+      continue;
+    }
+#endif
+    for (int64_t h = 0; h < g; h++)
+      for (int64_t d = 0; d < D; d++) acc[h * D + d] += sc[h * n + s] * ld(vsrc, d, bf);
+  }
+  for (int64_t h = 0; h < g; h++)
+    for (int64_t d = 0; d < D; d++) st(out, h * D + d, acc[h * D + d], bf);
+}
+
+void spt_decode_attention(const void* q, const void* k, const void* v, const int64_t* pos, void* out, int64_t B,
+                          int64_t H, int64_t Hkv, int64_t S, int64_t D, float scale, int bf, int threads) {
+  int64_t g = H / Hkv, es = bf ? 2 : 4;
+#if defined(__AVX512F__)
+  int fast = D % 16 == 0 && D <= 128;
+#else
+  int fast = 0;
+#endif
+  /* A task is one query head (fast path: its K/V head's slots come from the cache hierarchy again
+   * for the next), else a row's K/V head with its g query heads, or one query head when that
+   * leaves too few tasks to spread over the threads (one row: 3 on 2 threads). */
+  int64_t per = fast || B * Hkv < 4 * threads ? 1 : g;
+  int64_t tasks = B * H / per;
+#pragma omp parallel num_threads(threads)
+  {
+    float* sc = (float*)malloc(sizeof(float) * (per * S + per * D));
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; task++) {
+      int64_t b = task / (H / per), h0 = (task % (H / per)) * per;  /* first query head of the task */
+      int64_t kvh = h0 / g, n = pos[b] + 1;
+      if (n > S) n = S;
+      if (n < 1) n = 1;
+      const char* qh = (const char*)q + (b * H + h0) * D * es;
+      const char* kh = (const char*)k + (b * Hkv + kvh) * S * D * es;
+      const char* vh = (const char*)v + (b * Hkv + kvh) * S * D * es;
+      char* oh = (char*)out + (b * H + h0) * D * es;
+      if (!sc) continue;
+#if defined(__AVX512F__)
+      if (fast) {
+        attend_head(qh, kh, vh, oh, n, D, scale, bf, sc);
+        continue;
+      }
+#endif
+      attend_group(qh, kh, vh, oh, n, per, D, scale, bf, sc, sc + per * S);
+    }
+    free(sc);
+  }
 }
 
 /* The tile width the Python side packs for; whether int4 rounds the activations to bf16. */

@@ -1,8 +1,9 @@
-"""Weight-only int8 / int4 products for a few rows on the CPU (a decode step's projections).
+"""CPU kernels in C, built at first use: weight-only int8 / int4 products for a few rows (a decode
+step's projections) and the attention of one query token per row over a static KV cache.
 
 PyTorch's own kernels for this (aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu) read the
 weights at 10-14 GB/s of the ~30 a decode step could stream, which left `--weights int8|int4` no
-faster than the compiled bf16 step. The kernels in cpu_quant.c (tile layouts described there) are
+faster than the compiled bf16 step. The kernels in cpu_native.c (tile layouts described there) are
 built once per machine with the system C compiler and kept under the cache folder; where that is
 impossible (no compiler) `library()` is None and QuantProjection keeps PyTorch's kernels.
 
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_quant.c")
-TILE = 32  # output rows per tile (cpu_quant.c's T)
+SOURCE = Path(__file__).with_name("cpu_native.c")
+TILE = 32  # output rows per tile (cpu_native.c's T)
 
 _lock = threading.Lock()
 _lib = None
@@ -50,7 +51,7 @@ def _build(compiler: str, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     # -fopenmp links libgomp.so.1; torch has loaded its own copy under that name, which the
     # loader then reuses: one OpenMP thread pool for torch and these kernels, not two competing.
-    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)]
+    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp), "-lm"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
@@ -62,13 +63,13 @@ def _build(compiler: str, target: Path) -> None:
 
 def library():
     """The built kernels (a ctypes library), or None where they cannot be built or loaded (one warning;
-    SPT_FAST_CPU_QUANT=0 turns them off)."""
+    SPT_FAST_NATIVE_KERNELS=0 turns them off)."""
     global _lib, _tried
     with _lock:
         if _tried:
             return _lib
         _tried = True
-        if os.environ.get("SPT_FAST_CPU_QUANT", "1") == "0" or platform.system() != "Linux":
+        if os.environ.get("SPT_FAST_NATIVE_KERNELS", "1") == "0" or platform.system() != "Linux":
             return None
         compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
         if compiler is None:
@@ -77,7 +78,7 @@ def library():
         from .loading import cache_dir
 
         key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
-        target = cache_dir() / "cpu_kernels" / f"cpu_quant-{key}.so"
+        target = cache_dir() / "native" / f"cpu_native-{key}.so"
         try:
             if not target.exists():
                 _build(compiler, target)
@@ -93,7 +94,13 @@ def library():
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.spt_int8_mm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         lib.spt_int4_mm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-        lib.spt_int8_mm.restype = lib.spt_int4_mm.restype = None
+        lib.spt_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
+                                             ctypes.c_int, ctypes.c_int]
+        lib.spt_int8_dequant.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
+        lib.spt_int4_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+        for fn in (lib.spt_int8_mm, lib.spt_int4_mm, lib.spt_decode_attention, lib.spt_int8_dequant,
+                   lib.spt_int4_dequant):
+            fn.restype = None
         _lib = lib
         return _lib
 
@@ -132,6 +139,25 @@ def unpack_int4(words: torch.Tensor) -> torch.Tensor:
     return q.permute(0, 2, 1, 3).reshape(tiles * TILE, blocks * 8)
 
 
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The int8 tiles' weights [n, k] (scaled) in fp32 or bf16."""
+    n, k = q.shape[0] * TILE, q.shape[1]
+    out = torch.empty(n, k, dtype=dtype)
+    library().spt_int8_dequant(q.data_ptr(), scale.data_ptr(), out.data_ptr(), n, k, int(dtype == torch.bfloat16),
+                               torch.get_num_threads())
+    return out
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The int4 words' weights [n, k] (q * scale + low) in fp32 or bf16."""
+    n, k = q.shape[0] * TILE, q.shape[1] * 8
+    out = torch.empty(n, k, dtype=dtype)
+    library().spt_int4_dequant(q.data_ptr(), scale.data_ptr(), low.data_ptr(), out.data_ptr(), n, k, group,
+                               int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
 # ---- the operators ----
 # Defined through torch.library.Library rather than the torch.library.custom_op decorator: its
 # extra layers cost ~9 us a call (15 against 6.4), and a decode step makes 121 of them.
@@ -139,6 +165,7 @@ def unpack_int4(words: torch.Tensor) -> torch.Tensor:
 _ops = torch.library.Library("spt_fast", "DEF")
 _ops.define("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor")
 _ops.define("int4_mm(Tensor x, Tensor q, Tensor scale, Tensor low, int group) -> Tensor")
+_ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos) -> Tensor")
 
 
 def _int8_mm(x, q, scale):
@@ -159,6 +186,18 @@ def _int4_mm(x, q, scale, low, group):
     return y
 
 
+def _decode_attention(q, k, v, pos):
+    b, h, _, d = q.shape
+    hkv, slots = k.shape[1], k.shape[2]
+    q, k, v, pos = q.contiguous(), k.contiguous(), v.contiguous(), pos.contiguous()
+    out = torch.empty_like(q)
+    library().spt_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), pos.data_ptr(), out.data_ptr(), b, h,
+                                   hkv, slots, d, d ** -0.5, int(q.dtype == torch.bfloat16),
+                                   torch.get_num_threads())
+    return out
+
+
+_ops.impl("decode_attention", _decode_attention, "CPU")
 _ops.impl("int8_mm", _int8_mm, "CPU")
 _ops.impl("int4_mm", _int4_mm, "CPU")
 
@@ -173,6 +212,25 @@ def _(x, q, scale, low, group):
     return x.new_empty(x.shape[0], q.shape[0] * TILE)
 
 
+@torch.library.register_fake("spt_fast::decode_attention")
+def _(q, k, v, pos):
+    return torch.empty_like(q)
+
+
+def attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether decode_attention serves these tensors: CPU, one query token, fp32 or bf16 throughout,
+    whole K/V groups, and the kernels built."""
+    return (q.device.type == "cpu" and q.shape[2] == 1 and q.dtype in (torch.float32, torch.bfloat16)
+            and k.dtype == q.dtype and q.shape[1] % k.shape[1] == 0 and q.shape[3] % 16 == 0
+            and library() is not None)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Attention of one query token per row: q [B, H, 1, D], K/V caches [B, Hkv, S, D], row b seeing
+    slots 0..pos[b] (int64 [B]); [B, H, 1, D] in q's dtype (fp32 softmax and sums)."""
+    return torch.ops.spt_fast.decode_attention(q, k, v, pos)
+
+
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [m, k] fp32 times the int8 tiles q [n / TILE, k, TILE] with scales [n] fp32: [m, n] fp32."""
     return torch.ops.spt_fast.int8_mm(x, q, scale)
@@ -181,5 +239,5 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 def int4_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int) -> torch.Tensor:
     """x [m, k] fp32 times the int4 words q [n / TILE, k / 8, TILE] with per-group scale and low
     [k / group, n] fp32: [m, n] fp32. With AVX-512 BF16 the activations are rounded to bf16
-    (cpu_quant.c says why), else they stay fp32."""
+    (cpu_native.c says why), else they stay fp32."""
     return torch.ops.spt_fast.int4_mm(x, q, scale, low, group)

@@ -1,0 +1,172 @@
+"""The C kernels of spt_fast/model/cpu_native.c (int8 / int4 products, decode attention) against
+float64 references."""
+import pytest
+import torch
+
+from spt_fast.model import cpu_native
+
+pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="the CPU kernels could not be built here")
+
+
+def _int4_reference(x, q, scale, low, group):
+    """x [m, k] times w = q * scale + low (per group of `group` columns), in float64."""
+    n, k = q.shape
+    w = q.double().reshape(n, k // group, group) * scale.t().double()[..., None] + low.t().double()[..., None]
+    return x.double() @ w.reshape(n, k).t()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 17])
+@pytest.mark.parametrize("n, k", [(32, 8), (96, 64), (320, 200)])
+def test_int8_kernel_is_the_scaled_integer_product(m, n, k):
+    torch.manual_seed(m * 1000 + n + k)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scale = torch.rand(n) + 0.01
+    x = torch.randn(m, k)
+    tiles = cpu_native.pack_int8(q)
+    assert torch.equal(cpu_native.unpack_int8(tiles), q)
+    got = cpu_native.int8_mm(x, tiles, scale)
+    want = (x.double() @ q.double().t()) * scale.double()
+    # fp32 accumulation of k products of size <= 128 |x|: a relative 1e-5 of the largest output.
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 17])
+@pytest.mark.parametrize("n, k, group", [(32, 32, 32), (64, 128, 32), (96, 192, 64), (32, 48, 16)])
+def test_int4_kernel_is_the_dequantized_product(m, n, k, group):
+    torch.manual_seed(m * 1000 + n + k)
+    q = torch.randint(0, 16, (n, k))
+    scale, low = torch.rand(k // group, n) * 0.1, torch.randn(k // group, n) * 0.1
+    x = torch.randn(m, k)
+    words = cpu_native.pack_int4(q)
+    assert torch.equal(cpu_native.unpack_int4(words), q.int())
+    got = cpu_native.int4_mm(x, words, scale, low, group)
+    # With AVX-512 BF16 the kernel rounds x to bf16 first (that is its contract); the rest is fp32.
+    xr = x.bfloat16().float() if cpu_native.int4_rounds_to_bf16() else x
+    want = _int4_reference(xr, q, scale, low, group)
+    torch.testing.assert_close(got.double(), want, atol=2e-5 * want.abs().max().item(), rtol=0)
+    # ... and against the unrounded activations only bf16's error remains.
+    exact = _int4_reference(x, q, scale, low, group)
+    assert (got.double() - exact).abs().max() <= 1e-2 * exact.abs().max()
+
+
+def test_kernels_run_inside_a_compiled_graph():
+    torch.manual_seed(0)
+    q8 = cpu_native.pack_int8(torch.randint(-128, 128, (64, 64), dtype=torch.int8))
+    s8 = torch.rand(64)
+    q4 = cpu_native.pack_int4(torch.randint(0, 16, (64, 64)))
+    s4, l4 = torch.rand(2, 64), torch.rand(2, 64)
+
+    def f(x):
+        return torch.relu(cpu_native.int8_mm(x, q8, s8)) + cpu_native.int4_mm(x * 2, q4, s4, l4, 32)
+
+    x = torch.randn(3, 64)
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_a_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_native, "_tried", False)
+    monkeypatch.setattr(cpu_native, "_lib", None)
+    monkeypatch.setenv("SPT_FAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    with pytest.warns(UserWarning, match="building the int8/int4 CPU kernels failed"):
+        assert cpu_native.library() is None
+    assert cpu_native.library() is None  # decided once
+    assert not any(tmp_path.rglob("*.so"))  # nothing half-written left behind
+    # The projection then uses PyTorch's kernels, with the same result up to their bf16 activations.
+    from spt_fast.model.cpu_projections import QuantProjection
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48, bias=False)
+    proj = QuantProjection([layer], 8, torch.float32)
+    assert not proj.native
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(proj(x), x @ proj.dequantized(torch.float32)[:48].t(), atol=0.05, rtol=0.02)
+
+
+def test_the_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_native, "_tried", False)
+    monkeypatch.setattr(cpu_native, "_lib", None)
+    monkeypatch.setenv("SPT_FAST_CACHE", str(tmp_path))
+    assert cpu_native.library() is not None
+    built = list((tmp_path / "native").glob("cpu_native-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu_native, "_tried", False)
+    monkeypatch.setattr(cpu_native, "_lib", None)
+    assert cpu_native.library() is not None
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def _attention_reference(q, k, v, pos):
+    """float64 SDPA over slots 0..pos[b] of each row, grouped K/V."""
+    mask = torch.arange(k.shape[2])[None, None, None, :] <= pos[:, None, None, None]
+    return torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                            enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])  # bf16: the output's rounding
+@pytest.mark.parametrize("b, h, hkv, s, d", [(1, 9, 3, 256, 64), (3, 4, 2, 37, 16), (16, 8, 8, 40, 32),
+                                             (2, 4, 1, 700, 16)])
+def test_decode_attention_kernel_is_masked_attention(dtype, tol, b, h, hkv, s, d):
+    g = torch.Generator().manual_seed(b * 100 + s)
+    q = (torch.randn(b, h, 1, d, generator=g) * 2).to(dtype)
+    k = (torch.randn(b, hkv, s, d, generator=g) * 2).to(dtype)
+    v = torch.randn(b, hkv, s, d, generator=g).to(dtype)
+    pos = torch.randint(0, s, (b,), generator=g)
+    pos[0] = 0  # a row that sees only its first slot
+    pos[-1] = s - 1  # ... and one that sees them all
+    k_poisoned = k.clone()
+    for r in range(b):  # slots past a row's position are never read
+        k_poisoned[r, :, pos[r] + 1:] = float("nan")
+    assert cpu_native.attention_applies(q, k)
+    got = cpu_native.decode_attention(q, k_poisoned, v, pos)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.double(), _attention_reference(q, k, v, pos), atol=tol, rtol=tol)
+
+
+def test_decode_attention_kernel_in_a_compiled_graph():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g)
+    pos = torch.tensor([5, 23])
+
+    def f(q, k, v, pos):
+        return cpu_native.decode_attention(q * 0.5, k, v, pos) + 1
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(q, k, v, pos), f(q, k, v, pos))
+
+
+def test_engine_decode_with_the_native_attention_equals_the_torch_one():
+    """The compact Llama's one-token decode: C attention against PyTorch's, fp32, same caches."""
+    from spt_fast import testing
+    from spt_fast.model.llama import Llama
+
+    hf = testing.tiny_llama(init_std=0.2)
+    llama = Llama.from_hf(hf).eval()
+    x = torch.randn(3, 7, 64)
+    outs = {}
+    for native in (False, True):
+        llama.native_attention = native
+        caches = llama.setup_caches(3, 32, torch.float32)
+        with torch.no_grad():
+            llama.prefill(x, caches)
+            pos = torch.tensor([[7], [7], [7]])
+            steps = [llama.decode(torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(i)), pos + i, caches)
+                     for i in range(3)]
+        outs[native] = torch.stack(steps)
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantization_kernels_rebuild_the_weights(dtype):
+    torch.manual_seed(0)
+    n, k, group = 96, 128, 32
+    q8, s8 = torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n)
+    got = cpu_native.dequantize_int8(cpu_native.pack_int8(q8), s8, dtype)
+    torch.testing.assert_close(got, (q8.float() * s8[:, None]).to(dtype), atol=1e-6, rtol=1e-6)
+    q4, s4, l4 = torch.randint(0, 16, (n, k)), torch.rand(k // group, n), torch.randn(k // group, n)
+    got = cpu_native.dequantize_int4(cpu_native.pack_int4(q4), s4, l4, group, dtype)
+    want = (q4.float().reshape(n, -1, group) * s4.t()[..., None] + l4.t()[..., None]).reshape(n, k)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # bf16: rounding (with or without a fused multiply-add)
+    torch.testing.assert_close(got, want.to(dtype), atol=tol, rtol=tol)
