@@ -1,4 +1,5 @@
-/* Weight-only int8 / int4 matrix products for a few rows (CPU decode), y = x W^T.
+/* CPU kernels for a decode step: weight-only int8 / int4 matrix products for a few rows, y = x W^T
+ * (below), and the attention of one query token per row over a static KV cache (further down).
  *
  * Built at run time by spt_fast/model/cpu_native.py with the system C compiler (-O3 -march=native
  * -fopenmp; linked to the libgomp torch already loaded, so one OpenMP pool serves both).
@@ -287,46 +288,6 @@ void spt_int4_mm(const float* x, const uint32_t* q, const float* scale, const fl
   }
   free(xs);
 #endif
-}
-
-/* ---- dequantization (a prefill multiplies many rows: one dense product beats the int kernels) ----
- * out [N][K] in fp32 or bf16 (bf != 0), from the tiles above. */
-void spt_int8_dequant(const int8_t* q, const float* scale, void* out, int64_t N, int64_t K, int bf, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < N; n++) {
-    const int8_t* qt = q + (n / T) * K * T + n % T;
-    float s = scale[n];
-    if (bf) {
-      uint16_t* o = (uint16_t*)out + n * K;
-      for (int64_t k = 0; k < K; k++) {
-        float f = (float)qt[k * T] * s;
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        o[k] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-      }
-    } else {
-      float* o = (float*)out + n * K;
-      for (int64_t k = 0; k < K; k++) o[k] = (float)qt[k * T] * s;
-    }
-  }
-}
-
-void spt_int4_dequant(const uint32_t* q, const float* scale, const float* low, void* out, int64_t N, int64_t K,
-                      int64_t G, int bf, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < N; n++) {
-    const uint32_t* qt = q + (n / T) * (K / 8) * T + n % T;
-    for (int64_t k = 0; k < K; k++) {
-      float f = (float)((qt[(k / 8) * T] >> (4 * (k % 8))) & 15u) * scale[(k / G) * N + n] + low[(k / G) * N + n];
-      if (bf) {
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        ((uint16_t*)out)[n * K + k] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-      } else {
-        ((float*)out)[n * K + k] = f;
-      }
-    }
-  }
 }
 
 /* ---- decode attention: one query token per row ----

@@ -7,8 +7,8 @@ faster than the compiled bf16 step. The kernels in cpu_native.c (tile layouts de
 built once per machine with the system C compiler and kept under the cache folder; where that is
 impossible (no compiler) `library()` is None and QuantProjection keeps PyTorch's kernels.
 
-They are registered as PyTorch operators (`torch.ops.spt_fast.int8_mm` / `int4_mm`), so a compiled
-decode step calls them in place, as one graph.
+They are registered as PyTorch operators (`torch.ops.spt_fast.int8_mm`, `int4_mm`,
+`decode_attention`), so a compiled decode step calls them in place, as one graph.
 """
 from __future__ import annotations
 
@@ -61,6 +61,18 @@ def _build(compiler: str, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def find_compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def built_path(compiler: str) -> Path:
+    """Where the build for this source, compiler and CPU is kept."""
+    from .loading import cache_dir
+
+    key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    return cache_dir() / "native" / f"cpu_native-{key}.so"
+
+
 def library():
     """The built kernels (a ctypes library), or None where they cannot be built or loaded (one warning;
     SPT_FAST_NATIVE_KERNELS=0 turns them off)."""
@@ -71,35 +83,32 @@ def library():
         _tried = True
         if os.environ.get("SPT_FAST_NATIVE_KERNELS", "1") == "0" or platform.system() != "Linux":
             return None
-        compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+        compiler = find_compiler()
         if compiler is None:
-            warnings.warn("no C compiler found: int8/int4 weights use PyTorch's slower kernels", stacklevel=2)
+            warnings.warn("no C compiler found: int8/int4 weights and decode attention use PyTorch's slower kernels",
+                          stacklevel=2)
             return None
-        from .loading import cache_dir
-
-        key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
-        target = cache_dir() / "native" / f"cpu_native-{key}.so"
+        target = built_path(compiler)
         try:
             if not target.exists():
                 _build(compiler, target)
-            import torch.version  # noqa: F401 - torch (and its libgomp) is loaded before the kernels
-
-            lib = ctypes.CDLL(str(target))
+            try:
+                lib = ctypes.CDLL(str(target))  # after torch (imported above) loaded its libgomp
+            except OSError:
+                target.unlink(missing_ok=True)  # unloadable: the next run builds it again
+                raise
             if lib.spt_quant_tile() != TILE:
                 raise RuntimeError(f"tile {lib.spt_quant_tile()} != {TILE}")
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            warnings.warn(f"building the int8/int4 CPU kernels failed ({exc}); using PyTorch's slower kernels",
-                          stacklevel=2)
+            warnings.warn(f"building the CPU kernels of {SOURCE.name} failed ({exc}); int8/int4 weights and decode "
+                          "attention use PyTorch's slower kernels", stacklevel=2)
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.spt_int8_mm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         lib.spt_int4_mm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
         lib.spt_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
                                              ctypes.c_int, ctypes.c_int]
-        lib.spt_int8_dequant.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
-        lib.spt_int4_dequant.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
-        for fn in (lib.spt_int8_mm, lib.spt_int4_mm, lib.spt_decode_attention, lib.spt_int8_dequant,
-                   lib.spt_int4_dequant):
+        for fn in (lib.spt_int8_mm, lib.spt_int4_mm, lib.spt_decode_attention):
             fn.restype = None
         _lib = lib
         return _lib
@@ -137,25 +146,6 @@ def unpack_int4(words: torch.Tensor) -> torch.Tensor:
     tiles, blocks, _ = words.shape
     q = (words[..., None] >> (4 * torch.arange(8, dtype=torch.int32))) & 15  # [t, b, TILE, 8]
     return q.permute(0, 2, 1, 3).reshape(tiles * TILE, blocks * 8)
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The int8 tiles' weights [n, k] (scaled) in fp32 or bf16."""
-    n, k = q.shape[0] * TILE, q.shape[1]
-    out = torch.empty(n, k, dtype=dtype)
-    library().spt_int8_dequant(q.data_ptr(), scale.data_ptr(), out.data_ptr(), n, k, int(dtype == torch.bfloat16),
-                               torch.get_num_threads())
-    return out
-
-
-def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """The int4 words' weights [n, k] (q * scale + low) in fp32 or bf16."""
-    n, k = q.shape[0] * TILE, q.shape[1] * 8
-    out = torch.empty(n, k, dtype=dtype)
-    library().spt_int4_dequant(q.data_ptr(), scale.data_ptr(), low.data_ptr(), out.data_ptr(), n, k, group,
-                               int(dtype == torch.bfloat16), torch.get_num_threads())
-    return out
 
 
 # ---- the operators ----

@@ -247,7 +247,7 @@ class QuantProjection(nn.Module):
             else:
                 self.register_buffer("q", q, persistent=False)
                 self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)  # the kernel's
-            self.register_buffer("row_scale", scale.to(dtype), persistent=False)  # the dense path's
+                self.register_buffer("row_scale", scale.to(dtype), persistent=False)  # the dense path's
             return
         g = w.reshape(n, k // group, group)
         low, high = g.amin(-1), g.amax(-1)
@@ -264,8 +264,8 @@ class QuantProjection(nn.Module):
                                  persistent=False)
             nibbles = q.to(torch.uint8).reshape(n, k // 2, 2)
             self.register_buffer("plain", nibbles[..., 0] | (nibbles[..., 1] << 4), persistent=False)
-        self.register_buffer("group_scale", scale.to(dtype), persistent=False)  # [n, k / group]
-        self.register_buffer("group_low", low.to(dtype), persistent=False)
+            self.register_buffer("group_scale", scale.to(dtype), persistent=False)  # [n, k / group]
+            self.register_buffer("group_low", low.to(dtype), persistent=False)
 
     def read_bytes(self) -> int:
         """Bytes a decode step reads: the integer weights and their scales (and offsets)."""
@@ -276,21 +276,19 @@ class QuantProjection(nn.Module):
         """The weights [n, k] the kernels multiply by, in `dtype` (with the padding rows)."""
         from . import cpu_native
 
-        if self.native and dtype in (torch.float32, torch.bfloat16):  # one pass in C (~10x the torch ops)
-            if self.bits == 8:
-                return cpu_native.dequantize_int8(self.q, self.scale, dtype)
-            return cpu_native.dequantize_int4(self.q, self.scale, self.low, self.group, dtype)
         if self.bits == 8:
-            q = cpu_native.unpack_int8(self.q) if self.native else self.q
-            return q.to(dtype) * self.row_scale.to(dtype)[:, None]
-        if self.native:
-            q = cpu_native.unpack_int4(self.q)
+            if self.native:
+                return cpu_native.unpack_int8(self.q).to(dtype) * self.scale.to(dtype)[:, None]
+            return self.q.to(dtype) * self.row_scale.to(dtype)[:, None]
+        if self.native:  # the kernels' fp32 [k / group, n] scales and offsets
+            q, scale, low = cpu_native.unpack_int4(self.q), self.scale.t(), self.low.t()
         else:
             n, half = self.plain.shape
             q = torch.stack([self.plain & 0xF, self.plain >> 4], -1).reshape(n, 2 * half)
+            scale, low = self.group_scale, self.group_low
         n, k = q.shape
         q = q.reshape(n, -1, self.group).to(dtype)
-        return (q * self.group_scale[..., None].to(dtype) + self.group_low[..., None].to(dtype)).reshape(n, k)
+        return (q * scale[..., None].to(dtype) + low[..., None].to(dtype)).reshape(n, k)
 
     def forward(self, x):
         rows = x.shape[:-1].numel()
