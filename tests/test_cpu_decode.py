@@ -289,3 +289,36 @@ def test_decode_attention_choice_is_measured_once(tmp_path, monkeypatch):
     monkeypatch.setattr(cp, "choose_decode_attention", lambda *a, **k: "native")
     native = Llama(cfg)
     assert attach_cpu_projections(native, None, cache) and native.native_attention
+
+
+def test_int_kernel_choice_is_measured_once_and_used(tmp_path, monkeypatch):
+    from spt_fast.model import cpu_native
+    from spt_fast.model import cpu_projections as cp
+    from spt_fast.model.llama import LlamaConfig
+
+    if cpu_native.library() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, intermediate_size=96,
+                      max_seq_len=64)
+    cache = tmp_path / "kernels.json"
+    calls = []
+    real = cp.cached_choice
+
+    def counting(cache_file, key, measure):
+        def counted():
+            calls.append(key)
+            return measure()
+        return real(cache_file, key, counted)
+
+    monkeypatch.setattr(cp, "cached_choice", counting)
+    first = cp.choose_quant_kernels(cfg, 8, torch.bfloat16, cache)
+    assert isinstance(first, bool) and len(calls) == 1
+    assert cp.choose_quant_kernels(cfg, 8, torch.bfloat16, cache) == first and len(calls) == 1  # from the file
+    cp.choose_quant_kernels(cfg, 4, torch.bfloat16, cache)  # int4: its own measurement
+    assert len(calls) == 2
+    # The engine's layers follow the choice, each way.
+    for choice in (True, False):
+        monkeypatch.setattr(cp, "choose_quant_kernels", lambda *a, choice=choice, **k: choice)
+        llama = Llama(cfg)
+        assert attach_cpu_projections(llama, "int8", cache)
+        assert llama.layers[0].attention.wo.native == choice and llama.output.native == choice
