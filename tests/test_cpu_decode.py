@@ -257,13 +257,10 @@ def test_bmm_attention_equals_masked_sdpa(dtype, atol):
     torch.testing.assert_close(got[0, :3, 0].float(), v[0, 0, 0].float().expand(3, 16), atol=atol, rtol=0)
 
 
-def test_decode_attention_choice_is_measured_once(tmp_path, monkeypatch):
+def _count_measurements(monkeypatch) -> list:
+    """The keys of the kernel choices actually measured (not read from the cache file) from now on."""
     from spt_fast.model import cpu_projections as cp
-    from spt_fast.model.llama import LlamaConfig, bmm_attention, masked_sdpa
 
-    cfg = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, intermediate_size=96,
-                      max_seq_len=64)
-    cache = tmp_path / "kernels.json"
     calls = []
     real = cp.cached_choice
 
@@ -274,6 +271,17 @@ def test_decode_attention_choice_is_measured_once(tmp_path, monkeypatch):
         return real(cache_file, key, counted)
 
     monkeypatch.setattr(cp, "cached_choice", counting)
+    return calls
+
+
+def test_decode_attention_choice_is_measured_once(tmp_path, monkeypatch):
+    from spt_fast.model import cpu_projections as cp
+    from spt_fast.model.llama import LlamaConfig, bmm_attention, masked_sdpa
+
+    cfg = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, intermediate_size=96,
+                      max_seq_len=64)
+    cache = tmp_path / "kernels.json"
+    calls = _count_measurements(monkeypatch)
     first = cp.choose_decode_attention(cfg, torch.bfloat16, cache)
     assert first in ("sdpa", "bmm", "native") and len(calls) == 1
     assert cp.choose_decode_attention(cfg, torch.bfloat16, cache) == first and len(calls) == 1  # from the file
@@ -301,16 +309,7 @@ def test_int_kernel_choice_is_measured_once_and_used(tmp_path, monkeypatch):
     cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, intermediate_size=96,
                       max_seq_len=64)
     cache = tmp_path / "kernels.json"
-    calls = []
-    real = cp.cached_choice
-
-    def counting(cache_file, key, measure):
-        def counted():
-            calls.append(key)
-            return measure()
-        return real(cache_file, key, counted)
-
-    monkeypatch.setattr(cp, "cached_choice", counting)
+    calls = _count_measurements(monkeypatch)
     first = cp.choose_quant_kernels(cfg, 8, torch.bfloat16, cache)
     assert isinstance(first, bool) and len(calls) == 1
     assert cp.choose_quant_kernels(cfg, 8, torch.bfloat16, cache) == first and len(calls) == 1  # from the file
