@@ -152,7 +152,7 @@ def unpack_int4(words: torch.Tensor) -> torch.Tensor:
 # Defined through torch.library.Library rather than the torch.library.custom_op decorator: its
 # extra layers cost ~9 us a call (15 against 6.4), and a decode step makes 121 of them.
 
-_ops = torch.library.Library("spt_fast", "DEF")
+_ops = torch.library.Library("spt_fast", "FRAGMENT")  # the namespace has other ops (custom_op)
 _ops.define("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor")
 _ops.define("int4_mm(Tensor x, Tensor q, Tensor scale, Tensor low, int group) -> Tensor")
 _ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos) -> Tensor")
