@@ -2,7 +2,7 @@
 step's projections) and the attention of one query token per row over a static KV cache.
 
 PyTorch's own kernels for this (aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu) read the
-weights at 10-14 GB/s of the ~30 a decode step could stream, which left `--weights int8|int4` no
+weights at 10-13 GB/s of the ~30 a decode step could stream, which left `--weights int8|int4` no
 faster than the compiled bf16 step. The kernels in cpu_native.c (tile layouts described there) are
 built once per machine with the system C compiler and kept under the cache folder; where that is
 impossible (no compiler) `library()` is None and QuantProjection keeps PyTorch's kernels.

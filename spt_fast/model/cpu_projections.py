@@ -208,12 +208,12 @@ class QuantProjection(nn.Module):
 
     int8: one scale per output row; int4: groups of `group` input columns with a scale and an
     offset each (w = q * scale + low). A few rows (decode) go through this project's kernels
-    (spt_fast/model/cpu_native.c: fp32 activations, the weights turned to fp32 in registers) where
-    they could be built, else through PyTorch's own, aten._weight_int8pack_mm /
-    _weight_int4pack_mm_for_cpu (bf16 activations; int4 in tinygemm's format, w = (q - 8) * scale +
-    zero), which read the weights at less than half the speed (measured: 10-14 GB/s against 21-33
-    on the AMD EPYC). Reading a quarter (int8) or an eighth (int4) of the fp32 bytes is what a
-    decode step is bound by. Many rows (a prefill) are compute-bound and those kernels are slow
+    (spt_fast/model/cpu_native.c: int8 widened to fp32 in registers, fp32 activations; int4 as bf16
+    pairs for AVX-512 BF16 dot products) where they were built, unless PyTorch's own,
+    aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu (bf16 activations; int4 in tinygemm's
+    format, w = (q - 8) * scale + zero), measured clearly faster (choose_quant_kernels: on the AMD
+    EPYC they read int8 weights at 10-13 GB/s against 20-27 for ours, and tied on int4). Reading a
+    quarter (int8) or an eighth (int4) of the fp32 bytes is what a decode step is bound by. Many rows (a prefill) are compute-bound and those kernels are slow
     there, so the weights are dequantised into the activations' dtype for one dense matmul (with
     PyTorch's int4 kernels this reads a second 4-bit copy in plain nibble order: their layout is
     private to them).
