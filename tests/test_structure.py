@@ -136,6 +136,7 @@ def test_wheel_holds_every_package_and_no_top_level_kernels(tmp_path):
     (wheel,) = tmp_path.glob("spt_fast-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {f"spt_fast/{p.relative_to(PACKAGE)}" for p in PACKAGE.rglob("*.py")}
+    want |= {f"spt_fast/{p.relative_to(PACKAGE)}" for p in PACKAGE.rglob("*.c")}  # compiled at first use
     want |= {f"spt_fast/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
     assert want <= names, sorted(want - names)
     assert not [n for n in names if n.startswith("kernels/")]

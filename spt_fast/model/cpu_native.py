@@ -77,6 +77,8 @@ def library():
     """The built kernels (a ctypes library), or None where they cannot be built or loaded (one warning;
     SPT_FAST_NATIVE_KERNELS=0 turns them off)."""
     global _lib, _tried
+    if _lib is not None:  # every kernel call asks: no lock once loaded
+        return _lib
     with _lock:
         if _tried:
             return _lib
