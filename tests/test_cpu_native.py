@@ -119,7 +119,7 @@ def test_decode_attention_kernel_is_masked_attention(dtype, tol, b, h, hkv, s, d
     k_poisoned = k.clone()
     for r in range(b):  # slots past a row's position are never read
         k_poisoned[r, :, pos[r] + 1:] = float("nan")
-    assert cpu_native.attention_applies(q, k)
+    assert cpu_native.attention_applies(dtype, h, hkv, d)
     got = cpu_native.decode_attention(q, k_poisoned, v, pos)
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got.double(), _attention_reference(q, k, v, pos), atol=tol, rtol=tol)

@@ -209,11 +209,10 @@ def _(q, k, v, pos):
     return torch.empty_like(q)
 
 
-def attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether decode_attention serves these tensors: CPU, one query token, fp32 or bf16 throughout,
-    whole K/V groups, and the kernels built."""
-    return (q.device.type == "cpu" and q.shape[2] == 1 and q.dtype in (torch.float32, torch.bfloat16)
-            and k.dtype == q.dtype and q.shape[1] % k.shape[1] == 0 and q.shape[3] % 16 == 0
+def attention_applies(dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int) -> bool:
+    """Whether decode_attention serves a model of this shape in this dtype on the CPU: fp32 or bf16,
+    whole K/V groups, head_dim a multiple of 16, and the kernels built."""
+    return (dtype in (torch.float32, torch.bfloat16) and n_heads % n_kv_heads == 0 and head_dim % 16 == 0
             and library() is not None)
 
 

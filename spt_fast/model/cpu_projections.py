@@ -176,8 +176,7 @@ def choose_decode_attention(config, dtype: torch.dtype, cache_file=None) -> str:
     from ..utils import cpu_info
 
     q_shape = (16, config.n_heads, 1, config.head_dim)
-    native = cpu_native.library() is not None and cpu_native.attention_applies(
-        torch.empty(q_shape, dtype=dtype), torch.empty(1, config.n_kv_heads, 1, config.head_dim, dtype=dtype))
+    native = cpu_native.attention_applies(dtype, config.n_heads, config.n_kv_heads, config.head_dim)
     key = "|".join(["decode-attention", cpu_info()["model"], torch.__version__, f"threads={torch.get_num_threads()}",
                     str(dtype), f"{config.n_heads}/{config.n_kv_heads}x{config.head_dim}"]
                    + (["with-native"] if native else []))

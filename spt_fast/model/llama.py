@@ -463,6 +463,11 @@ class Llama(nn.Module):
             h = layer(h, cos, sin, attend)
         return self.norm(h)
 
+    def uses_native_attention(self, dtype: torch.dtype) -> bool:
+        """Whether one-token rows attend through cpu_native's C kernel (chosen for this view by
+        attach_cpu_projections; the kernel takes fp32 or bf16)."""
+        return self.native_attention and dtype in (torch.float32, torch.bfloat16)
+
     def decode(self, inputs_embeds: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
                kv_len: int | None = None) -> torch.Tensor:
         """Rows [B, T, d] at per-row positions pos [B, T] after what the caches hold: hidden [B, T, d].
@@ -475,33 +480,33 @@ class Llama(nn.Module):
         seq_len = caches[0].seq_len if kv_len is None else min(kv_len, caches[0].seq_len)
         cos, sin = self._rope(pos, seq_len - 1)
         rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
-        if self.native_attention and pos.shape[1] == 1 and inputs_embeds.dtype in (torch.float32, torch.bfloat16):
+        if pos.shape[1] == 1 and self.uses_native_attention(inputs_embeds.dtype):
             from .cpu_native import decode_attention
 
             last = pos[:, 0].contiguous()
-            h = inputs_embeds
-            for layer, cache in zip(self.layers, caches):
-                def attend(q, k, v, cache=cache):
-                    kc, vc = cache.update(pos, k, v, rows)
-                    return decode_attention(q, kc, vc, last)  # reads slots 0..pos of each row only
-                h = layer(h, cos, sin, attend)
-            return self.norm(h)
-        slots = torch.arange(seq_len, device=pos.device)
-        mask = slots[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, T, S]
-        compiled_cpu = pos.device.type == "cpu" and torch.compiler.is_compiling()
-        one_row = compiled_cpu and pos.shape[0] == 1
-        attention = grouped_attention if one_row else self.decode_attention
-        if not one_row:
-            # The additive mask SDPA would make from the boolean one in every layer, made once.
-            mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=pos.device).masked_fill_(
-                ~mask, float("-inf"))
+
+            def attention(q, kc, vc):  # reads slots 0..pos of each row only: the whole caches go in
+                return decode_attention(q, kc, vc, last)
+        else:
+            slots = torch.arange(seq_len, device=pos.device)
+            mask = slots[None, None, None, :] <= pos[:, None, :, None]  # [B, 1, T, S]
+            compiled_cpu = pos.device.type == "cpu" and torch.compiler.is_compiling()
+            one_row = compiled_cpu and pos.shape[0] == 1
+            masked = grouped_attention if one_row else self.decode_attention
+            if not one_row:
+                # The additive mask SDPA would make from the boolean one in every layer, made once.
+                mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=pos.device).masked_fill_(
+                    ~mask, float("-inf"))
+
+            def attention(q, kc, vc):
+                if seq_len < kc.shape[2]:
+                    kc, vc = kc[:, :, :seq_len], vc[:, :, :seq_len]
+                return masked(q, kc, vc, mask)
         h = inputs_embeds
         for layer, cache in zip(self.layers, caches):
             def attend(q, k, v, cache=cache):
                 kc, vc = cache.update(pos, k, v, rows)
-                if seq_len < kc.shape[2]:
-                    kc, vc = kc[:, :, :seq_len], vc[:, :, :seq_len]
-                return attention(q, kc, vc, mask)
+                return attention(q, kc, vc)
             h = layer(h, cos, sin, attend)
         return self.norm(h)
 
@@ -542,7 +547,7 @@ class Llama(nn.Module):
                 masks[r] = torch.zeros((1, 1, b - a, end), dtype=pieces[0].dtype, device=dev).masked_fill_(
                     slots[None, None, None, :end] > pos[None, None, a:b, None], float("-inf"))
 
-        native = self.native_attention and pieces[0].dtype in (torch.float32, torch.bfloat16)
+        native = self.uses_native_attention(pieces[0].dtype)
         if native:
             from .cpu_native import decode_attention
 
