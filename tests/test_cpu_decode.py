@@ -212,29 +212,35 @@ def test_kernel_choice_is_measured_once_per_machine_and_shape(tmp_path, monkeypa
         # layer's weights stay in the last-level cache and favoured the other kernel on a Xeon).
         assert len(projections) == len(timed_over)
         timed.append(rows)
-        return {"onednn": 2.0, "blas": 1.0} if rows == 1 else {"onednn": 1.0, "blas": 3.0}
+        return {1: {"onednn": 2.0, "blas": 1.0, "native": 1.5}, 16: {"onednn": 1.0, "blas": 3.0, "native": 0.5},
+                128: {"onednn": 1.0, "blas": 3.0, "native": 2.0}}[rows]
 
     timed_over = projs
 
     monkeypatch.setattr(cp, "_time_kernels", fake)
     cache = tmp_path / "kernels.json"
-    assert cp.choose_kernels(projs, cache) == {1: "blas", 2: "onednn"} and timed == [1, 16]
-    assert cp.choose_kernels(projs, cache) == {1: "blas", 2: "onednn"} and timed == [1, 16]  # from the cache
+    want = {1: "blas", 2: "native", 3: "onednn"}
+    assert cp.choose_kernels(projs, cache) == want and timed == [1, 16, 128]
+    assert cp.choose_kernels(projs, cache) == want and timed == [1, 16, 128]  # from the cache
     other = [cp.CPUProjection([torch.nn.Linear(32, 16, bias=False)])]
     timed_over = other
     cp.choose_kernels(other, cache)
-    assert timed == [1, 16, 1, 16] and len(__import__("json").loads(cache.read_text())) == 2
-    # Both kernels compute the same projection.
-    x1, x4 = torch.randn(1, 64), torch.randn(4, 64)
+    assert timed == [1, 16, 128, 1, 16, 128] and len(__import__("json").loads(cache.read_text())) == 2
+    # Every kernel computes the same projection, for one row, a few and a prefill's many; each
+    # keeps only the packed copies its kernels need.
+    xs = [torch.randn(n, 64) for n in (1, 4, 40)]
     for p in projs:
-        p.kernels = {1: "onednn", 2: "onednn"}
-        a1, a4 = p(x1), p(x4)
-        p.kernels = {1: "blas", 2: "blas"}
-        b1, b4 = p(x1), p(x4)
-        for u, v in zip(a1 if isinstance(a1, tuple) else [a1], b1 if isinstance(b1, tuple) else [b1]):
-            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
-        for u, v in zip(a4 if isinstance(a4, tuple) else [a4], b4 if isinstance(b4, tuple) else [b4]):
-            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
+        p.use({1: "blas", 2: "blas", 3: "blas"})
+        assert p.packed is None and p.native is None
+        want_out = [p(x) for x in xs]
+        for kernel in ("onednn", "native"):
+            p.use({1: kernel, 2: kernel, 3: kernel})
+            assert (p.packed is not None) == (kernel == "onednn" and cp._HAS_ONEDNN)
+            assert (p.native is not None) == (kernel == "native" and p.native_applies())
+            for x, ref in zip(xs, want_out):
+                got = p(x)
+                for u, v in zip(got if isinstance(got, tuple) else [got], ref if isinstance(ref, tuple) else [ref]):
+                    torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

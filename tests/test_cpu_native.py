@@ -1,5 +1,5 @@
-"""The C kernels of spt_fast/model/cpu_native.c (int8 / int4 products, decode attention) against
-float64 references."""
+"""The C kernels of spt_fast/model/cpu_native.c (dense fp32 / bf16 and int8 / int4 products, decode
+attention) against float64 references."""
 import pytest
 import torch
 
@@ -49,6 +49,43 @@ def test_int4_kernel_is_the_dequantized_product(m, n, k, group):
     assert (got.double() - exact).abs().max() <= 1e-2 * exact.abs().max()
 
 
+DENSE_DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_native.library() is not None and
+                                  cpu_native.dense_applies(torch.zeros(16, 8, dtype=torch.bfloat16)) else [])
+
+
+@pytest.mark.parametrize("dtype", DENSE_DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("n, k", [(16, 8), (48, 64), (80, 200), (208, 96)])
+def test_dense_kernel_is_the_matrix_product(dtype, m, n, k):
+    """Every block shape (rows 1-8 and the remainders past them, 1-3 vectors of 16 outputs)."""
+    torch.manual_seed(m * 1000 + n + k)
+    w, x = (torch.randn(n, k) / k ** 0.5).to(dtype), torch.randn(m, k).to(dtype)
+    packed = cpu_native.pack_dense(w)
+    assert torch.equal(cpu_native.unpack_dense(packed), w)
+    got = cpu_native.dense_mm(x, packed)
+    assert got.dtype == dtype and got.shape == (m, n)
+    want = x.double() @ w.double().t()  # of the same (bf16-valued) inputs: only the sums' order and
+    # the output's rounding differ: fp32 sums, relative 1e-5 of the largest output; bf16 output
+    # rounded once (2^-8 relative, half an ulp = 2^-9 of each value, plus the fp32 sums).
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+    else:
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=2 ** -8)
+
+
+def test_dense_kernel_rows_do_not_depend_on_their_neighbours():
+    """A row's outputs are its own: poisoning the other rows changes nothing (no row mix-up)."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    packed = cpu_native.pack_dense(w)
+    x = torch.randn(9, 64)
+    base = cpu_native.dense_mm(x, packed)
+    y = x.clone()
+    y[::2] = float("nan")
+    got = cpu_native.dense_mm(y, packed)
+    assert torch.equal(got[1::2], base[1::2]) and got[::2].isnan().all()
+
+
 def test_kernels_run_inside_a_compiled_graph():
     torch.manual_seed(0)
     q8 = cpu_native.pack_int8(torch.randint(-128, 128, (64, 64), dtype=torch.int8))
@@ -56,8 +93,11 @@ def test_kernels_run_inside_a_compiled_graph():
     q4 = cpu_native.pack_int4(torch.randint(0, 16, (64, 64)))
     s4, l4 = torch.rand(2, 64), torch.rand(2, 64)
 
+    wd = cpu_native.pack_dense(torch.randn(64, 64))
+
     def f(x):
-        return torch.relu(cpu_native.int8_mm(x, q8, s8)) + cpu_native.int4_mm(x * 2, q4, s4, l4, 32)
+        return (torch.relu(cpu_native.int8_mm(x, q8, s8)) + cpu_native.int4_mm(x * 2, q4, s4, l4, 32)
+                + cpu_native.dense_mm(x - 1, wd))
 
     x = torch.randn(3, 64)
     compiled = torch.compile(f, fullgraph=True, dynamic=False)
@@ -82,6 +122,13 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
     assert not proj.native
     x = torch.randn(2, 64)
     torch.testing.assert_close(proj(x), x @ proj.dequantized(torch.float32)[:48].t(), atol=0.05, rtol=0.02)
+    # A dense projection asked for the C kernel takes the BLAS instead.
+    from spt_fast.model.cpu_projections import CPUProjection
+
+    dense = CPUProjection([layer])
+    dense.use({1: "native", 2: "native", 3: "native"})
+    assert dense.native is None and set(dense.kernels.values()) == {"blas"}
+    torch.testing.assert_close(dense(x), x @ layer.weight.t())
 
 
 def test_the_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""CPU kernels in C, built at first use: weight-only int8 / int4 products for a few rows (a decode
-step's projections) and the attention of one query token per row over a static KV cache.
+"""CPU kernels in C, built at first use: dense fp32 / bf16 and weight-only int8 / int4 products (a
+decode step's projections) and the attention of one query token per row over a static KV cache.
 
 PyTorch's own kernels for this (aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu) read the
 weights at 10-13 GB/s of the ~30 a decode step could stream, which left `--weights int8|int4` no
@@ -7,7 +7,8 @@ faster than the compiled bf16 step. The kernels in cpu_native.c (tile layouts de
 built once per machine with the system C compiler and kept under the cache folder; where that is
 impossible (no compiler) `library()` is None and QuantProjection keeps PyTorch's kernels.
 
-They are registered as PyTorch operators (`torch.ops.spt_fast.int8_mm`, `int4_mm`,
+The dense product competes with oneDNN and the BLAS in cpu_projections.choose_kernels (measured).
+They are registered as PyTorch operators (`torch.ops.spt_fast.dense_mm`, `int8_mm`, `int4_mm`,
 `decode_attention`), so a compiled decode step calls them in place, as one graph.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_native.c")
 TILE = 32  # output rows per tile (cpu_native.c's T)
+VEC = 16  # output rows per vector of the dense layouts (cpu_native.c's V)
 
 _lock = threading.Lock()
 _lib = None
@@ -87,7 +89,7 @@ def library():
             return None
         compiler = find_compiler()
         if compiler is None:
-            warnings.warn("no C compiler found: int8/int4 weights and decode attention use PyTorch's slower kernels",
+            warnings.warn("no C compiler found: the CPU engine uses PyTorch's kernels (slower here)",
                           stacklevel=2)
             return None
         target = built_path(compiler)
@@ -102,15 +104,16 @@ def library():
             if lib.spt_quant_tile() != TILE:
                 raise RuntimeError(f"tile {lib.spt_quant_tile()} != {TILE}")
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            warnings.warn(f"building the CPU kernels of {SOURCE.name} failed ({exc}); int8/int4 weights and decode "
-                          "attention use PyTorch's slower kernels", stacklevel=2)
+            warnings.warn(f"building the CPU kernels of {SOURCE.name} failed ({exc}); the CPU engine uses "
+                          "PyTorch's kernels (slower here)", stacklevel=2)
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.spt_int8_mm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         lib.spt_int4_mm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+        lib.spt_dense_mm.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
         lib.spt_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
                                              ctypes.c_int, ctypes.c_int]
-        for fn in (lib.spt_int8_mm, lib.spt_int4_mm, lib.spt_decode_attention):
+        for fn in (lib.spt_int8_mm, lib.spt_int4_mm, lib.spt_dense_mm, lib.spt_decode_attention):
             fn.restype = None
         _lib = lib
         return _lib
@@ -150,6 +153,30 @@ def unpack_int4(words: torch.Tensor) -> torch.Tensor:
     return q.permute(0, 2, 1, 3).reshape(tiles * TILE, blocks * 8)
 
 
+def dense_applies(weight: torch.Tensor) -> bool:
+    """Whether dense_mm serves this [n, k] weight: its dtype has a vector path in the build (fp32
+    with AVX-512, bf16 with AVX-512 BF16), n a multiple of VEC and k of 8."""
+    lib = library()
+    if lib is None or weight.dim() != 2 or weight.shape[0] % VEC or weight.shape[1] % 8:
+        return False
+    need = {torch.float32: 1, torch.bfloat16: 2}.get(weight.dtype)
+    return need is not None and bool(lib.spt_dense_vector() & need)
+
+
+def pack_dense(w: torch.Tensor) -> torch.Tensor:
+    """[n, k] fp32 -> [n / VEC, k, VEC]; bf16 -> [n / VEC, k / 2, VEC, 2] (cpu_native.c's layouts)."""
+    n, k = w.shape
+    if w.dtype == torch.bfloat16:
+        return w.reshape(n // VEC, VEC, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return w.reshape(n // VEC, VEC, k).transpose(1, 2).contiguous()
+
+
+def unpack_dense(packed: torch.Tensor) -> torch.Tensor:
+    if packed.dim() == 4:
+        return packed.permute(0, 2, 1, 3).reshape(packed.shape[0] * VEC, -1)
+    return packed.transpose(1, 2).reshape(packed.shape[0] * VEC, -1)
+
+
 # ---- the operators ----
 # Defined through torch.library.Library rather than the torch.library.custom_op decorator: its
 # extra layers cost ~9 us a call (15 against 6.4), and a decode step makes 121 of them.
@@ -157,6 +184,7 @@ def unpack_int4(words: torch.Tensor) -> torch.Tensor:
 _ops = torch.library.Library("spt_fast", "FRAGMENT")  # the namespace has other ops (custom_op)
 _ops.define("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor")
 _ops.define("int4_mm(Tensor x, Tensor q, Tensor scale, Tensor low, int group) -> Tensor")
+_ops.define("dense_mm(Tensor x, Tensor w) -> Tensor")
 _ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos) -> Tensor")
 
 
@@ -178,6 +206,15 @@ def _int4_mm(x, q, scale, low, group):
     return y
 
 
+def _dense_mm(x, w):
+    x = x.contiguous()
+    m, k = x.shape
+    y = x.new_empty(m, w.shape[0] * VEC)
+    library().spt_dense_mm(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, y.shape[1], k, int(x.dtype == torch.bfloat16),
+                           torch.get_num_threads())
+    return y
+
+
 def _decode_attention(q, k, v, pos):
     b, h, _, d = q.shape
     hkv, slots = k.shape[1], k.shape[2]
@@ -192,6 +229,7 @@ def _decode_attention(q, k, v, pos):
 _ops.impl("decode_attention", _decode_attention, "CPU")
 _ops.impl("int8_mm", _int8_mm, "CPU")
 _ops.impl("int4_mm", _int4_mm, "CPU")
+_ops.impl("dense_mm", _dense_mm, "CPU")
 
 
 @torch.library.register_fake("spt_fast::int8_mm")
@@ -202,6 +240,11 @@ def _(x, q, scale):
 @torch.library.register_fake("spt_fast::int4_mm")
 def _(x, q, scale, low, group):
     return x.new_empty(x.shape[0], q.shape[0] * TILE)
+
+
+@torch.library.register_fake("spt_fast::dense_mm")
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0] * VEC)
 
 
 @torch.library.register_fake("spt_fast::decode_attention")
@@ -232,3 +275,9 @@ def int4_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Te
     [k / group, n] fp32: [m, n] fp32. With AVX-512 BF16 the activations are rounded to bf16
     (cpu_native.c says why), else they stay fp32."""
     return torch.ops.spt_fast.int4_mm(x, q, scale, low, group)
+
+
+def dense_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [m, k] times a weight packed by pack_dense ([n, k] before), in the weight's dtype (fp32
+    or bf16, as x): [m, n], summed in fp32."""
+    return torch.ops.spt_fast.dense_mm(x, w)

@@ -8,17 +8,21 @@ in place of its dense layers (q/k/v, o, gate/up, down, LM head). They run:
   input width. Inductor turns it into one loop that streams each weight row once, fused with the
   ops around it: 27-49 GB/s of weights where the BLAS matrix-vector call reached 14-26 GB/s on the
   2-vCPU machine (`python bench/cpu_projections.py` prints the comparison).
-- everything else (the prefill, batched decode, an eager engine): oneDNN on weights packed once,
-  q/k/v and gate/up as one matrix each, through a custom op that inductor leaves alone, or the
-  BLAS (F.linear) on the weights as they are: which one is *measured* on this CPU, once per
-  machine, dtype and model shape, separately for one row and for several (`choose_kernels`; the
-  choice is kept under the cache folder). What won on an AMD Zen CPU lost on an Intel Xeon.
+- everything else (the prefill, batched decode, an eager engine), and one row too where it wins:
+  one of three kernels, *measured* on this CPU, once per machine, dtype and model shape,
+  separately for one row, a batched step (16 rows) and a prefill (128; `choose_kernels`, kept
+  under the cache folder): oneDNN on weights packed once (q/k/v and gate/up as one matrix each,
+  through a custom op that inductor leaves alone), the BLAS (F.linear) on the weights as they
+  are, or this project's C kernel (cpu_native.dense_mm: blocks of 8 rows x 48 outputs in
+  registers, bf16 through the AVX-512 BF16 dot instruction). On the AMD EPYC ours won all three
+  (fp32 16 rows 176-223 GFLOPS against oneDNN's 145-212, bf16 339-426 against 234-366); what
+  won on an AMD Zen CPU lost on an Intel Xeon before, so nothing is assumed.
 - with weights="int8" / "int4": PyTorch's weight-only int8 / int4 CPU kernels (QuantProjection);
   with weights="w8a8": int8 weights and per-row int8 activations, an exact integer product
   (W8A8Projection).
 
-The original weights are shared, not copied; the packed copies cost one more copy of the dense
-weights (dropped when the BLAS wins both ways).
+The original weights are shared, not copied; packed copies are kept for the chosen kernels only
+(one more copy of the dense weights per packed kernel chosen; none when the BLAS wins everywhere).
 """
 from __future__ import annotations
 
@@ -45,34 +49,70 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32).to(x.dtype)
 
 
+def _rows_key(rows: int) -> int:
+    """Which measured choice serves `rows` input rows: 1 one row, 2 a batched decode step (2-32),
+    3 a prefill."""
+    return 1 if rows == 1 else 2 if rows <= 32 else 3
+
+
 class CPUProjection(nn.Module):
     """One or more bias-free linear layers that read the same input (q/k/v, gate/up) on the CPU.
 
-    Returns one tensor per layer (a tuple), or the tensor itself for a single layer.
+    Returns one tensor per layer (a tuple), or the tensor itself for a single layer. `kernels` maps
+    _rows_key -> "onednn" / "blas" / "native" (cpu_native's dense_mm); `use` sets it and keeps the
+    packed copies those kernels need, no others.
     """
 
     def __init__(self, layers, pack_rows: int = 16):
         super().__init__()
-        self.kernels = {1: "onednn", 2: "onednn"}  # rows -> kernel (2: any count above one)
         weights = [layer.weight.detach() for layer in layers]
         self.sizes = [w.shape[0] for w in weights]
+        self.pack_rows = pack_rows
         for i, w in enumerate(weights):
             # Row-major (the input width contiguous) for the product-and-sum: a copy only for a
             # weight stored column-major (column_major_linears, by an engine without projections).
             self.register_buffer(f"w{i}", w.contiguous(), persistent=False)
-        self.packed = None
-        if _HAS_ONEDNN:
-            merged = torch.cat(weights) if len(weights) > 1 else weights[0]
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(merged.contiguous(), pack_rows)
+        self.packed = self.native = None
+        self.kernels = {}
+        self.use({1: "onednn", 2: "onednn", 3: "onednn"})
 
     def weights(self):
         return [getattr(self, f"w{i}") for i in range(len(self.sizes))]
 
+    def _merged(self) -> torch.Tensor:
+        weights = self.weights()
+        return (torch.cat(weights) if len(weights) > 1 else weights[0]).contiguous()
+
+    def native_applies(self) -> bool:
+        from . import cpu_native
+
+        return cpu_native.dense_applies(self.w0) and sum(self.sizes) % cpu_native.VEC == 0
+
+    def use(self, kernels: dict) -> None:
+        """Serve with these kernels (those this CPU lacks fall back to the BLAS); pack for them only."""
+        kernels = {k: v if (v != "onednn" or _HAS_ONEDNN) and (v != "native" or self.native_applies()) else "blas"
+                   for k, v in kernels.items()}
+        self.kernels = kernels
+        if "onednn" not in kernels.values():
+            self.packed = None
+        elif self.packed is None:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self._merged(), self.pack_rows)
+        if "native" not in kernels.values():
+            self.native = None
+        elif self.native is None:
+            from .cpu_native import pack_dense
+
+            self.native = pack_dense(self._merged())
+
     def forward(self, x):
         rows = x.shape[:-1].numel()
-        if rows == 1 and torch.compiler.is_compiling():
+        kernel = self.kernels[_rows_key(rows)]
+        if rows == 1 and torch.compiler.is_compiling() and kernel != "native":
             outs = [gemv(x, w) for w in self.weights()]
-        elif self.packed is not None and self.kernels[min(rows, 2)] == "onednn":
+        elif kernel == "native":
+            y = torch.ops.spt_fast.dense_mm(x.reshape(rows, x.shape[-1]), self.native)
+            outs = y.reshape(*x.shape[:-1], -1).split(self.sizes, dim=-1)
+        elif kernel == "onednn":
             flat = x.reshape(rows, x.shape[-1])
             if torch.compiler.is_compiling():
                 y = _onednn_linear(flat, self.packed, sum(self.sizes))
@@ -84,7 +124,7 @@ class CPUProjection(nn.Module):
         return tuple(outs) if len(outs) > 1 else outs[0]
 
 
-KERNELS = ("onednn", "blas")
+KERNELS = ("onednn", "blas", "native")
 
 
 def _best_time(fn, reps: int) -> float:
@@ -102,39 +142,46 @@ def _best_time(fn, reps: int) -> float:
 
 
 def _time_kernels(projections: list[CPUProjection], rows: int, reps: int = 3) -> dict[str, float]:
-    """Seconds one pass over these projections takes with each kernel, for `rows` input rows."""
+    """Seconds one pass over these projections takes with each kernel this CPU has, for `rows`
+    input rows. Each kernel's packed copies are made for its turn only (one extra copy at a time)."""
     out = {}
     xs = [torch.randn(rows, p.weights()[0].shape[1], dtype=p.weights()[0].dtype) for p in projections]
     for kernel in KERNELS:
+        if (kernel == "onednn" and not _HAS_ONEDNN) or (kernel == "native" and
+                                                        not all(p.native_applies() for p in projections)):
+            continue
         for p in projections:
-            p.kernels = {1: kernel, 2: kernel}
+            p.use({1: kernel, 2: kernel, 3: kernel})
         out[kernel] = _best_time(lambda: [p(x) for p, x in zip(projections, xs)], reps)
     return out
 
 
 def choose_kernels(projections: list[CPUProjection], cache_file=None) -> dict[int, str]:
-    """The faster kernel for one row and for several (16), measured on a pass over all of these
-    projections on this CPU, as a decode step makes it; kept in `cache_file` (JSON) per CPU model,
-    torch version, threads, dtype and shapes, so each machine measures once.
+    """The fastest kernel for one row, for a batched step (16 rows) and for a prefill (128 rows),
+    measured on a pass over all of these projections on this CPU, as a decode step makes it; kept
+    in `cache_file` (JSON) per CPU model, torch version, threads, dtype and shapes, so each machine
+    measures once.
 
     All of them, not one of each shape: a step streams every weight from memory, and one layer's
     weights stay in the last-level cache between repeats. Timed on one layer of each shape, oneDNN
     won one row on the Intel Xeon (4.4 vs 4.2-4.5 ms, within noise); over the whole model the BLAS
     was faster there (21.9 vs 26.9 ms), as in transformers' own decode step."""
     from ..utils import cpu_info
+    from . import cpu_native
 
     distinct = {}
     for p in projections:  # the shapes name the model in the cache key (all of them are timed)
         distinct.setdefault((tuple(p.weights()[0].shape), len(p.sizes), str(p.weights()[0].dtype)), p)
-    key = "|".join(["whole-model", cpu_info()["model"], torch.__version__, f"threads={torch.get_num_threads()}",
-                    ";".join(f"{s}x{n}:{d}" for s, n, d in sorted(distinct))])
+    native = "native" if cpu_native.library() is not None else "no-native"
+    key = "|".join(["whole-model-3", native, cpu_info()["model"], torch.__version__,
+                    f"threads={torch.get_num_threads()}", ";".join(f"{s}x{n}:{d}" for s, n, d in sorted(distinct))])
 
     def measure():
         chosen = {}
         with torch.no_grad():
-            for rows in (1, 16):
+            for rows in (1, 16, 128):
                 times = _time_kernels(projections, rows)
-                chosen[str(min(rows, 2))] = min(times, key=times.get)
+                chosen[str(_rows_key(rows))] = min(times, key=times.get)
         return chosen
 
     return {int(k): v for k, v in cached_choice(cache_file, key, measure).items()}
@@ -457,11 +504,9 @@ def attach_cpu_projections(llama, weights: str | None = None, kernel_cache=None)
     choice = choose_decode_attention(llama.config, dtype, kernel_cache)
     llama.decode_attention = bmm_attention if choice == "bmm" else masked_sdpa
     llama.native_attention = choice == "native"
-    if weights is None and _HAS_ONEDNN:
+    if weights is None:
         dense = [m for m in llama.modules() if isinstance(m, CPUProjection)]
         kernels = choose_kernels(dense, kernel_cache)
         for m in dense:
-            m.kernels = dict(kernels)
-            if "onednn" not in kernels.values():
-                m.packed = None  # the BLAS wins both ways: no packed copy kept
+            m.use(kernels)  # packed copies for the chosen kernels only
     return True
