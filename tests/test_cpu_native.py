@@ -61,7 +61,7 @@ def test_dense_kernel_is_the_matrix_product(dtype, m, n, k):
     torch.manual_seed(m * 1000 + n + k)
     w, x = (torch.randn(n, k) / k ** 0.5).to(dtype), torch.randn(m, k).to(dtype)
     packed = cpu_native.pack_dense(w)
-    assert torch.equal(cpu_native.unpack_dense(packed), w)
+    assert torch.equal(cpu_native.unpack_dense(packed, k), w)
     got = cpu_native.dense_mm(x, packed)
     assert got.dtype == dtype and got.shape == (m, n)
     want = x.double() @ w.double().t()  # of the same (bf16-valued) inputs: only the sums' order and
@@ -84,6 +84,17 @@ def test_dense_kernel_rows_do_not_depend_on_their_neighbours():
     y[::2] = float("nan")
     got = cpu_native.dense_mm(y, packed)
     assert torch.equal(got[1::2], base[1::2]) and got[::2].isnan().all()
+
+
+def test_packed_weights_move_into_one_huge_page_region():
+    ts = [torch.randn(100, 7), torch.randint(0, 100, (3000,), dtype=torch.int32), torch.randn(5).bfloat16(),
+          torch.randn(600, 1024)]  # > 2 MiB in all: the region is advised for huge pages
+    moved = cpu_native.in_huge_pages(ts)
+    for a, b in zip(ts, moved):
+        assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
+        assert b.is_contiguous() and b.data_ptr() % 64 == 0 and b.data_ptr() != a.data_ptr()
+    assert len({b.untyped_storage().data_ptr() for b in moved}) == 1
+    assert moved[0].data_ptr() % (2 << 20) == 0
 
 
 def test_kernels_run_inside_a_compiled_graph():

@@ -509,4 +509,23 @@ def attach_cpu_projections(llama, weights: str | None = None, kernel_cache=None)
         kernels = choose_kernels(dense, kernel_cache)
         for m in dense:
             m.use(kernels)  # packed copies for the chosen kernels only
+    _into_huge_pages(llama)
     return True
+
+
+def _into_huge_pages(llama) -> None:
+    """Move every packed weight the C kernels stream into one region of huge pages
+    (cpu_native.in_huge_pages: the kernels alone, one row through the embedded model's bf16
+    projections, 20% faster; inside a whole decode step the difference was within this VM's noise)."""
+    from . import cpu_native
+
+    slots = []
+    for m in llama.modules():
+        if isinstance(m, CPUProjection) and m.native is not None:
+            slots.append((m, "native"))
+        elif isinstance(m, QuantProjection) and m.native:
+            slots += [(m, name) for name in ("q", "scale", "low") if hasattr(m, name)]
+    if slots:
+        moved = cpu_native.in_huge_pages([getattr(m, name) for m, name in slots])
+        for (m, name), t in zip(slots, moved):
+            setattr(m, name, t)
