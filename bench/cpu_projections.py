@@ -1,5 +1,6 @@
-"""CPU projections of a decode step (SmolLM2-135M shapes): the BLAS vs oneDNN-packed vs the
-compiled product-sum that spt_fast.model.cpu_projections uses for one row.
+"""CPU projections of a decode step (SmolLM2-135M shapes): the BLAS vs oneDNN-packed vs this
+project's C kernel (cpu_native.dense_mm) vs the compiled product-sum, the candidates
+spt_fast.model.cpu_projections chooses from.
 
 For each shape and row count it prints the time of one call and, for one row, the weight bytes
 read per second (the decode step is bound by reading weights); for 16 rows, GFLOP/s. Every timed
@@ -15,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from spt_fast.model import cpu_native
 from spt_fast.model.cpu_projections import gemv
 
 SHAPES = {"q/k/v": (960, 576), "o": (576, 576), "gate/up": (3072, 576), "down": (576, 1536), "lm head": (49152, 576)}
@@ -53,6 +55,9 @@ def main():
             if onednn:
                 packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in copies]
                 impls["oneDNN packed"] = lambda i: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], "")
+            if cpu_native.dense_applies(copies[0]):
+                native = [cpu_native.pack_dense(w) for w in copies]
+                impls["C dense_mm"] = lambda i: cpu_native.dense_mm(x, native[i])
             if rows == 1:
                 impls["compiled product-sum"] = lambda i: compiled_gemv(x, copies[i])
             cells = []
