@@ -63,7 +63,7 @@ class CPUProjection(nn.Module):
     packed copies those kernels need, no others.
     """
 
-    def __init__(self, layers, pack_rows: int = 16):
+    def __init__(self, layers, pack_rows: int = 16, kernels: dict | None = None):
         super().__init__()
         weights = [layer.weight.detach() for layer in layers]
         self.sizes = [w.shape[0] for w in weights]
@@ -74,7 +74,7 @@ class CPUProjection(nn.Module):
             self.register_buffer(f"w{i}", w.contiguous(), persistent=False)
         self.packed = self.native = None
         self.kernels = {}
-        self.use({1: "onednn", 2: "onednn", 3: "onednn"})
+        self.use(kernels or {1: "onednn", 2: "onednn", 3: "onednn"})
 
     def weights(self):
         return [getattr(self, f"w{i}") for i in range(len(self.sizes))]
@@ -480,7 +480,9 @@ def attach_cpu_projections(llama, weights: str | None = None, kernel_cache=None)
     # keep their output matrix at higher precision), a small cost for much closer replies.
     dtype = llama.output.weight.dtype
     if weights is None:
-        make = make_head = CPUProjection
+        def make(layers):  # nothing packed before the choice (choose_kernels packs what it times)
+            return CPUProjection(layers, kernels={1: "blas", 2: "blas", 3: "blas"})
+        make_head = make
     elif weights == "w8a8":
         make = make_head = W8A8Projection
     elif weights in WEIGHTS:
