@@ -13,8 +13,10 @@ from spt_fast.model.llama import Llama
 # (dtype, atol, rtol): fp32 sums in another order than the BLAS; bf16 rounds the output once (the
 # reference is computed in fp32 from the same bf16 values, as both paths accumulate in fp32).
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 1e-2)]
-# Odd widths, a group of three (q/k/v), a group of two (gate/up), a single layer.
-GROUPS = [[(24, 40), (8, 40), (8, 40)], [(33, 17), (33, 17)], [(5, 70)]]
+# Odd widths, a group of three (q/k/v), a group of two (gate/up), a single layer; the last two
+# are shapes the C kernel takes (outputs a multiple of 16, inputs of 8), the others fall back.
+GROUPS = [[(24, 40), (8, 40), (8, 40)], [(33, 17), (33, 17)], [(5, 70)], [(48, 64), (16, 64), (16, 64)],
+          [(80, 24)]]
 
 
 @pytest.fixture(autouse=True)
@@ -40,10 +42,11 @@ def as_list(out):
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("sizes", GROUPS)
-@pytest.mark.parametrize("rows", [1, 3])
-def test_projection_eager_and_compiled_equal_reference(sizes, rows, dtype, atol, rtol):
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("kernel", ["onednn", "native"])
+def test_projection_eager_and_compiled_equal_reference(sizes, rows, dtype, atol, rtol, kernel):
     layers = layers_for(sizes, dtype)
-    proj = CPUProjection(layers)
+    proj = CPUProjection(layers, kernels={1: kernel, 2: kernel, 3: kernel})
     x = torch.randn(rows, 1, sizes[0][1], generator=torch.Generator().manual_seed(1)).to(dtype)
     want = reference(x, layers)
     with torch.no_grad():

@@ -4,11 +4,12 @@ A decode step multiplies a few rows by every weight of the model, so it is bound
 weights. `attach_cpu_projections` gives the engine's private Llama view `CPUProjection` modules
 in place of its dense layers (q/k/v, o, gate/up, down, LM head). They run:
 
-- one row inside a compiled step (batch-1 decode): each projection as a product summed over the
-  input width. Inductor turns it into one loop that streams each weight row once, fused with the
-  ops around it: 27-49 GB/s of weights where the BLAS matrix-vector call reached 14-26 GB/s on the
-  2-vCPU machine (`python bench/cpu_projections.py` prints the comparison).
-- everything else (the prefill, batched decode, an eager engine), and one row too where it wins:
+- one row inside a compiled step (batch-1 decode), unless the C kernel below won the one-row
+  choice: each projection as a product summed over the input width. Inductor turns it into one
+  loop that streams each weight row once, fused with the ops around it: 27-49 GB/s of weights
+  where the BLAS matrix-vector call reached 14-26 GB/s on the 2-vCPU machine (`python
+  bench/cpu_projections.py` prints the comparison).
+- everything else (the prefill, batched decode, an eager engine), and one row where it won:
   one of three kernels, *measured* on this CPU, once per machine, dtype and model shape,
   separately for one row, a batched step (16 rows) and a prefill (128; `choose_kernels`, kept
   under the cache folder): oneDNN on weights packed once (q/k/v and gate/up as one matrix each,
