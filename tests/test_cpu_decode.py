@@ -308,6 +308,29 @@ def test_decode_attention_choice_is_measured_once(tmp_path, monkeypatch):
     assert attach_cpu_projections(native, None, cache) and native.native_attention
 
 
+def test_prefill_attention_choice_is_measured_once_and_used(tmp_path, monkeypatch):
+    from spt_fast.model import cpu_native
+    from spt_fast.model import cpu_projections as cp
+    from spt_fast.model.llama import LlamaConfig, causal_sdpa
+
+    cfg = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, intermediate_size=96,
+                      max_seq_len=64)
+    cache = tmp_path / "kernels.json"
+    calls = _count_measurements(monkeypatch)
+    first = cp.choose_prefill_attention(cfg, torch.float32, cache)
+    built = cpu_native.library() is not None
+    assert first in (("sdpa", "native") if built else ("sdpa",)) and len(calls) == int(built)
+    assert cp.choose_prefill_attention(cfg, torch.float32, cache) == first and len(calls) == int(built)
+    llama = Llama(cfg)
+    assert llama.causal_attention(torch.float32) is causal_sdpa
+    for choice in ("sdpa", "native"):
+        monkeypatch.setattr(cp, "choose_prefill_attention", lambda *a, choice=choice, **k: choice)
+        view = Llama(cfg)
+        assert attach_cpu_projections(view, None, cache)
+        assert view.native_prefill_attention == (choice == "native")
+        assert view.causal_attention(torch.float16) is causal_sdpa  # a dtype the C kernel lacks
+
+
 def test_int_kernel_choice_is_measured_once_and_used(tmp_path, monkeypatch):
     from spt_fast.model import cpu_native
     from spt_fast.model import cpu_projections as cp

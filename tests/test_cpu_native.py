@@ -195,6 +195,24 @@ def test_decode_attention_kernel_in_a_compiled_graph():
     torch.testing.assert_close(compiled(q, k, v, pos), f(q, k, v, pos))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("b,h,hkv,t,d", [(1, 9, 3, 136, 64), (2, 4, 4, 17, 32), (1, 2, 1, 1, 16), (3, 6, 2, 40, 48)])
+def test_causal_attention_kernel_is_causal_sdpa(dtype, tol, b, h, hkv, t, d):
+    """Every query block (16 queries) with its diagonal, keys 8 at a time and the rest, GQA."""
+    torch.manual_seed(t * 100 + h)
+    q, k, v = torch.randn(b, h, t, d).to(dtype), torch.randn(b, hkv, t, d).to(dtype), torch.randn(b, hkv, t, d).to(dtype)
+    got = cpu_native.causal_attention(q, k, v)
+    assert got.dtype == dtype and got.shape == q.shape
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(h // hkv, 1), v.double().repeat_interleave(h // hkv, 1), is_causal=True)
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    # Causal: a later key changes nothing before it.
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, -1], v2[:, :, -1] = 100, -100
+    again = cpu_native.causal_attention(q, k2, v2)
+    assert torch.equal(again[:, :, :-1], got[:, :, :-1])
+
+
 def test_engine_decode_with_the_native_attention_equals_the_torch_one():
     """The compact Llama's one-token decode: C attention against PyTorch's, fp32, same caches."""
     from spt_fast import testing
@@ -214,6 +232,31 @@ def test_engine_decode_with_the_native_attention_equals_the_torch_one():
                      for i in range(3)]
         outs[native] = torch.stack(steps)
     torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+
+
+def test_engine_prefill_and_extend_with_the_native_causal_attention_equal_the_torch_one():
+    """The compact Llama's prefill (ragged rows, right-padded) and a join pass (Llama.extend: a
+    decoding row, a new row from position 0, a row after a cached prefix): C causal attention
+    against PyTorch's SDPA, fp32."""
+    from spt_fast import testing
+    from spt_fast.model.llama import Llama
+
+    hf = testing.tiny_llama(init_std=0.2)
+    llama = Llama.from_hf(hf).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 21, 64, generator=g)
+    pieces = [torch.randn(1, 64, generator=g), torch.randn(19, 64, generator=g), torch.randn(5, 64, generator=g)]
+    outs = {}
+    for native in (False, True):
+        llama.native_prefill_attention = native
+        caches = llama.setup_caches(3, 48, torch.float32)
+        with torch.no_grad():
+            first = llama.prefill(torch.cat([x, x[:1]]), caches)
+            joined = llama.extend(pieces, [21, 0, 21], caches)
+        outs[native] = (first, joined)
+    for got, want in zip(outs[True], outs[False]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert llama.causal_attention(torch.float32) is cpu_native.causal_attention
 
 
 def test_an_unloadable_cached_build_is_replaced(tmp_path, monkeypatch):

@@ -113,9 +113,12 @@ def library():
         lib.spt_int8_mm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         lib.spt_int4_mm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
         lib.spt_dense_mm.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+        lib.spt_causal_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
+                                             ctypes.c_int, ctypes.c_int]
         lib.spt_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
                                              ctypes.c_int, ctypes.c_int]
-        for fn in (lib.spt_int8_mm, lib.spt_int4_mm, lib.spt_dense_mm, lib.spt_decode_attention):
+        for fn in (lib.spt_int8_mm, lib.spt_int4_mm, lib.spt_dense_mm, lib.spt_decode_attention,
+                   lib.spt_causal_attention):
             fn.restype = None
         _lib = lib
         return _lib
@@ -239,6 +242,7 @@ _ops = torch.library.Library("spt_fast", "FRAGMENT")  # the namespace has other 
 _ops.define("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor")
 _ops.define("int4_mm(Tensor x, Tensor q, Tensor scale, Tensor low, int group) -> Tensor")
 _ops.define("dense_mm(Tensor x, Tensor w) -> Tensor")
+_ops.define("causal_attention(Tensor q, Tensor k, Tensor v) -> Tensor")
 _ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos) -> Tensor")
 
 
@@ -269,6 +273,15 @@ def _dense_mm(x, w):
     return y
 
 
+def _causal_attention(q, k, v):
+    b, h, t, d = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    library().spt_causal_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, k.shape[1], t, d,
+                                   d ** -0.5, int(q.dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
 def _decode_attention(q, k, v, pos):
     b, h, _, d = q.shape
     hkv, slots = k.shape[1], k.shape[2]
@@ -284,6 +297,7 @@ _ops.impl("decode_attention", _decode_attention, "CPU")
 _ops.impl("int8_mm", _int8_mm, "CPU")
 _ops.impl("int4_mm", _int4_mm, "CPU")
 _ops.impl("dense_mm", _dense_mm, "CPU")
+_ops.impl("causal_attention", _causal_attention, "CPU")
 
 
 @torch.library.register_fake("spt_fast::int8_mm")
@@ -299,6 +313,11 @@ def _(x, q, scale, low, group):
 @torch.library.register_fake("spt_fast::dense_mm")
 def _(x, w):
     return x.new_empty(x.shape[0], w.numel() // x.shape[1])
+
+
+@torch.library.register_fake("spt_fast::causal_attention")
+def _(q, k, v):
+    return torch.empty_like(q)
 
 
 @torch.library.register_fake("spt_fast::decode_attention")
@@ -335,3 +354,10 @@ def dense_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [m, k] times a weight packed by pack_dense ([n, k] before), in the weight's dtype (fp32
     or bf16, as x): [m, n], summed in fp32."""
     return torch.ops.spt_fast.dense_mm(x, w)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention of a prefill: q [B, H, T, D], k/v [B, Hkv, T, D] (H a multiple of
+    Hkv), query t seeing keys 0..t; [B, H, T, D] in q's dtype (fp32 or bf16; fp32 sums and softmax).
+    Applies where attention_applies does."""
+    return torch.ops.spt_fast.causal_attention(q, k, v)

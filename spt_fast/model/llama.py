@@ -178,7 +178,7 @@ def _apply_rotary(x, cos, sin):
     return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
-def _causal_sdpa(q, k, v):
+def causal_sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -333,6 +333,9 @@ class Llama(nn.Module):
         # (native_attention) the C kernel of cpu_native for every one-token step, compiled or not.
         self.decode_attention = masked_sdpa
         self.native_attention = False
+        # A prefill's causal attention: PyTorch's SDPA, or (native_prefill_attention, measured by the
+        # CPU engine) cpu_native's C kernel.
+        self.native_prefill_attention = False
 
     def _build_rope(self, device):
         # Tables in fp32 for every position up to max_seq_len, with transformers' exact formula.
@@ -368,7 +371,7 @@ class Llama(nn.Module):
             cos, sin = self._rope(position_ids, 0)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, _causal_sdpa)
+            h = layer(h, cos, sin, causal_sdpa)
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -384,7 +387,7 @@ class Llama(nn.Module):
         def keep(q, k, v):
             ks.append(k)
             vs.append(v)
-            return _causal_sdpa(q, k, v)
+            return causal_sdpa(q, k, v)
 
         packing = Packing(ctx_len, tc) if Packing.worth_it(ctx_len, tc) else None
         if packing is None:
@@ -455,13 +458,23 @@ class Llama(nn.Module):
         if t > caches[0].seq_len:
             raise ValueError(f"prefill of {t} positions does not fit a cache of {caches[0].seq_len}")
         cos, sin = self._rope(pos, t - 1)
+        causal = self.causal_attention(inputs_embeds.dtype)
         h = inputs_embeds
         for layer, cache in zip(self.layers, caches):
             def attend(q, k, v, cache=cache):
                 cache.update(pos, k, v)
-                return _causal_sdpa(q, k, v)
+                return causal(q, k, v)
             h = layer(h, cos, sin, attend)
         return self.norm(h)
+
+    def causal_attention(self, dtype: torch.dtype):
+        """The causal attention of a prefill (q, k, v) -> out: cpu_native's C kernel where
+        attach_cpu_projections measured it faster (it takes fp32 or bf16), else PyTorch's SDPA."""
+        if self.native_prefill_attention and dtype in (torch.float32, torch.bfloat16):
+            from .cpu_native import causal_attention
+
+            return causal_attention
+        return causal_sdpa
 
     def uses_native_attention(self, dtype: torch.dtype) -> bool:
         """Whether one-token rows attend through cpu_native's C kernel (chosen for this view by
@@ -548,6 +561,7 @@ class Llama(nn.Module):
                     slots[None, None, None, :end] > pos[None, None, a:b, None], float("-inf"))
 
         native = self.uses_native_attention(pieces[0].dtype)
+        causal = self.causal_attention(pieces[0].dtype)
         if native:
             from .cpu_native import decode_attention
 
@@ -569,7 +583,7 @@ class Llama(nn.Module):
                 if r in masks:
                     outs.append(masked_sdpa(q[:, :, a:b], kc[:, :, :end], vc[:, :, :end], masks[r]))
                 else:
-                    outs.append(_causal_sdpa(q[:, :, a:b], kc[:, :, :end], vc[:, :, :end]))
+                    outs.append(causal(q[:, :, a:b], kc[:, :, :end], vc[:, :, :end]))
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
         h = torch.cat(pieces)[None]
