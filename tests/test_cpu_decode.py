@@ -283,12 +283,18 @@ def _count_measurements(monkeypatch) -> list:
     return calls
 
 
+def _small_config(n_layers=1):
+    from spt_fast.model.llama import LlamaConfig
+
+    return LlamaConfig(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=32, intermediate_size=96,
+                       max_seq_len=64)
+
+
 def test_decode_attention_choice_is_measured_once(tmp_path, monkeypatch):
     from spt_fast.model import cpu_projections as cp
-    from spt_fast.model.llama import LlamaConfig, bmm_attention, masked_sdpa
+    from spt_fast.model.llama import bmm_attention, masked_sdpa
 
-    cfg = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, intermediate_size=96,
-                      max_seq_len=64)
+    cfg = _small_config()
     cache = tmp_path / "kernels.json"
     calls = _count_measurements(monkeypatch)
     first = cp.choose_decode_attention(cfg, torch.bfloat16, cache)
@@ -311,10 +317,9 @@ def test_decode_attention_choice_is_measured_once(tmp_path, monkeypatch):
 def test_prefill_attention_choice_is_measured_once_and_used(tmp_path, monkeypatch):
     from spt_fast.model import cpu_native
     from spt_fast.model import cpu_projections as cp
-    from spt_fast.model.llama import LlamaConfig, causal_sdpa
+    from spt_fast.model.llama import causal_sdpa
 
-    cfg = LlamaConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, intermediate_size=96,
-                      max_seq_len=64)
+    cfg = _small_config()
     cache = tmp_path / "kernels.json"
     calls = _count_measurements(monkeypatch)
     first = cp.choose_prefill_attention(cfg, torch.float32, cache)
@@ -334,12 +339,10 @@ def test_prefill_attention_choice_is_measured_once_and_used(tmp_path, monkeypatc
 def test_int_kernel_choice_is_measured_once_and_used(tmp_path, monkeypatch):
     from spt_fast.model import cpu_native
     from spt_fast.model import cpu_projections as cp
-    from spt_fast.model.llama import LlamaConfig
 
     if cpu_native.library() is None:
         pytest.skip("the CPU kernels could not be built here")
-    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32, intermediate_size=96,
-                      max_seq_len=64)
+    cfg = _small_config(n_layers=2)
     cache = tmp_path / "kernels.json"
     calls = _count_measurements(monkeypatch)
     first = cp.choose_quant_kernels(cfg, 8, torch.bfloat16, cache)
