@@ -1,5 +1,6 @@
 """CPU kernels in C, built at first use: dense fp32 / bf16 and weight-only int8 / int4 products (a
-decode step's projections) and the attention of one query token per row over a static KV cache.
+decode step's projections), the attention of one query token per row over a static KV cache, and
+the causal attention of a prefill.
 
 PyTorch's own kernels for this (aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu) read the
 weights at 10-13 GB/s of the ~30 a decode step could stream, which left `--weights int8|int4` no
@@ -7,9 +8,10 @@ faster than the compiled bf16 step. The kernels in cpu_native.c (tile layouts de
 built once per machine with the system C compiler and kept under the cache folder; where that is
 impossible (no compiler) `library()` is None and QuantProjection keeps PyTorch's kernels.
 
-The dense product competes with oneDNN and the BLAS in cpu_projections.choose_kernels (measured).
-They are registered as PyTorch operators (`torch.ops.spt_fast.dense_mm`, `int8_mm`, `int4_mm`,
-`decode_attention`), so a compiled decode step calls them in place, as one graph.
+Each competes with PyTorch's own by measurement (cpu_projections: choose_kernels, choose_quant_kernels,
+choose_decode_attention, choose_prefill_attention). They are registered as PyTorch operators
+(`torch.ops.spt_fast.dense_mm`, `int8_mm`, `int4_mm`, `decode_attention`, `causal_attention`), so
+a compiled decode step calls them in place, as one graph.
 """
 from __future__ import annotations
 
@@ -175,8 +177,8 @@ def in_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Contiguous copies of `tensors`, one after another in one region advised for transparent huge
     pages (Linux; elsewhere the advice is skipped). A decode step streams every weight once: with
     4 KiB pages each page starts with misses the prefetchers do not cover (they stop at page
-    boundaries); a pass of one row through the embedded model's bf16 projections took 8.9-9.2 ms
-    in 2 MiB pages against 10.1-10.4 ms in 4 KiB ones (the large layers alone in huge pages)."""
+    boundaries); the kernels alone, one row through the embedded model's bf16 projections, took
+    7.9-8.3 ms in 2 MiB pages against 9.9-10.2 ms in 4 KiB ones (alternating, in one process)."""
     sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]  # 64-byte aligned starts
     total = sum(sizes)
     advised = (total + _HUGE - 1) // _HUGE * _HUGE
