@@ -167,15 +167,13 @@ def choose_kernels(projections: list[CPUProjection], cache_file=None) -> dict[in
     weights stay in the last-level cache between repeats. Timed on one layer of each shape, oneDNN
     won one row on the Intel Xeon (4.4 vs 4.2-4.5 ms, within noise); over the whole model the BLAS
     was faster there (21.9 vs 26.9 ms), as in transformers' own decode step."""
-    from ..utils import cpu_info
     from . import cpu_native
 
     distinct = {}
     for p in projections:  # the shapes name the model in the cache key (all of them are timed)
         distinct.setdefault((tuple(p.weights()[0].shape), len(p.sizes), str(p.weights()[0].dtype)), p)
     native = "native" if cpu_native.library() is not None else "no-native"
-    key = "|".join(["whole-model-3", native, cpu_info()["model"], torch.__version__,
-                    f"threads={torch.get_num_threads()}", ";".join(f"{s}x{n}:{d}" for s, n, d in sorted(distinct))])
+    key = _choice_key(f"whole-model-3|{native}", ";".join(f"{s}x{n}:{d}" for s, n, d in sorted(distinct)))
 
     def measure():
         chosen = {}
@@ -213,6 +211,24 @@ def cached_choice(cache_file, key: str, measure):
     return table[key]
 
 
+def _choice_key(kind: str, *parts: str) -> str:
+    """A cached choice's key: what is chosen, this machine (CPU model, torch, threads), then `parts`."""
+    from ..utils import cpu_info
+
+    return "|".join([kind, cpu_info()["model"], torch.__version__, f"threads={torch.get_num_threads()}", *parts])
+
+
+def _fastest(candidates: dict, *args) -> str:
+    """The name of the candidate function that runs four calls on `args` fastest (best of 5)."""
+    with torch.no_grad():
+        times = {name: _best_time(lambda fn=fn: [fn(*args) for _ in range(4)], 5) for name, fn in candidates.items()}
+    return min(times, key=times.get)
+
+
+def _heads(config) -> str:
+    return f"{config.n_heads}/{config.n_kv_heads}x{config.head_dim}"
+
+
 def choose_decode_attention(config, dtype: torch.dtype, cache_file=None) -> str:
     """"sdpa", "bmm" or "native": the fastest attention for a decode step of 16 rows (one query
     each, 512 cached positions) on this CPU in this dtype, measured once per machine and kept in
@@ -221,13 +237,10 @@ def choose_decode_attention(config, dtype: torch.dtype, cache_file=None) -> str:
     30 layers of it were most of an eager bf16 batch-16 step. "native" is cpu_native's C kernel
     (where it was built), which then serves every one-token step, compiled ones included."""
     from . import cpu_native
-    from ..utils import cpu_info
 
     q_shape = (16, config.n_heads, 1, config.head_dim)
     native = cpu_native.attention_applies(dtype, config.n_heads, config.n_kv_heads, config.head_dim)
-    key = "|".join(["decode-attention", cpu_info()["model"], torch.__version__, f"threads={torch.get_num_threads()}",
-                    str(dtype), f"{config.n_heads}/{config.n_kv_heads}x{config.head_dim}"]
-                   + (["with-native"] if native else []))
+    key = _choice_key("decode-attention", str(dtype), _heads(config), *(["with-native"] if native else []))
 
     def measure():
         from .llama import bmm_attention, masked_sdpa
@@ -242,10 +255,7 @@ def choose_decode_attention(config, dtype: torch.dtype, cache_file=None) -> str:
         candidates = {"sdpa": masked_sdpa, "bmm": bmm_attention}
         if native:
             candidates["native"] = lambda q, k, v, mask: cpu_native.decode_attention(q, k, v, last)
-        with torch.no_grad():
-            times = {name: _best_time(lambda fn=fn: [fn(q, k, v, mask) for _ in range(4)], 5)
-                     for name, fn in candidates.items()}
-        return min(times, key=times.get)
+        return _fastest(candidates, q, k, v, mask)
 
     return cached_choice(cache_file, key, measure)
 
@@ -256,12 +266,10 @@ def choose_prefill_attention(config, dtype: torch.dtype, cache_file=None) -> str
     per machine and kept in `cache_file`. On the AMD EPYC the C kernel took 0.19 ms a layer of
     the embedded model's 136-token prefill in bf16 against 0.57 for SDPA."""
     from . import cpu_native
-    from ..utils import cpu_info
 
     if not cpu_native.attention_applies(dtype, config.n_heads, config.n_kv_heads, config.head_dim):
         return "sdpa"
-    key = "|".join(["prefill-attention", cpu_info()["model"], torch.__version__, f"threads={torch.get_num_threads()}",
-                    str(dtype), f"{config.n_heads}/{config.n_kv_heads}x{config.head_dim}"])
+    key = _choice_key("prefill-attention", str(dtype), _heads(config))
 
     def measure():
         from .llama import causal_sdpa
@@ -269,11 +277,7 @@ def choose_prefill_attention(config, dtype: torch.dtype, cache_file=None) -> str
         g = torch.Generator().manual_seed(0)
         q = torch.randn(1, config.n_heads, 128, config.head_dim, generator=g).to(dtype)
         k, v = (torch.randn(1, config.n_kv_heads, 128, config.head_dim, generator=g).to(dtype) for _ in range(2))
-        candidates = {"sdpa": causal_sdpa, "native": cpu_native.causal_attention}
-        with torch.no_grad():
-            times = {name: _best_time(lambda fn=fn: [fn(q, k, v) for _ in range(4)], 5)
-                     for name, fn in candidates.items()}
-        return min(times, key=times.get)
+        return _fastest({"sdpa": causal_sdpa, "native": cpu_native.causal_attention}, q, k, v)
 
     return cached_choice(cache_file, key, measure)
 
@@ -443,12 +447,11 @@ def choose_quant_kernels(config, bits: int, dtype: torch.dtype, cache_file=None)
     memory as a step's do) and kept in `cache_file`. Only where ours were built. Measured on the AMD
     EPYC: int8 4.2-4.4 ms a pass (ours) against 7.8 (PyTorch's), int4 4.5 against 4.2."""
     from . import cpu_native
-    from ..utils import cpu_info
 
     if cpu_native.library() is None:
         return False
-    key = "|".join([f"int{bits}-kernels", cpu_info()["model"], torch.__version__, f"threads={torch.get_num_threads()}",
-                    str(dtype), f"{config.dim}x{config.intermediate_size}/{config.n_heads}/{config.n_kv_heads}"])
+    key = _choice_key(f"int{bits}-kernels", str(dtype),
+                      f"{config.dim}x{config.intermediate_size}/{config.n_heads}/{config.n_kv_heads}")
 
     def measure():
         g = torch.Generator().manual_seed(0)

@@ -546,8 +546,12 @@ class Llama(nn.Module):
         slots = torch.arange(seq_len, device=dev)
         dec_pos = pos[:one]
         dec_rows = torch.arange(one, device=dev)[:, None]
-        dec_mask = torch.zeros((one, 1, 1, seq_len), dtype=pieces[0].dtype, device=dev).masked_fill_(
-            slots[None, None, None, :] > dec_pos[:, None, None, None], float("-inf"))
+        native = self.uses_native_attention(pieces[0].dtype)
+        if native:  # the C kernel reads each row's slots 0..pos itself: no mask
+            from .cpu_native import decode_attention
+        else:
+            dec_mask = torch.zeros((one, 1, 1, seq_len), dtype=pieces[0].dtype, device=dev).masked_fill_(
+                slots[None, None, None, :] > dec_pos[:, None, None, None], float("-inf"))
         bounds = [one]
         for k in n[one:]:
             bounds.append(bounds[-1] + k)
@@ -560,10 +564,7 @@ class Llama(nn.Module):
                 masks[r] = torch.zeros((1, 1, b - a, end), dtype=pieces[0].dtype, device=dev).masked_fill_(
                     slots[None, None, None, :end] > pos[None, None, a:b, None], float("-inf"))
 
-        native = self.uses_native_attention(pieces[0].dtype)
         causal = self.causal_attention(pieces[0].dtype)
-        if native:
-            from .cpu_native import decode_attention
 
         def attend(q, k, v, cache):  # q [1, H, M, D], k/v [1, Hkv, M, D]: rows' tokens one after another
             outs = []
