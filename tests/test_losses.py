@@ -17,6 +17,22 @@ def test_lm_loss_is_token_weighted_over_all_sequences():
     assert losses.lm_loss(seq_ce_sum, n_tokens).item() == pytest.approx(1.0)
 
 
+def test_routed_lm_loss_weights_the_retrievers_pick():
+    seq_ce_sum = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # K=3, B=2
+    n_tokens = torch.tensor([2, 3])
+    scores = torch.tensor([[0.1, 0.9, 0.3], [0.8, 0.2, 0.4]], requires_grad=True)  # picks: 1, 0
+    w = losses.routed_weights(scores, 0.7)
+    assert w.shape == (3, 2) and not w.requires_grad
+    torch.testing.assert_close(w.sum(0), torch.ones(2))
+    torch.testing.assert_close(w[:, 0], torch.tensor([0.1, 0.8, 0.1]))
+    torch.testing.assert_close(w[:, 1], torch.tensor([0.8, 0.1, 0.1]))
+    # sample 0: 0.1*1 + 0.8*3 + 0.1*5 = 3.0; sample 1: 0.8*2 + 0.1*4 + 0.1*6 = 2.6; over 5 tokens
+    assert losses.lm_loss(seq_ce_sum, n_tokens, weights=w).item() == pytest.approx(5.6 / 5)
+    # route 0 is the paper's plain mean
+    assert losses.lm_loss(seq_ce_sum, n_tokens, weights=losses.routed_weights(scores, 0.0)).item() == \
+        pytest.approx(losses.lm_loss(seq_ce_sum, n_tokens).item())
+
+
 def test_selection_loss_kl_of_gold_against_retriever():
     seq_ce_mean = torch.tensor([[1.0], [2.0]])  # K=2, B=1
     scores = torch.tensor([[0.5, 0.2]])

@@ -26,7 +26,8 @@ def configs(argv):
 def test_presets_set_the_papers_settings_and_flags_override_them():
     spt, tc = configs(["train", "--preset", "opt-2.7b"])
     assert (spt.num_prompts, spt.prompt_len, spt.lambda_sel, spt.lambda_ctr) == (4, 8, 0.4, 0.4)
-    assert (spt.init, spt.retriever, spt.max_len, spt.target_noise, spt.tau_gold) == ("normal", "paper", 512, 0.0, 1.0)
+    assert (spt.init, spt.retriever, spt.max_len, spt.target_noise, spt.tau_gold, spt.route) == \
+        ("normal", "paper", 512, 0.0, 1.0, 0.0)
     assert (tc.lr, tc.retriever_lr, tc.batch_size, tc.epochs) == (1e-4, None, 2, 1.0)
     spt, tc = configs(["train", "--preset", "llama2-7b-noise", "-K", "2", "--lr", "3e-4"])
     assert (spt.num_prompts, spt.prompt_len, spt.lambda_sel, spt.target_noise) == (2, 1, 1.0, 0.1)

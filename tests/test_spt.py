@@ -9,6 +9,7 @@ from spt_fast.generation.oracle import generate_batch
 from spt_fast.data.batch import collate
 from spt_fast.model.spt import SPTConfig, SPTModel
 from spt_fast.data.text import Encoder
+from spt_fast.errors import SPTError
 
 SAMPLES = [
     Sample(("i like cats.", "i am tall."), ("hi there", "hello!", "how are you?"), "great, thanks.", "d0", 1),
@@ -54,7 +55,11 @@ def naive_losses(spt: SPTModel, encoded, cfg: SPTConfig, bos_id: int):
     W = spt.retriever.proj
     keys = W(P.mean(1))
     s = F.softplus(F.cosine_similarity(W(feats)[:, None, :], keys[None, :, :], dim=-1), beta=10, threshold=1)
-    lm = ce_sum.sum() / (K * counts.sum())
+    # each sample's LM loss: `route` of it on the retriever's top pick, the rest spread over the K
+    weights = torch.full((K, len(encoded)), (1.0 - cfg.route) / K if K > 1 else 1.0)
+    if K > 1:
+        weights[s.detach().argmax(-1), torch.arange(len(encoded))] += cfg.route
+    lm = (weights * ce_sum).sum() / counts.sum()
     mean = ce_sum / counts
     log_pi = F.log_softmax(-mean.detach().t() / cfg.tau_gold, -1)
     sel = (log_pi.exp() * (log_pi - F.log_softmax(s / cfg.tau_sim, -1))).sum(-1).mean()
@@ -71,9 +76,11 @@ def naive_losses(spt: SPTModel, encoded, cfg: SPTConfig, bos_id: int):
 
 @pytest.mark.parametrize("layout", ["prefix", "shared"])
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_batched_forward_matches_naive(layout, arch, char_tok, tiny_llama, tiny_opt):
+@pytest.mark.parametrize("route", [0.0, 0.6])  # the paper's plain LM mean, and a routed one
+def test_batched_forward_matches_naive(layout, arch, route, char_tok, tiny_llama, tiny_opt):
     base = tiny_llama if arch == "llama" else tiny_opt
-    cfg = SPTConfig(num_prompts=3, prompt_len=4, layout=layout, init="random", lambda_sel=0.7, lambda_ctr=0.3)
+    cfg = SPTConfig(num_prompts=3, prompt_len=4, layout=layout, init="random", lambda_sel=0.7, lambda_ctr=0.3,
+                    route=route)
     spt = SPTModel(base, cfg)
     encoded = _encode(char_tok, cfg)
     batch = collate(encoded, char_tok.pad_token_id, char_tok.bos_token_id)
@@ -89,6 +96,30 @@ def test_batched_forward_matches_naive(layout, arch, char_tok, tiny_llama, tiny_
     for gf, gr in zip(g_fast, g_ref):
         assert gr.abs().max() > 0
         torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["prefix", "shared"])
+def test_routed_lm_loss_trains_the_picked_prompt(layout, char_tok, tiny_llama):
+    # route=1 with the other losses off: each sample's LM loss reaches only the prompt the
+    # retriever picks for it, and equals the naive per-prompt CE under that pick.
+    cfg = SPTConfig(num_prompts=3, prompt_len=4, layout=layout, init="random", route=1.0,
+                    use_sel=False, use_fus=False, use_ctr=False)
+    spt = SPTModel(tiny_llama, cfg)
+    encoded = _encode(char_tok, cfg)
+    batch = collate(encoded, char_tok.pad_token_id, char_tok.bos_token_id)
+    out = spt(batch)
+    pick = out["scores"].argmax(-1)
+    (grad,) = torch.autograd.grad(out["loss"], [spt.prompts.weight])
+    ref = naive_losses(spt, encoded, cfg, char_tok.bos_token_id)
+    counts = torch.tensor([len(e.response_ids) for e in encoded], dtype=torch.float)
+    want = (ref["seq_ce_mean"][pick, torch.arange(len(encoded))] * counts).sum() / counts.sum()
+    torch.testing.assert_close(out["lm"], want.detach(), rtol=1e-5, atol=1e-6)
+    for k in range(cfg.num_prompts):
+        assert (grad[k].abs().max() > 0) == bool((pick == k).any()), k
+    with pytest.raises(SPTError, match="--route"):
+        SPTConfig(route=1.5).validate()
+    # a run recorded before the field existed trained with the paper's plain mean
+    assert SPTConfig.from_dict({"num_prompts": 4}).route == 0.0
 
 
 def test_base_stays_frozen_and_only_spt_params_train(char_tok, tiny_llama):

@@ -65,6 +65,9 @@ class StudyConfig:
     retriever_lr: float = 1e-3
     retriever: str = "centered"
     tau_gold: float = SPTConfig.tau_gold
+    route: float = SPTConfig.route
+    lambda_sel: float = SPTConfig.lambda_sel
+    lambda_ctr: float = SPTConfig.lambda_ctr
     eval_samples: int = 64  # held-out samples for generation metrics
     val_samples: int = 200  # held-out samples for the validation losses and the retriever's picks
     max_new_tokens: int = 32
@@ -75,7 +78,12 @@ class StudyConfig:
         """What a finished run must share with this study to be reused."""
         keep = ("model", "data", "data_format", "steps", "batch_size", "num_prompts", "prompt_len", "max_len",
                 "lr", "retriever_lr", "retriever", "tau_gold", "eval_samples", "val_samples", "max_new_tokens")
-        return {k: getattr(self, k) for k in keep}
+        out = {k: getattr(self, k) for k in keep}
+        # Fields added later count only where they differ from what runs made before them used.
+        for name, before in (("route", 0.0), ("lambda_sel", 0.4), ("lambda_ctr", 0.4)):
+            if getattr(self, name) != before:
+                out[name] = getattr(self, name)
+        return out
 
 
 def usage_entropy(picks: list[int], num_prompts: int) -> float:
@@ -139,7 +147,8 @@ def _one_run(sc: StudyConfig, name: str, spec: RunSpec, seed: int, base, tok, sp
         return row
     cfg = SPTConfig(num_prompts=K, prompt_len=sc.prompt_len, layout=layout, max_len=sc.max_len, seed=seed,
                     use_sel="sel" in losses, use_fus="fus" in losses, use_ctr="ctr" in losses,
-                    retriever=sc.retriever, tau_gold=sc.tau_gold)
+                    retriever=sc.retriever, tau_gold=sc.tau_gold, route=sc.route, lambda_sel=sc.lambda_sel,
+                    lambda_ctr=sc.lambda_ctr)
     tc = TrainConfig(model=sc.model, data=sc.data, data_format=sc.data_format, output_dir=str(folder),
                      max_steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr, retriever_lr=sc.retriever_lr,
                      seed=seed, eval_samples=sc.val_samples, eval_every=0,

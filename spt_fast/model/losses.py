@@ -3,12 +3,25 @@ import torch
 import torch.nn.functional as F
 
 
-def lm_loss(seq_ce_sum: torch.Tensor, n_tokens: torch.Tensor, total_tokens: torch.Tensor | None = None) -> torch.Tensor:
+def lm_loss(seq_ce_sum: torch.Tensor, n_tokens: torch.Tensor, total_tokens: torch.Tensor | None = None,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
     """Token-weighted mean CE over all K·B sequences; seq_ce_sum [K,B], n_tokens [B]. With
-    total_tokens (of a global batch spread over processes) this is this batch's share of it."""
+    total_tokens (of a global batch spread over processes) this is this batch's share of it.
+    weights [K,B] (each column summing to 1) share each sample's loss among the K prompts; None
+    is the paper's plain mean, 1/K each."""
     K = seq_ce_sum.shape[0]
     total = n_tokens.sum() if total_tokens is None else total_tokens
-    return seq_ce_sum.sum() / (K * total).clamp_min(1)
+    if weights is None:
+        return seq_ce_sum.sum() / (K * total).clamp_min(1)
+    return (weights.to(seq_ce_sum.dtype) * seq_ce_sum).sum() / total.clamp_min(1)
+
+
+def routed_weights(scores: torch.Tensor, route: float) -> torch.Tensor:
+    """[K,B] LM-loss weights: `route` of each sample's share on the prompt the retriever picks
+    (its top score, not differentiated), the rest spread evenly over the K prompts."""
+    K = scores.shape[1]
+    pick = F.one_hot(scores.detach().argmax(-1), K).t().to(scores.dtype)
+    return (1.0 - route) / K + route * pick
 
 
 def selection_loss(seq_ce_mean: torch.Tensor, scores: torch.Tensor, tau_gold: float = 1.0,

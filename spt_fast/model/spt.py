@@ -23,7 +23,7 @@ from .prompts import RETRIEVERS, Retriever, SoftPrompts, context_features, selec
 
 INITS = ("random", "vocab", "text", "normal")
 # Settings that configs written before a field existed meant (SPTConfig.from_dict fills them in).
-_LEGACY = {"retriever": "paper"}
+_LEGACY = {"retriever": "paper", "route": 0.0, "lambda_ctr": 0.4}
 
 
 @dataclass
@@ -34,7 +34,7 @@ class SPTConfig:
     init_text: str | None = None
     layout: str = "auto"  # shared where the model is a Llama, else prefix (README, "Quality study")
     lambda_sel: float = 0.4
-    lambda_ctr: float = 0.4
+    lambda_ctr: float = 1.0  # paper: 0.4 for OPT, 1.0 for Llama-2; 1.0 keeps routed picks spread (README)
     tau_gold: float = 0.03  # paper: 1; sharper target so the retriever learns to choose (README)
     tau_sim: float = 1.0
     target_noise: float = 0.0  # std of Gaussian noise on the selection target (authors' Llama-2 run: 0.1)
@@ -45,6 +45,7 @@ class SPTConfig:
     score_beta: float = 10.0  # the retriever's softplus(cos, beta, threshold), PyTorch semantics
     score_threshold: float = 1.0
     retriever: str = "centered"  # "paper": W on the raw pooled features; see model.prompts.Retriever
+    route: float = 1.0  # share of a sample's LM loss on the retriever's pick; 0: the paper's mean over K (README)
     max_len: int = 512
     seed: int = 0
 
@@ -63,6 +64,9 @@ class SPTConfig:
             raise SPTError("init 'text' needs init_text")
         for name in ("lambda_sel", "lambda_ctr", "target_noise"):
             check_number(f"--{name.replace('_', '-')}", getattr(self, name), strict=False)
+        check_number("--route", self.route, strict=False)
+        if self.route > 1:
+            raise SPTError(f"--route is a share of the LM loss, between 0 and 1, got {self.route!r}")
         for name in ("tau_gold", "tau_sim"):
             check_number(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.max_len <= self.prompt_len + 2:
@@ -243,8 +247,9 @@ class SPTModel(nn.Module):
         n_tokens = batch.resp_len.to(seq_ce_sum.device).clamp_min(1)
         seq_ce_mean = seq_ce_sum / n_tokens[None, :]
         share = 1.0 if shard is None else B / shard.total_samples
+        weights = losses.routed_weights(scores, cfg.route) if cfg.route > 0 and scores is not None and K > 1 else None
         parts = {"lm": losses.lm_loss(seq_ce_sum, batch.resp_len.to(seq_ce_sum.device),
-                                      None if shard is None else shard.total_tokens),
+                                      None if shard is None else shard.total_tokens, weights),
                  "fus": None if fusion is None else fusion * share}
         parts["sel"] = (
             losses.selection_loss(seq_ce_mean, scores, cfg.tau_gold, cfg.tau_sim,
