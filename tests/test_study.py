@@ -101,3 +101,13 @@ def test_usage_entropy():
     assert study.usage_entropy([0, 1, 2, 3], 4) == pytest.approx(math.log(4))
     assert study.usage_entropy([2, 2, 2], 4) == 0.0
     assert study.usage_entropy([], 4) == 0.0
+
+
+def test_settings_name_the_later_fields_only_where_they_differ_from_before():
+    # A run finished before route / lambda_sel / lambda_ctr existed used 0 / 0.4 / 0.4: a study at
+    # those values reuses it, a study at any other value does not.
+    before = study.StudyConfig(route=0.0, lambda_sel=0.4, lambda_ctr=0.4).settings()
+    assert not {"route", "lambda_sel", "lambda_ctr"} & set(before)
+    now = study.StudyConfig().settings()
+    assert (now["route"], now["lambda_ctr"]) == (1.0, 1.0) and "lambda_sel" not in now
+    assert study.StudyConfig(route=0.5).settings()["route"] == 0.5
