@@ -50,8 +50,10 @@ def add_arguments(p) -> None:
                         "backward instead of keeping their activations (a 7B step fits in far less memory, "
                         "~1/3 more compute)")
     p.add_argument("--max-len", type=int, default=s.max_len, help="max tokens of prompt + context + response")
-    p.add_argument("--lambda-sel", type=float, default=s.lambda_sel)
-    p.add_argument("--lambda-ctr", type=float, default=s.lambda_ctr)
+    p.add_argument("--lambda-sel", type=float, default=s.lambda_sel,
+                   help="weight of the selection loss (the paper: 0.4 for OPT, 1.0 for Llama-2-7b)")
+    p.add_argument("--lambda-ctr", type=float, default=s.lambda_ctr,
+                   help="weight of the contrastive loss (the paper: 0.4 for OPT, 1.0 for Llama-2-7b; README)")
     p.add_argument("--retriever", choices=RETRIEVERS, default=s.retriever,
                    help="centered: context features standardised with corpus statistics before W; "
                         "paper: the paper's retriever exactly (raw pooled features)")
