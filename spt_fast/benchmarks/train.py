@@ -56,11 +56,9 @@ def straightforward_loss(spt: SPTModel, batch: Batch, max_len: int) -> torch.Ten
         all_logits.append(z)
     seq = torch.stack(ce)  # [K, B]
     n = (labels[:, 1:] != -100).sum(1)
-    parts = {"lm": seq.sum() / (K * n.sum())}
-    if cfg.uses_retriever:
-        scores, _, _ = spt.scores(emb[:, :max_len], batch)
-        if cfg.route > 0 and K > 1:  # the LM loss on the retriever's pick, as the engine's
-            parts["lm"] = losses.lm_loss(seq, n, weights=losses.routed_weights(scores, cfg.route))
+    scores = spt.scores(emb[:, :max_len], batch)[0] if cfg.uses_retriever else None
+    parts = {"lm": losses.lm_loss(seq, n, weights=losses.routed_weights(scores, cfg.route))}
+    if scores is not None:
         if cfg.use_fus:
             fused = sum(scores[:, k, None, None] * all_logits[k] for k in range(K))
             per = F.cross_entropy(fused.reshape(-1, fused.shape[-1]), labels[:, 1:].reshape(-1),

@@ -16,9 +16,12 @@ def lm_loss(seq_ce_sum: torch.Tensor, n_tokens: torch.Tensor, total_tokens: torc
     return (weights.to(seq_ce_sum.dtype) * seq_ce_sum).sum() / total.clamp_min(1)
 
 
-def routed_weights(scores: torch.Tensor, route: float) -> torch.Tensor:
+def routed_weights(scores: torch.Tensor | None, route: float) -> torch.Tensor | None:
     """[K,B] LM-loss weights: `route` of each sample's share on the prompt the retriever picks
-    (its top score, not differentiated), the rest spread evenly over the K prompts."""
+    (its top score, not differentiated), the rest spread evenly over the K prompts. None (lm_loss's
+    plain mean) where nothing is routed: route 0, one prompt, or no scores."""
+    if scores is None or route <= 0 or scores.shape[1] == 1:
+        return None
     K = scores.shape[1]
     pick = F.one_hot(scores.detach().argmax(-1), K).t().to(scores.dtype)
     return (1.0 - route) / K + route * pick

@@ -247,9 +247,9 @@ class SPTModel(nn.Module):
         n_tokens = batch.resp_len.to(seq_ce_sum.device).clamp_min(1)
         seq_ce_mean = seq_ce_sum / n_tokens[None, :]
         share = 1.0 if shard is None else B / shard.total_samples
-        weights = losses.routed_weights(scores, cfg.route) if cfg.route > 0 and scores is not None and K > 1 else None
         parts = {"lm": losses.lm_loss(seq_ce_sum, batch.resp_len.to(seq_ce_sum.device),
-                                      None if shard is None else shard.total_tokens, weights),
+                                      None if shard is None else shard.total_tokens,
+                                      losses.routed_weights(scores, cfg.route)),
                  "fus": None if fusion is None else fusion * share}
         parts["sel"] = (
             losses.selection_loss(seq_ce_mean, scores, cfg.tau_gold, cfg.tau_sim,
