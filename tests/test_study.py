@@ -111,3 +111,42 @@ def test_settings_name_the_later_fields_only_where_they_differ_from_before():
     now = study.StudyConfig().settings()
     assert (now["route"], now["lambda_ctr"]) == (1.0, 1.0) and "lambda_sel" not in now
     assert study.StudyConfig(route=0.5).settings()["route"] == 0.5
+
+
+def test_study_jobs_share_the_runs_between_processes(model_dir, tmp_path, capfd):
+    runs = ("--runs", "pt-shared", "spt-shared", "--seeds", "0")
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert main(study_args(model_dir, serial, *runs)) == 0
+    capfd.readouterr()
+    assert main(study_args(model_dir, parallel, *runs, "--jobs", "2")) == 0
+    out = capfd.readouterr().out
+    # The workers trained both runs; the main pass only gathered them.
+    assert "2 worker processes" in out and out.count("done earlier, reusing") == 2
+    a = {r["run"]: r for r in json.loads((serial / "results.json").read_text())}
+    b = {r["run"]: r for r in json.loads((parallel / "results.json").read_text())}
+    assert sorted(b) == ["pt-shared", "spt-shared"]
+    for run in a:  # one thread instead of all: the same training up to float rounding
+        assert b[run]["val_loss"] == pytest.approx(a[run]["val_loss"], rel=1e-4), run
+        assert b[run]["steps"] == a[run]["steps"] == 2
+
+
+def test_a_claimed_run_is_skipped_by_a_worker_and_refused_by_the_main_pass(tmp_path):
+    from spt_fast.errors import SPTError
+
+    folder = tmp_path / "runs" / "spt-shared-seed0"
+    held = study.claim(folder)  # as another process would hold it (a second open file conflicts too)
+    assert held is not None and study.claim(folder) is None
+    sc = study.StudyConfig(output_dir=str(tmp_path))
+    spec = study.run_specs(2)["spt-shared"]
+    assert study.run_claimed(sc, "spt-shared", spec, 0, (), skip_claimed=True) is None
+    with pytest.raises(SPTError, match="another study process is training this run"):
+        study.run_claimed(sc, "spt-shared", spec, 0, ())
+    held.close()  # released (as when its process ends): free again
+    again = study.claim(folder)
+    assert again is not None
+    again.close()
+
+
+def test_jobs_must_be_positive(model_dir, tmp_path, capsys):
+    assert main(study_args(model_dir, tmp_path / "s", "--jobs", "0")) == 2
+    assert "--jobs" in capsys.readouterr().err

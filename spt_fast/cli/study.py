@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--val-samples", type=int, default=d.val_samples, help="held-out samples for validation loss")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--runs", nargs="+", default=d.runs, help=f"subset of {list(run_specs(4))}")
+    p.add_argument("--jobs", type=int, default=d.jobs,
+                   help="runs trained at once, in that many processes sharing the threads (2 on a 2-core CPU: "
+                        "~1.3x the runs per hour of one process; README, Quality study)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -42,5 +45,5 @@ def run(a) -> dict:
                      retriever=a.retriever, tau_gold=a.tau_gold, route=a.route,
                      lambda_sel=a.lambda_sel, lambda_ctr=a.lambda_ctr,
                      eval_samples=a.eval_samples, val_samples=a.val_samples, max_new_tokens=a.max_new_tokens,
-                     runs=a.runs, progress=not a.no_progress)
+                     runs=a.runs, progress=not a.no_progress, jobs=a.jobs)
     return run_study(sc)

@@ -3,13 +3,15 @@
 Every run gets the same budget (steps × batch, same seeded data order per seed), the same held-out
 split and the same metrics. Each finished run leaves `runs/<name>-seed<S>/result.json`; a rerun of
 the study skips those and resumes unfinished ones from their last checkpoint, so an interrupted
-study costs only the steps since that checkpoint.
+study costs only the steps since that checkpoint. With `jobs` > 1 the runs are shared by that many
+worker processes, each with its share of the threads (a run is claimed by a lock on its folder).
 
 Outputs in the study folder: results.json (one row per run and seed), summary.json (mean and spread
 per run), results.md (the table), loss_curves.png, metrics.png, usage_<run>.png.
 """
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +75,7 @@ class StudyConfig:
     max_new_tokens: int = 32
     runs: list | None = None  # None: all of run_specs()
     progress: bool = True
+    jobs: int = 1  # worker processes training runs at once (not a setting: results do not depend on it)
 
     def settings(self) -> dict:
         """What a finished run must share with this study to be reused."""
@@ -127,9 +130,46 @@ def first_token_stats(spt, tok, samples, batch_size: int = 8) -> dict:
             "first_token_top": tops.most_common(4)}
 
 
+def run_folder(sc: StudyConfig, name: str, seed: int) -> Path:
+    return Path(sc.output_dir) / "runs" / f"{name}-seed{seed}"
+
+
+def claim(folder: Path):
+    """An exclusive lock on a run's folder for this process (an open file to close when done), or
+    None when another process holds it. The OS drops the lock when its process ends, however it
+    ends, so a killed worker leaves no stale claim behind."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".claim", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def run_claimed(sc: StudyConfig, name: str, spec: RunSpec, seed: int, loaded, skip_claimed: bool = False):
+    """_one_run under the run's claim; a run another process is training is skipped (a worker) or
+    refused (the main pass: two studies in one folder would write the same checkpoints)."""
+    folder = run_folder(sc, name, seed)
+    if (folder / "result.json").exists():  # a worker leaves finished runs to the main pass
+        return None if skip_claimed else _one_run(sc, name, spec, seed, *loaded)
+    lock = claim(folder)
+    if lock is None:
+        if skip_claimed:
+            return None
+        raise SPTError(f"{folder}: another study process is training this run now")
+    with lock:
+        if skip_claimed and (folder / "result.json").exists():  # another worker finished it just now
+            return None
+        return _one_run(sc, name, spec, seed, *loaded)
+
+
 def _one_run(sc: StudyConfig, name: str, spec: RunSpec, seed: int, base, tok, splits, held_out) -> dict:
     layout, K, losses = spec.layout, spec.K, spec.losses
-    folder = Path(sc.output_dir) / "runs" / f"{name}-seed{seed}"
+    folder = run_folder(sc, name, seed)
     done = folder / "result.json"
     if done.exists():
         row = json.loads(done.read_text())
@@ -247,26 +287,82 @@ def write_report(sc: StudyConfig, rows: list[dict]) -> dict:
     return agg
 
 
-def run_study(sc: StudyConfig) -> dict:
-    from ..model.loading import load
-    from ..utils import resolve_dtype
-
+def study_jobs(sc: StudyConfig) -> list[tuple[str, RunSpec, int]]:
+    """(run name, spec, seed) for every run of the study, in the order a single process trains them."""
     specs = run_specs(sc.num_prompts)
     names = sc.runs or list(specs)
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise SPTError(f"study: unknown run(s) {unknown}; choose from {list(specs)}")
-    if sc.steps < 1 or sc.batch_size < 1 or not sc.seeds:
-        raise SPTError("study: steps and batch size must be >= 1 and at least one seed given")
-    t0 = time.perf_counter()
+    return [(name, specs[name], seed) for i, seed in enumerate(sc.seeds) for name in names
+            if specs[name].every_seed or i == 0]
+
+
+def _load_inputs(sc: StudyConfig):
+    from ..model.loading import load
+    from ..utils import resolve_dtype
+
     tc = TrainConfig(model=sc.model, data=sc.data, data_format=sc.data_format)
     splits = load_splits(tc)
     held_out = splits[1][: sc.eval_samples]
     if not held_out:
         raise SPTError(f"{sc.data}: the held-out split is empty")
     base, tok = load(sc.model, resolve_dtype("fp32"))
-    rows = [_one_run(sc, name, specs[name], seed, base, tok, splits, held_out)
-            for i, seed in enumerate(sc.seeds) for name in names if specs[name].every_seed or i == 0]
+    return base, tok, splits, held_out
+
+
+def _worker(config: dict, threads: int) -> None:
+    """One of `jobs` processes: train every unfinished run no other worker has claimed, the costliest
+    first (K prompts, then the prefix layout) so that no long run is left for the end."""
+    torch.set_num_threads(threads)
+    sc = StudyConfig(**config)
+    try:
+        loaded = _load_inputs(sc)
+        for name, spec, seed in sorted(study_jobs(sc), key=lambda j: (-j[1].K, j[1].layout != "prefix")):
+            run_claimed(sc, name, spec, seed, loaded, skip_claimed=True)
+    except SPTError as exc:  # the main pass meets the same run next and reports it there
+        print(f"study worker: {exc}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        pass
+
+
+def _run_workers(sc: StudyConfig) -> None:
+    """Start sc.jobs worker processes (spawned: a fresh interpreter each, no forked torch threads)
+    and wait for them. Whatever they leave unfinished (a worker that failed or was stopped) the main
+    pass then resumes or reports."""
+    import multiprocessing
+
+    threads = max(1, torch.get_num_threads() // sc.jobs)
+    config = {**asdict(sc), "jobs": 1, "progress": False}  # several progress bars would interleave
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(config, threads), daemon=False) for _ in range(sc.jobs)]
+    print(f"study: {sc.jobs} worker processes, {threads} thread(s) each", flush=True)
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    finally:
+        # The main process was stopped: SIGTERM asks each worker to save a checkpoint after its
+        # current step and stop (as Ctrl-C does; a worker that got both still saves).
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join()
+
+
+def run_study(sc: StudyConfig) -> dict:
+    jobs = study_jobs(sc)
+    if sc.steps < 1 or sc.batch_size < 1 or not sc.seeds:
+        raise SPTError("study: steps and batch size must be >= 1 and at least one seed given")
+    if sc.jobs < 1:
+        raise SPTError(f"study: --jobs must be >= 1, got {sc.jobs}")
+    t0 = time.perf_counter()
+    if sc.jobs > 1:
+        _run_workers(sc)
+    loaded = _load_inputs(sc)
+    rows = [run_claimed(sc, name, spec, seed, loaded) for name, spec, seed in jobs]
     agg = write_report(sc, rows)
     print("\n" + format_markdown(agg), flush=True)
     print(f"\nwrote {Path(sc.output_dir) / 'results.json'} ({time.perf_counter() - t0:.0f}s)", flush=True)
