@@ -124,7 +124,8 @@ def test_quantized_projection_equals_its_dequantized_weights(bits, dtype, rows, 
     # PyTorch's int kernels take bf16 activations, ours fp32 (int4: bf16 where the CPU has AVX-512 BF16)
     exact = dense_fp32 or (native and dtype == torch.float32 and (bits == 8 or not cpu_native.int4_rounds_to_bf16()))
     atol = 1e-4 if exact else 0.15
-    # The dequantized weights, rebuilt from the same rule (int8: per row; int4: groups of 32).
+    # The dequantized weights, rebuilt from the same rule (int8: per row; int4: groups of 32, bf16
+    # scales and offsets).
     w = torch.cat([layer.weight.detach() for layer in layers])
     if bits == 8:
         scale = w.abs().amax(1, keepdim=True) / 127
@@ -132,7 +133,8 @@ def test_quantized_projection_equals_its_dequantized_weights(bits, dtype, rows, 
     else:
         g = w.reshape(w.shape[0], -1, 32)
         low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        scale = (high - low) / 15
+        scale = ((high - low) / 15).bfloat16().float()  # scales and offsets are bf16 values
+        low = low.bfloat16().float()
         deq = (torch.round((g - low) / scale).clamp(0, 15) * scale + low).reshape(w.shape)
     want = (x @ deq.t()).split([64, 32, 32], dim=-1)
     got = proj(x.to(dtype))
@@ -350,7 +352,14 @@ def test_int_kernel_choice_is_measured_once_and_used(tmp_path, monkeypatch):
     assert cp.choose_quant_kernels(cfg, 8, torch.bfloat16, cache) == first and len(calls) == 1  # from the file
     cp.choose_quant_kernels(cfg, 4, torch.bfloat16, cache)  # int4: its own measurement
     assert len(calls) == 2
-    # The engine's layers follow the choice, each way.
+    # Where the whole-step C call serves (native attention chosen), the int layers are ours...
+    monkeypatch.setattr(cp, "choose_decode_attention", lambda *a, **k: "native")
+    monkeypatch.setattr(cp, "choose_quant_kernels", lambda *a, **k: False)
+    fused = Llama(cfg)
+    assert attach_cpu_projections(fused, "int4", cache) and fused.fused_decode is not None
+    assert fused.layers[0].attention.wo.native and fused.output.native
+    # ... and elsewhere they follow the choice, each way.
+    monkeypatch.setenv("SPT_FAST_FUSED_DECODE", "0")
     for choice in (True, False):
         monkeypatch.setattr(cp, "choose_quant_kernels", lambda *a, choice=choice, **k: choice)
         llama = Llama(cfg)

@@ -35,11 +35,13 @@ def test_int8_kernel_is_the_scaled_integer_product(m, n, k):
 def test_int4_kernel_is_the_dequantized_product(m, n, k, group):
     torch.manual_seed(m * 1000 + n + k)
     q = torch.randint(0, 16, (n, k))
-    scale, low = torch.rand(k // group, n) * 0.1, torch.randn(k // group, n) * 0.1
+    # (the kernel reads its scales and offsets as bf16)
+    scale, low = (torch.rand(k // group, n) * 0.1).bfloat16(), (torch.randn(k // group, n) * 0.1).bfloat16()
     x = torch.randn(m, k)
     words = cpu_native.pack_int4(q)
     assert torch.equal(cpu_native.unpack_int4(words), q.int())
-    got = cpu_native.int4_mm(x, words, scale, low, group)
+    got = cpu_native.int4_mm(x, words, cpu_native.pack_int4_groups(scale), cpu_native.pack_int4_groups(low), group)
+    scale, low = scale.float(), low.float()
     # With AVX-512 BF16 the kernel rounds x to bf16 first (that is its contract); the rest is fp32.
     xr = x.bfloat16().float() if cpu_native.int4_rounds_to_bf16() else x
     want = _int4_reference(xr, q, scale, low, group)
@@ -102,7 +104,7 @@ def test_kernels_run_inside_a_compiled_graph():
     q8 = cpu_native.pack_int8(torch.randint(-128, 128, (64, 64), dtype=torch.int8))
     s8 = torch.rand(64)
     q4 = cpu_native.pack_int4(torch.randint(0, 16, (64, 64)))
-    s4, l4 = torch.rand(2, 64), torch.rand(2, 64)
+    s4, l4 = torch.rand(2, 64).bfloat16(), torch.rand(2, 64).bfloat16()
 
     wd = cpu_native.pack_dense(torch.randn(64, 64))
 

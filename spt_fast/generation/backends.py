@@ -131,7 +131,8 @@ class FastBackend:
         return advance(logits, done, state, eos_id, temperature, top_p, noise, stop_table, ignore_eos)
 
     def step(self, token, pos, done, state, noise, *args, max_pos: int):
-        if not self.compile:
+        # The whole-step C call (Llama.fused_decode) runs eagerly: nothing is left to compile.
+        if not self.compile or self.llama.fused_applies(token.shape[0]):
             return self._eager(token, pos, done, state, noise, *args, max_pos=max_pos)
         if self._compiled is None:
             self._compiled = self._make_compiled(token.is_cuda)

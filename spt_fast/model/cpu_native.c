@@ -7,7 +7,9 @@
  * Layouts (tiles of T = 32 output rows; N padded to a multiple of 32 with zero rows):
  *   int8: q[N/32][K][32] int8, one fp32 scale per output row:       w[n][k] = q * scale[n]
  *   int4: q[N/32][K/8][32] uint32 words, nibble i of word (t, b, j) is the weight of row 32 t + j,
- *         column 8 b + i; per group of G columns and row a scale and a low: w = q * scale + low
+ *         column 8 b + i; per group of G columns and row a scale and a low (bf16): w = q * scale + low,
+ *         each [N/32][K/G][32] (a tile's scales one contiguous run: laid out [K/G][N], a tile read
+ *         them as K/G scattered lines, a third of what an int4 step reads)
  * Each word (int4) or byte (int8) of a tile row belongs to one output lane, so a 16-lane vector of
  * them turns into 16 weights with a shift, a mask and one conversion: no shuffles across lanes.
  * x: [M][K] fp32, y: [M][N] fp32 (N the padded width). K a multiple of 8; G of 8. `threads`: torch's
@@ -17,11 +19,27 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 #define T 32
+
+/* int4 scales and offsets are bf16: a float's top half */
+static inline float bf16_float(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+#if defined(__AVX512F__)
+static inline __m512 load_bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+#endif
 
 /* ---- int8 ---- */
 
@@ -93,8 +111,8 @@ void spt_int8_mm(const float* x, const int8_t* q, const float* scale, float* y, 
  * rides along is taken off per group with the sum of the same bf16 activations (xb). */
 #define INT4_BF16 1
 static inline __attribute__((always_inline)) void int4_tile_bf16(const uint32_t* xp, const float* xb,
-                                                                const uint32_t* qt, const float* sc,
-                                                                const float* lo, float* y, int64_t N, int64_t K,
+                                                                const uint32_t* qt, const uint16_t* sc,
+                                                                const uint16_t* lo, float* y, int64_t N, int64_t K,
                                                                 int64_t G, int MR) {
   const __m512i keep = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
   const __m512 c128 = _mm512_set1_ps(128.f);
@@ -120,8 +138,8 @@ static inline __attribute__((always_inline)) void int4_tile_bf16(const uint32_t*
         }
       }
     }
-    __m512 s0 = _mm512_loadu_ps(sc + g * N), s1 = _mm512_loadu_ps(sc + g * N + 16);
-    __m512 l0 = _mm512_loadu_ps(lo + g * N), l1 = _mm512_loadu_ps(lo + g * N + 16);
+    __m512 s0 = load_bf16x16(sc + g * T), s1 = load_bf16x16(sc + g * T + 16);
+    __m512 l0 = load_bf16x16(lo + g * T), l1 = load_bf16x16(lo + g * T + 16);
     for (int m = 0; m < MR; m++) {
       __m512 u = _mm512_set1_ps(xb[m * (K / G) + g]), off = _mm512_mul_ps(u, c128);
       __m512 d0 = _mm512_add_ps(_mm512_add_ps(a[m][0][0], a[m][1][0]), _mm512_add_ps(a[m][2][0], a[m][3][0]));
@@ -163,7 +181,7 @@ static inline float from_bf16(uint16_t h) {
     w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 28));                                                \
   }
 static inline __attribute__((always_inline)) void int4_tile(const float* xs, const float* xsum, const uint32_t* qt,
-                                                           const float* sc, const float* lo, float* y, int64_t N,
+                                                           const uint16_t* sc, const uint16_t* lo, float* y, int64_t N,
                                                            int64_t K, int64_t G, int MR) {
   __m512 r00 = _mm512_setzero_ps(), r01 = r00, r10 = r00, r11 = r00;
   for (int64_t g = 0; g < K / G; g++) {
@@ -191,8 +209,8 @@ static inline __attribute__((always_inline)) void int4_tile(const float* xs, con
       STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5) STEP(6) STEP(7)
 #undef STEP
     }
-    __m512 s0 = _mm512_loadu_ps(sc + g * N), s1 = _mm512_loadu_ps(sc + g * N + 16);
-    __m512 l0 = _mm512_loadu_ps(lo + g * N), l1 = _mm512_loadu_ps(lo + g * N + 16);
+    __m512 s0 = load_bf16x16(sc + g * T), s1 = load_bf16x16(sc + g * T + 16);
+    __m512 l0 = load_bf16x16(lo + g * T), l1 = load_bf16x16(lo + g * T + 16);
     __m512 u0 = _mm512_set1_ps(xsum[g]);
     r00 = _mm512_fmadd_ps(u0, l0, _mm512_fmadd_ps(_mm512_add_ps(a00, a02), s0, r00));
     r01 = _mm512_fmadd_ps(u0, l1, _mm512_fmadd_ps(_mm512_add_ps(a01, a03), s1, r01));
@@ -211,8 +229,8 @@ static inline __attribute__((always_inline)) void int4_tile(const float* xs, con
 }
 #undef NIBBLE
 #else
-static inline void int4_tile(const float* xs, const float* xsum, const uint32_t* qt, const float* sc,
-                             const float* lo, float* y, int64_t N, int64_t K, int64_t G, int MR) {
+static inline void int4_tile(const float* xs, const float* xsum, const uint32_t* qt, const uint16_t* sc,
+                             const uint16_t* lo, float* y, int64_t N, int64_t K, int64_t G, int MR) {
   for (int m = 0; m < MR; m++) {
     float res[T] = {0};
     for (int64_t g = 0; g < K / G; g++) {
@@ -226,14 +244,14 @@ static inline void int4_tile(const float* xs, const float* xsum, const uint32_t*
             part[j] += xv * (i < 7 ? (float)(int32_t)(row[j] & keep) : (float)(row[j] >> 28));
         }
       }
-      for (int j = 0; j < T; j++) res[j] += part[j] * sc[g * N + j] + xsum[m * (K / G) + g] * lo[g * N + j];
+      for (int j = 0; j < T; j++) res[j] += part[j] * bf16_float(sc[g * T + j]) + xsum[m * (K / G) + g] * bf16_float(lo[g * T + j]);
     }
     for (int j = 0; j < T; j++) y[m * N + j] = res[j];
   }
 }
 #endif
 
-void spt_int4_mm(const float* x, const uint32_t* q, const float* scale, const float* low, float* y, int64_t M,
+void spt_int4_mm(const float* x, const uint32_t* q, const uint16_t* scale, const uint16_t* low, float* y, int64_t M,
                  int64_t N, int64_t K, int64_t G, int threads) {
   int64_t tiles = N / T;
 #ifdef INT4_BF16
@@ -255,10 +273,10 @@ void spt_int4_mm(const float* x, const uint32_t* q, const float* scale, const fl
     const uint32_t* qt = q + t * (K / 8) * T;
     for (int64_t m = 0; m < M; m += 2) {
       if (M - m >= 2)
-        int4_tile_bf16(xp + m * (K / 2), xb + m * (K / G), qt, scale + t * T, low + t * T, y + m * N + t * T, N,
+        int4_tile_bf16(xp + m * (K / 2), xb + m * (K / G), qt, scale + t * (K / G) * T, low + t * (K / G) * T, y + m * N + t * T, N,
                        K, G, 2);
       else
-        int4_tile_bf16(xp + m * (K / 2), xb + m * (K / G), qt, scale + t * T, low + t * T, y + m * N + t * T, N,
+        int4_tile_bf16(xp + m * (K / 2), xb + m * (K / G), qt, scale + t * (K / G) * T, low + t * (K / G) * T, y + m * N + t * T, N,
                        K, G, 1);
     }
   }
@@ -281,9 +299,9 @@ void spt_int4_mm(const float* x, const uint32_t* q, const float* scale, const fl
     const uint32_t* qt = q + t * (K / 8) * T;
     for (int64_t m = 0; m < M; m += 2) {
       if (M - m >= 2)
-        int4_tile(xs + m * K, xsum + m * (K / G), qt, scale + t * T, low + t * T, y + m * N + t * T, N, K, G, 2);
+        int4_tile(xs + m * K, xsum + m * (K / G), qt, scale + t * (K / G) * T, low + t * (K / G) * T, y + m * N + t * T, N, K, G, 2);
       else
-        int4_tile(xs + m * K, xsum + m * (K / G), qt, scale + t * T, low + t * T, y + m * N + t * T, N, K, G, 1);
+        int4_tile(xs + m * K, xsum + m * (K / G), qt, scale + t * (K / G) * T, low + t * (K / G) * T, y + m * N + t * T, N, K, G, 1);
     }
   }
   free(xs);
@@ -801,4 +819,371 @@ int spt_int4_bf16(void) {
 #else
   return 0;
 #endif
+}
+
+/* ---- a whole decode step's layers in one call: one token per row ----
+ * A decode step is ~10 operators a layer (norms, projections, rotary, cache writes, attention,
+ * residual adds); one row through the embedded model's 30 layers made ~300 calls, and each call's
+ * own cost (the dispatcher, an OpenMP fork, a small allocation, ~15-30 us) added up to more than
+ * the weights' reading in the int4 step (7.3 ms a step for 2.4 ms of bytes). Here one OpenMP
+ * region runs every layer: each phase splits its work over the threads and ends at a barrier.
+ * The numbers follow the PyTorch layers' (spt_fast/model/llama.py): the activations are rounded
+ * to the model's dtype where those layers round them (norm, projection outputs, rotary, SiLU,
+ * products and residual sums), and the kernels are the ones above.
+ * Projections: kind 0 dense (packed by pack_dense, the model's dtype), 1 int8 tiles, 2 int4 tiles;
+ * n: the width the kernel writes (int tiles: padded to T). */
+
+typedef struct {
+  int64_t kind, n, k, group;
+  const void* w;
+  const void* scale; /* int8: fp32 per row; int4: bf16 per group */
+  const void* low;
+} spt_proj;
+
+typedef struct {
+  const void* attn_norm;
+  const void* ffn_norm;
+  spt_proj qkv, o, gate_up, down;
+  void* k_cache; /* [rows][Hkv][S][D], the model's dtype */
+  void* v_cache;
+} spt_layer;
+
+typedef struct {
+  int64_t B, dim, H, Hkv, D, F, S, row_stride; /* row_stride: elements from one cache row to the next */
+  float eps, scale;
+  int bf, threads;
+  const float* cos; /* [positions][D] */
+  const float* sin; /* first half negated (llama.py's _build_rope) */
+  const void* final_norm;
+} spt_shape;
+
+/* Scratch, laid out from one base (base NULL: only the size). */
+typedef struct {
+  char *h, *xn, *y, *q, *att, *act;
+  float *yf, *pre, *sums, *sc;
+} spt_work;
+
+static int64_t lay_work(const spt_shape* s, int64_t nmax, int64_t kmax, char* base, spt_work* w) {
+  int64_t es = s->bf ? 2 : 4, at = 0;
+#define TAKE(field, type, count)                                         \
+  {                                                                       \
+    if (base) w->field = (type)(base + at);                               \
+    at += ((int64_t)(count) * (int64_t)sizeof(*w->field) + 63) / 64 * 64; \
+  }
+  TAKE(h, char*, s->B * s->dim * es)
+  TAKE(xn, char*, s->B * kmax * es)
+  TAKE(y, char*, s->B * nmax * es)
+  TAKE(q, char*, s->B * s->H * s->D * es)
+  TAKE(att, char*, s->B * s->H * s->D * es)
+  TAKE(act, char*, s->B * s->F * es)
+  TAKE(yf, float*, s->B * nmax)
+  TAKE(pre, float*, s->B * kmax)
+  TAKE(sums, float*, s->B * (kmax / 8 + 1))
+  TAKE(sc, float*, s->threads * (s->S + s->D + 16))
+#undef TAKE
+  return at;
+}
+
+static inline float rnd(float f, int bf) {  /* what storing in the model's dtype keeps */
+  if (!bf) return f;
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* One row of a projection's input in the form its kernel takes (int kinds), from x (the model's
+ * dtype): into row b of pre (int8: x in fp32, K floats a row; int4: bf16 pairs, K / 2 words, or x
+ * scaled per column, K floats) and of sums (int4: each group's sum, K / G a row), so that rows
+ * are as far apart as the int kernels expect. */
+static void prepare_row(const spt_proj* p, const char* x, float* pre, float* sums, int64_t b, int bf) {
+  int64_t K = p->k;
+  if (p->kind == 1) {
+    for (int64_t k = 0; k < K; k++) pre[b * K + k] = ld(x, k, bf);
+  } else if (p->kind == 2) {
+    int64_t G = p->group;
+    float* xsum = sums + b * (K / G);
+#ifdef INT4_BF16
+    uint32_t* xp = (uint32_t*)pre + b * (K / 2);
+    for (int64_t g = 0; g < K / G; g++) xsum[g] = 0.f;
+    for (int64_t j = 0; j < K / 8; j++)
+      for (int i = 0; i < 4; i++) {
+        uint16_t lo16 = to_bf16(ld(x, 8 * j + i, bf)), hi16 = to_bf16(ld(x, 8 * j + i + 4, bf));
+        xp[4 * j + i] = (uint32_t)lo16 | ((uint32_t)hi16 << 16);
+        xsum[(8 * j) / G] += from_bf16(lo16) + from_bf16(hi16);
+      }
+#else
+    float* xs = pre + b * K;
+    for (int64_t k = 0; k < K; k++) xs[k] = ld(x, k, bf) * (k % 8 == 7 ? 1.f : 1.f / (float)(1u << (4 * (k % 8))));
+    for (int64_t g = 0; g < K / G; g++) {
+      float sum = 0.f;
+      for (int64_t k = g * G; k < (g + 1) * G; k++) sum += ld(x, k, bf);
+      xsum[g] = sum;
+    }
+#endif
+  }
+}
+
+static int64_t proj_units(const spt_proj* p) {
+  if (p->kind) return p->n / T;
+  int64_t vecs = p->n / V;
+  return (vecs + DNB - 1) / DNB;
+}
+
+/* Unit u (an int tile, or a dense group) of y = x W^T for all B rows: x the model's dtype [B][K]
+ * (dense) or prepared rows (pre, sums), y the model's dtype [B][n]; yf: fp32 scratch [B][n] for
+ * the int kinds (rows two at a time, as spt_int8_mm / spt_int4_mm take them). */
+static void proj_unit(const spt_proj* p, int64_t u, int64_t B, const char* x, const float* pre, const float* sums,
+                      char* y, float* yf, int bf) {
+  int64_t N = p->n, K = p->k, es = bf ? 2 : 4;
+  if (p->kind == 0) {
+    int64_t vecs = N / V, v0 = u * DNB;
+    int nb = (int)(vecs - v0 < DNB ? vecs - v0 : DNB);
+    for (int64_t m = 0; m < B; m += DMR) {
+      int mr = (int)(B - m < DMR ? B - m : DMR);
+      if (bf) {
+        const uint16_t* xb = (const uint16_t*)x + m * K;
+        const uint16_t* wb = (const uint16_t*)p->w + v0 * K * V;
+        uint16_t* yb = (uint16_t*)y + m * N + v0 * V;
+        DENSE_CASES(dense_bf16_block, xb, wb, yb, K, N, mr, nb)
+      } else {
+        const float* xf = (const float*)x + m * K;
+        const float* wf = (const float*)p->w + v0 * K * V;
+        float* yo = (float*)y + m * N + v0 * V;
+        DENSE_CASES(dense_f32_block, xf, wf, yo, K, N, mr, nb)
+      }
+    }
+    return;
+  }
+  for (int64_t m = 0; m < B; m += 2) {
+    int two = B - m >= 2;
+    float* out = yf + m * N + u * T;
+    if (p->kind == 1) {
+      const int8_t* qt = (const int8_t*)p->w + u * K * T;
+      const float* sc = (const float*)p->scale + u * T;
+      if (two) int8_tile(pre + m * K, qt, sc, out, N, K, 2);
+      else int8_tile(pre + m * K, qt, sc, out, N, K, 1);
+    } else {
+      int64_t G = p->group;
+      const uint32_t* qt = (const uint32_t*)p->w + u * (K / 8) * T;
+      const uint16_t *sc = (const uint16_t*)p->scale + u * (K / G) * T, *lo = (const uint16_t*)p->low + u * (K / G) * T;
+      const float* xs = sums + m * (K / G);
+#ifdef INT4_BF16
+      const uint32_t* xp = (const uint32_t*)pre + m * (K / 2);
+      if (two) int4_tile_bf16(xp, xs, qt, sc, lo, out, N, K, G, 2);
+      else int4_tile_bf16(xp, xs, qt, sc, lo, out, N, K, G, 1);
+#else
+      if (two) int4_tile(pre + m * K, xs, qt, sc, lo, out, N, K, G, 2);
+      else int4_tile(pre + m * K, xs, qt, sc, lo, out, N, K, G, 1);
+#endif
+    }
+  }
+  for (int64_t m = 0; m < B; m++)
+    for (int64_t j = u * T; j < (u + 1) * T; j++) st(y + (m * N + j) * es, 0, yf[m * N + j], bf);
+}
+
+#if defined(__AVX512F__)
+static inline void store16(void* p, __m512 v, int bf) {  /* bf16: round to nearest even */
+  if (bf) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(u));
+  } else {
+    _mm512_storeu_ps((float*)p, v);
+  }
+}
+static inline __m512 round16(__m512 v, int bf) {  /* what storing in the model's dtype keeps */
+  if (!bf) return v;
+  __m512i u = _mm512_castps_si512(v);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+#endif
+
+/* out = weight * rmsnorm(x) over one row of `dim`, as llama.py's RMSNorm rounds it. */
+static void norm_row(const char* x, const void* w, char* out, int64_t dim, float eps, int bf) {
+  int64_t es = bf ? 2 : 4, i = 0;
+  (void)es; /* (the vector paths only) */
+  float ss = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= dim; i += 16) {
+    __m512 v = load16(x + i * es, bf);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  ss = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < dim; i++) {
+    float v = ld(x, i, bf);
+    ss += v * v;
+  }
+  float r = 1.f / sqrtf(ss / (float)dim + eps);
+  i = 0;
+#if defined(__AVX512F__)
+  __m512 vr = _mm512_set1_ps(r);
+  for (; i + 16 <= dim; i += 16)
+    store16(out + i * es, _mm512_mul_ps(load16((const char*)w + i * es, bf), round16(_mm512_mul_ps(load16(x + i * es, bf), vr), bf)), bf);
+#endif
+  for (; i < dim; i++) st(out, i, ld(w, i, bf) * rnd(ld(x, i, bf) * r, bf), bf);
+}
+
+/* out = a + b over n elements (the model's dtype, rounded once). */
+static void add_row(const char* a, const char* b, char* out, int64_t n, int bf) {
+  int64_t es = bf ? 2 : 4, i = 0;
+  (void)es; /* (the vector paths only) */
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) store16(out + i * es, _mm512_add_ps(load16(a + i * es, bf), load16(b + i * es, bf)), bf);
+#endif
+  for (; i < n; i++) st(out, i, ld(a, i, bf) + ld(b, i, bf), bf);
+}
+
+/* x[i] cos[i] + x[(i + D/2) % D] sin[i] for one head (llama.py's _apply_rotary), into out. */
+static void rotate(const char* x, const float* cs, const float* sn, char* out, int64_t D, int bf) {
+  for (int64_t i = 0; i < D; i++) {
+    float a = ld(x, i, bf) * cs[i], b = ld(x, (i + D / 2) % D, bf) * sn[i];
+    st(out, i, a + b, bf);
+  }
+}
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+/* out[i] = silu(gate[i]) * up[i] over [i0, i1), each product of the model's dtype rounded as
+ * PyTorch's F.silu(gate) * up rounds it. */
+static void silu_mul(const char* gate, const char* up, char* out, int64_t i0, int64_t i1, int bf) {
+  int64_t es = bf ? 2 : 4, i = i0;
+  (void)es; /* (the vector paths only) */
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= i1; i += 16) {
+    __m512 g = load16(gate + i * es, bf);
+    __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));  /* exp(-|g|) <= 1 */
+    __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    __m512 sig = _mm512_mask_mul_ps(inv, neg, inv, e);  /* sigmoid(g): 1/(1+e) or e/(1+e) */
+    __m512 sl = round16(_mm512_mul_ps(g, sig), bf);
+    store16(out + i * es, _mm512_mul_ps(sl, load16(up + i * es, bf)), bf);
+  }
+#endif
+  for (; i < i1; i++) st(out, i, rnd(silu(ld(gate, i, bf)), bf) * ld(up, i, bf), bf);
+}
+
+/* x [B][dim] (the model's dtype): each row's token embedding in, its last hidden state (after the
+ * final norm) out. pos [B]: each row's position; its K/V go to that slot, and it attends to slots
+ * 0..pos of its row. work: lay_work's size in bytes. */
+int64_t spt_decode_work_bytes(const spt_shape* s, int64_t nmax, int64_t kmax) {
+  return lay_work(s, nmax, kmax, NULL, NULL);
+}
+
+void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void* x_, const int64_t* pos,
+                       int64_t nmax, int64_t kmax, void* work) {
+  spt_work w;
+  lay_work(s, nmax, kmax, (char*)work, &w);
+  const int bf = s->bf;
+  const int64_t B = s->B, dim = s->dim, H = s->H, Hkv = s->Hkv, D = s->D, F = s->F, es = bf ? 2 : 4;
+  const int64_t g = H / Hkv;
+  char* x = (char*)x_;
+#if defined(__AVX512F__)
+  const int fast = D % 16 == 0 && D <= 128;
+#endif
+#pragma omp parallel num_threads(s->threads)
+  {
+    int me = 0;
+#ifdef _OPENMP
+    me = omp_get_thread_num();
+#endif
+    float* sc = w.sc + me * (s->S + D + 16);
+    for (int64_t l = 0; l < nl; l++) {
+      const spt_layer* ly = L + l;
+      const spt_proj *qkv = &ly->qkv, *o = &ly->o, *gu = &ly->gate_up, *dn = &ly->down;
+      /* 1: the attention norm (and the int kernels' form of it) */
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; b++) {
+        norm_row(x + b * dim * es, ly->attn_norm, w.xn + b * dim * es, dim, s->eps, bf);
+        prepare_row(qkv, w.xn + b * dim * es, w.pre, w.sums, b, bf);
+      }
+      /* 2: q, k, v */
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < proj_units(qkv); u++) proj_unit(qkv, u, B, w.xn, w.pre, w.sums, w.y, w.yf, bf);
+      /* 3: rotary; k and v into the cache at each row's position */
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B * (H + Hkv); t++) {
+        int64_t b = t / (H + Hkv), h = t % (H + Hkv), p = pos[b];
+        const char* row = w.y + b * qkv->n * es;
+        const float *cs = s->cos + p * D, *sn = s->sin + p * D;
+        if (h < H) {
+          rotate(row + h * D * es, cs, sn, w.q + (b * H + h) * D * es, D, bf);
+        } else {
+          int64_t kh = h - H;
+          char* kc = (char*)ly->k_cache + ((b * s->row_stride) + (kh * s->S + p) * D) * es;
+          char* vc = (char*)ly->v_cache + ((b * s->row_stride) + (kh * s->S + p) * D) * es;
+          rotate(row + (H * D + kh * D) * es, cs, sn, kc, D, bf);
+          memcpy(vc, row + (H * D + Hkv * D + kh * D) * es, D * es);
+        }
+      }
+      /* 4: attention, one task per row and query head */
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B * H; t++) {
+        int64_t b = t / H, h = t % H, n = pos[b] + 1;
+        if (n > s->S) n = s->S;
+        const char* kh = (const char*)ly->k_cache + (b * s->row_stride + (h / g) * s->S * D) * es;
+        const char* vh = (const char*)ly->v_cache + (b * s->row_stride + (h / g) * s->S * D) * es;
+        const char* qh = w.q + (b * H + h) * D * es;
+        char* oh = w.att + (b * H + h) * D * es;
+#if defined(__AVX512F__)
+        if (fast) {
+          attend_head(qh, kh, vh, oh, n, D, s->scale, bf, sc);
+          continue;
+        }
+#endif
+        attend_group(qh, kh, vh, oh, n, 1, D, s->scale, bf, sc, sc + s->S);
+      }
+      if (o->kind) {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) prepare_row(o, w.att + b * H * D * es, w.pre, w.sums, b, bf);
+      }
+      /* 5: the output projection */
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < proj_units(o); u++) proj_unit(o, u, B, w.att, w.pre, w.sums, w.y, w.yf, bf);
+      /* 6: the residual, the feed-forward norm */
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; b++) {
+        char *xb = x + b * dim * es, *hb = w.h + b * dim * es;
+        add_row(xb, w.y + b * o->n * es, hb, dim, bf);
+        norm_row(hb, ly->ffn_norm, w.xn + b * dim * es, dim, s->eps, bf);
+        prepare_row(gu, w.xn + b * dim * es, w.pre, w.sums, b, bf);
+      }
+      /* 7: gate and up */
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < proj_units(gu); u++) proj_unit(gu, u, B, w.xn, w.pre, w.sums, w.y, w.yf, bf);
+      /* 8: silu(gate) * up, in chunks of 64 */
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < B * ((F + 63) / 64); t++) {
+        int64_t b = t / ((F + 63) / 64), i0 = (t % ((F + 63) / 64)) * 64, i1 = i0 + 64 < F ? i0 + 64 : F;
+        const char* row = w.y + b * gu->n * es;
+        char* a = w.act + b * F * es;
+        silu_mul(row, row + F * es, a, i0, i1, bf);
+      }
+      if (dn->kind) {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) prepare_row(dn, w.act + b * F * es, w.pre, w.sums, b, bf);
+      }
+      /* 9: down */
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < proj_units(dn); u++) proj_unit(dn, u, B, w.act, w.pre, w.sums, w.y, w.yf, bf);
+      /* 10: the residual */
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; b++) {
+        char* xb = x + b * dim * es;
+        add_row(w.h + b * dim * es, w.y + b * dn->n * es, xb, dim, bf);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+      norm_row(x + b * dim * es, s->final_norm, w.h + b * dim * es, dim, s->eps, bf);
+      memcpy(x + b * dim * es, w.h + b * dim * es, dim * es);
+    }
+  }
 }

@@ -153,6 +153,13 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return words.reshape(n // TILE, TILE, k // 8).transpose(1, 2).contiguous()
 
 
+def pack_int4_groups(t: torch.Tensor) -> torch.Tensor:
+    """Per-group scales or offsets [k / group, n] (n a multiple of TILE) -> [n / TILE, k / group, TILE]
+    (the int4 kernels take them in bf16)."""
+    groups, n = t.shape
+    return t.reshape(groups, n // TILE, TILE).transpose(0, 1).contiguous()
+
+
 def unpack_int4(words: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_int4: [n, k] int32 values 0..15."""
     tiles, blocks, _ = words.shape
@@ -347,7 +354,7 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 
 def int4_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int) -> torch.Tensor:
     """x [m, k] fp32 times the int4 words q [n / TILE, k / 8, TILE] with per-group scale and low
-    [k / group, n] fp32: [m, n] fp32. With AVX-512 BF16 the activations are rounded to bf16
+    (bf16, [k / group, n] packed by pack_int4_groups): [m, n] fp32. With AVX-512 BF16 the activations are rounded to bf16
     (cpu_native.c says why), else they stay fp32."""
     return torch.ops.spt_fast.int4_mm(x, q, scale, low, group)
 

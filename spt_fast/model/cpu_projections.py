@@ -105,6 +105,10 @@ class CPUProjection(nn.Module):
 
             self.native = pack_dense(self._merged())
 
+    def kernel_for(self, rows: int) -> str:
+        """The kernel that serves this many input rows."""
+        return self.kernels[_rows_key(rows)]
+
     def forward(self, x):
         rows = x.shape[:-1].numel()
         kernel = self.kernels[_rows_key(rows)]
@@ -331,21 +335,26 @@ class QuantProjection(nn.Module):
             return
         g = w.reshape(n, k // group, group)
         low, high = g.amin(-1), g.amax(-1)
-        scale = ((high - low) / 15).clamp_min(1e-12)
+        # Scales and offsets as bf16 values (our kernels read them so: fp32 ones were a third of an
+        # int4 step's bytes), rounded before the weights are, which then fit what is stored.
+        scale = ((high - low) / 15).clamp_min(1e-12).bfloat16().float()
+        low = low.bfloat16().float()
         q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
         if self.native:
             self.register_buffer("q", cpu_native.pack_int4(q), persistent=False)
-            self.register_buffer("scale", scale.t().contiguous(), persistent=False)  # [k / group, n]
-            self.register_buffer("low", low.t().contiguous(), persistent=False)
+            self.register_buffer("scale", cpu_native.pack_int4_groups(scale.t().bfloat16()), persistent=False)
+            self.register_buffer("low", cpu_native.pack_int4_groups(low.t().bfloat16()), persistent=False)
         else:
             self.register_buffer("q", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
             zero = low + 8 * scale
             self.register_buffer("scale", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous(),
                                  persistent=False)
-            nibbles = q.to(torch.uint8).reshape(n, k // 2, 2)
-            self.register_buffer("plain", nibbles[..., 0] | (nibbles[..., 1] << 4), persistent=False)
-            self.register_buffer("group_scale", scale.to(dtype), persistent=False)  # [n, k / group]
-            self.register_buffer("group_low", low.to(dtype), persistent=False)
+        # A prefill's dense copy comes from plain nibbles: unpacking the kernels' words took ~1 s a
+        # prefill of the embedded model (int32 intermediates eight times the weights' size).
+        nibbles = q.to(torch.uint8).reshape(n, k // 2, 2)
+        self.register_buffer("plain", nibbles[..., 0] | (nibbles[..., 1] << 4), persistent=False)
+        self.register_buffer("group_scale", scale.to(dtype), persistent=False)  # [n, k / group]
+        self.register_buffer("group_low", low.to(dtype), persistent=False)
 
     def read_bytes(self) -> int:
         """Bytes a decode step reads: the integer weights and their scales (and offsets)."""
@@ -360,12 +369,9 @@ class QuantProjection(nn.Module):
             if self.native:
                 return cpu_native.unpack_int8(self.q).to(dtype) * self.scale.to(dtype)[:, None]
             return self.q.to(dtype) * self.row_scale.to(dtype)[:, None]
-        if self.native:  # the kernels' fp32 [k / group, n] scales and offsets
-            q, scale, low = cpu_native.unpack_int4(self.q), self.scale.t(), self.low.t()
-        else:
-            n, half = self.plain.shape
-            q = torch.stack([self.plain & 0xF, self.plain >> 4], -1).reshape(n, 2 * half)
-            scale, low = self.group_scale, self.group_low
+        n, half = self.plain.shape
+        q = torch.stack([self.plain & 0xF, self.plain >> 4], -1).reshape(n, 2 * half)
+        scale, low = self.group_scale, self.group_low
         n, k = q.shape
         q = q.reshape(n, -1, self.group).to(dtype)
         return (q * scale[..., None].to(dtype) + low[..., None].to(dtype)).reshape(n, k)
@@ -499,6 +505,8 @@ def attach_cpu_projections(llama, weights: str | None = None, kernel_cache=None)
     with weights="int8" / "int4" (the LM head included; the input embedding is read one row per
     token and stays as it is). Returns False, changing nothing, unless every layer is a plain
     bias-free fp32/bf16 nn.Linear on the CPU."""
+    from .fused_decode import FusedDecode, fused_decode_enabled  # (it imports this module's classes)
+
     plans = []
     for block in llama.layers:
         a, f = block.attention, block.feed_forward
@@ -519,8 +527,11 @@ def attach_cpu_projections(llama, weights: str | None = None, kernel_cache=None)
         make = make_head = W8A8Projection
     elif weights in WEIGHTS:
         bits = 8 if weights == "int8" else 4
-        native = choose_quant_kernels(llama.config, bits, dtype, kernel_cache)
-        head_native = native if bits == 8 else choose_quant_kernels(llama.config, 8, dtype, kernel_cache)
+        # Where the whole-step C call will run, it needs our int kernels; they tie with PyTorch's
+        # per call, and without the per-call costs the step is 1.6-2x faster (README).
+        fused = choose_decode_attention(llama.config, dtype, kernel_cache) == "native" and fused_decode_enabled()
+        native = fused or choose_quant_kernels(llama.config, bits, dtype, kernel_cache)
+        head_native = native if bits == 8 or fused else choose_quant_kernels(llama.config, 8, dtype, kernel_cache)
 
         def make(layers):
             return QuantProjection(layers, bits, dtype, native=native)
@@ -545,6 +556,7 @@ def attach_cpu_projections(llama, weights: str | None = None, kernel_cache=None)
         for m in dense:
             m.use(kernels)  # packed copies for the chosen kernels only
     _into_huge_pages(llama)
+    llama.fused_decode = FusedDecode.attach(llama)  # after the move: it keeps the weights' addresses
     return True
 
 

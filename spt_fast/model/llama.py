@@ -336,6 +336,9 @@ class Llama(nn.Module):
         # A prefill's causal attention: PyTorch's SDPA, or (native_prefill_attention, measured by the
         # CPU engine) cpu_native's C kernel.
         self.native_prefill_attention = False
+        # One-token steps through cpu_native's whole-step C call (fused_decode.FusedDecode, set by
+        # attach_cpu_projections where every projection runs on its kernels).
+        self.fused_decode = None
 
     def _build_rope(self, device):
         # Tables in fp32 for every position up to max_seq_len, with transformers' exact formula.
@@ -593,9 +596,17 @@ class Llama(nn.Module):
         ends = torch.tensor(list(range(one)) + [b - 1 for b in bounds[1:]], device=dev)
         return self.norm(h[0, ends])
 
+    def fused_applies(self, rows: int) -> bool:
+        """Whether a one-token step of `rows` rows runs as fused_decode's one C call (eager only:
+        a compiled step traces the layers)."""
+        fused = getattr(self, "fused_decode", None)
+        return fused is not None and not torch.compiler.is_compiling() and fused.applies(rows)
+
     def decode_one_token(self, token: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
                          kv_len: int | None = None) -> torch.Tensor:
         """Next-token logits [B, V] (fp32) for tokens [B] at per-row positions pos [B] (< kv_len)."""
+        if self.fused_applies(token.shape[0]):
+            return self.logits(self.fused_decode(self.tok_embeddings(token), pos, caches)).float()
         h = self.decode(self.tok_embeddings(token)[:, None], pos[:, None], caches, kv_len)
         return self.logits(h[:, 0]).float()
 

@@ -1,0 +1,173 @@
+"""A CPU decode step's layers in one C call (cpu_native.c: spt_decode_layers).
+
+An eager or compiled decode step is ~10 operators a layer; one row through the embedded model
+made ~300 calls a step, each with its own fixed cost (dispatch, an OpenMP fork, an allocation), which
+in the int4 step outweighed reading the weights (7.3 ms a step for 2.4 ms of bytes, AMD EPYC). The
+C step runs every layer in one OpenMP region on the same kernels the per-layer path uses (the dense
+products, the int8/int4 tiles, the decode attention), rounding the activations where the PyTorch
+layers do. It serves one-token steps (the engine's and the server's decoding rows) when every
+projection of the model runs on those kernels for that many rows; otherwise the per-layer path
+stays. SPT_FAST_FUSED_DECODE=0 turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from . import cpu_native
+
+i64, ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class _Proj(ctypes.Structure):
+    _fields_ = [("kind", i64), ("n", i64), ("k", i64), ("group", i64), ("w", ptr), ("scale", ptr), ("low", ptr)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ptr), ("ffn_norm", ptr), ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj),
+                ("down", _Proj), ("k_cache", ptr), ("v_cache", ptr)]
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [("B", i64), ("dim", i64), ("H", i64), ("Hkv", i64), ("D", i64), ("F", i64), ("S", i64),
+                ("row_stride", i64), ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("bf", ctypes.c_int),
+                ("threads", ctypes.c_int), ("cos", ptr), ("sin", ptr), ("final_norm", ptr)]
+
+
+def fused_decode_enabled() -> bool:
+    """Whether the C step may serve (the kernels built, SPT_FAST_FUSED_DECODE not 0)."""
+    return os.environ.get("SPT_FAST_FUSED_DECODE", "1") != "0" and _library() is not None
+
+
+def _library():
+    lib = cpu_native.library()
+    if lib is None or not hasattr(lib, "spt_decode_layers"):
+        return None
+    if not getattr(lib, "_fused_typed", False):
+        lib.spt_decode_work_bytes.argtypes = [ctypes.POINTER(_Shape), i64, i64]
+        lib.spt_decode_work_bytes.restype = i64
+        lib.spt_decode_layers.argtypes = [ctypes.POINTER(_Layer), i64, ctypes.POINTER(_Shape), ptr, ptr, i64, i64,
+                                          ptr]
+        lib.spt_decode_layers.restype = None
+        lib._fused_typed = True
+    return lib
+
+
+def _proj(m, dtype, keep: list):
+    """(the projection as the C step takes it, the module if it is dense: its kernel choice decides
+    which batch sizes the step serves), or None where it does not run on those kernels."""
+    from .cpu_projections import CPUProjection, QuantProjection
+
+    if isinstance(m, CPUProjection):
+        if m.native is None or m.w0.dtype != dtype:
+            return None
+        keep.append(m.native)
+        return _Proj(0, sum(m.sizes), m.w0.shape[1], 0, m.native.data_ptr(), None, None), m
+    if isinstance(m, QuantProjection) and m.native and m.dtype == dtype:
+        n = m.q.shape[0] * cpu_native.TILE
+        if m.bits == 8:
+            keep += [m.q, m.scale]
+            return _Proj(1, n, m.q.shape[1], 0, m.q.data_ptr(), m.scale.data_ptr(), None), None
+        keep += [m.q, m.scale, m.low]
+        return _Proj(2, n, m.q.shape[1] * 8, m.group, m.q.data_ptr(), m.scale.data_ptr(), m.low.data_ptr()), None
+    return None
+
+
+class FusedDecode:
+    """The C decode step for one compact Llama view whose projections attach_cpu_projections set up."""
+
+    def __init__(self, llama, layers, dense, keep, nmax: int, kmax: int):
+        cfg = llama.config
+        self.layers, self.dense, self.keep = layers, dense, keep
+        self.nmax, self.kmax = nmax, kmax
+        self._applies: dict[int, bool] = {}  # rows -> applies(rows) (the kernel choices are fixed)
+        self.dtype = llama.norm.weight.dtype
+        self.shape = _Shape(0, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size, 0, 0,
+                            cfg.rms_norm_eps, cfg.head_dim ** -0.5, int(self.dtype == torch.bfloat16), 1,
+                            llama.rope_cos.data_ptr(), llama.rope_sin.data_ptr(), llama.norm.weight.data_ptr())
+        self._caches = None  # the cache pointers last written into the layer array
+        self._work = {}
+
+    def __deepcopy__(self, memo):
+        # A copy would hold the original weights' addresses (the copy's are elsewhere): a deep copy
+        # of the model decodes layer by layer instead.
+        return None
+
+    @classmethod
+    def attach(cls, llama) -> "FusedDecode | None":
+        """Build the step for this view (None where some layer is not on the C kernels)."""
+        lib = _library()
+        cfg = llama.config
+        dtype = llama.norm.weight.dtype
+        if lib is None or not fused_decode_enabled() or dtype not in (
+                torch.float32, torch.bfloat16) or not llama.native_attention or cfg.n_heads % cfg.n_kv_heads \
+                or cfg.n_heads * cfg.head_dim != cfg.dim or cfg.head_dim % 2:
+            return None
+        keep, dense, nmax, kmax = [llama.rope_cos, llama.rope_sin, llama.norm.weight], [], 0, 0
+        layers = (_Layer * len(llama.layers))()
+        for i, block in enumerate(llama.layers):
+            a, f = block.attention, block.feed_forward
+            parts = [_proj(m, dtype, keep) for m in (a.fused_qkv, a.wo, f.fused_gate_up, f.w2)]
+            if any(p is None for p in parts):
+                return None
+            for (proj, module), want_n, want_k in zip(parts, (None, cfg.dim, None, cfg.dim),
+                                                      (cfg.dim, cfg.dim, cfg.dim, cfg.intermediate_size)):
+                if proj.k != want_k or (want_n is not None and proj.n < want_n):
+                    return None
+                if module is not None:
+                    dense.append(module)
+                nmax, kmax = max(nmax, proj.n), max(kmax, proj.k)
+            qkv, gate_up = parts[0][0], parts[2][0]
+            if qkv.n < cfg.dim + 2 * cfg.n_kv_heads * cfg.head_dim or gate_up.n < 2 * cfg.intermediate_size:
+                return None
+            for norm in (block.attention_norm.weight, block.ffn_norm.weight):
+                if norm.dtype != dtype or not norm.is_contiguous():
+                    return None
+            keep += [block.attention_norm.weight, block.ffn_norm.weight]
+            layers[i] = _Layer(block.attention_norm.weight.data_ptr(), block.ffn_norm.weight.data_ptr(),
+                               *(p[0] for p in parts), None, None)
+        return cls(llama, layers, dense, keep, nmax, kmax)
+
+    def applies(self, rows: int) -> bool:
+        """Whether `rows` one-token rows run here: every dense projection chose the C kernel for
+        that many rows (cpu_projections.choose_kernels measured it), the int ones take <= 32 rows."""
+        from .cpu_projections import QuantProjection
+
+        ok = self._applies.get(rows)
+        if ok is None:
+            ok = self._applies[rows] = rows <= QuantProjection.KERNEL_ROWS and all(
+                m.kernel_for(rows) == "native" for m in self.dense)
+        return ok
+
+    def __call__(self, embeds: torch.Tensor, pos: torch.Tensor, caches) -> torch.Tensor:
+        """embeds [B, dim] (the model's dtype), pos [B] int64 (each row's position: its K/V go to
+        that slot of its cache row, and it attends to slots 0..pos): hidden [B, dim] after the final norm."""
+        lib = _library()
+        k0 = caches[0].k_cache
+        B, S = embeds.shape[0], k0.shape[2]
+        if k0.dtype != self.dtype or embeds.dtype != self.dtype or k0.shape[0] < B:
+            raise ValueError("fused decode: caches and embeddings must be in the model's dtype, one cache row a row")
+        key = (S, B, *(c.k_cache.data_ptr() for c in caches), *(c.v_cache.data_ptr() for c in caches))
+        if self._caches != key:
+            for layer, c in zip(self.layers, caches):
+                if not (c.k_cache.stride(0) == c.v_cache.stride(0) and c.k_cache[0].is_contiguous()
+                        and c.v_cache[0].is_contiguous() and c.k_cache.shape == k0.shape):
+                    raise ValueError("fused decode: each cache row must be contiguous [Hkv, S, D]")
+                layer.k_cache, layer.v_cache = c.k_cache.data_ptr(), c.v_cache.data_ptr()
+            self._caches = key
+        shape = self.shape
+        shape.B, shape.S, shape.row_stride, shape.threads = B, S, k0.stride(0), torch.get_num_threads()
+        work = self._work.get((B, S, shape.threads))
+        if work is None:
+            self._work.clear()
+            size = lib.spt_decode_work_bytes(ctypes.byref(shape), self.nmax, self.kmax)
+            work = self._work[(B, S, shape.threads)] = torch.empty(size, dtype=torch.uint8)
+        x = embeds.contiguous().clone()  # (written in place)
+        pos = pos.to(torch.int64).contiguous()
+        if pos.shape != (B,) or int(pos.min()) < 0 or int(pos.max()) >= S:  # C writes at these slots
+            raise ValueError(f"fused decode: positions must be {B} values in 0..{S - 1}")
+        lib.spt_decode_layers(self.layers, len(self.layers), ctypes.byref(shape), x.data_ptr(), pos.data_ptr(),
+                              self.nmax, self.kmax, work.data_ptr())
+        return x

@@ -1,0 +1,121 @@
+"""The whole decode step in one C call (spt_fast/model/fused_decode.py, cpu_native.c's
+spt_decode_layers) against the layer-by-layer step it replaces, on the same weights and caches."""
+import pytest
+import torch
+
+from spt_fast.model import cpu_native
+from spt_fast.model import cpu_projections as cp
+from spt_fast.model.llama import Llama
+
+pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="the CPU kernels could not be built here")
+
+
+def _view(monkeypatch, tmp_path, weights, dtype, kernels=None):
+    """A compact Llama view of a tiny random model with the CPU projections, the C kernels chosen."""
+    from spt_fast import testing
+
+    kernels = kernels or {1: "native", 2: "native", 3: "native"}
+    monkeypatch.setattr(cp, "choose_kernels", lambda projections, cache=None: kernels)
+    monkeypatch.setattr(cp, "choose_decode_attention", lambda *a, **k: "native")
+    hf = testing.tiny_llama(vocab_size=128, init_std=0.2, layers=3, dtype=dtype)
+    llama = Llama.from_hf(hf).eval()
+    assert cp.attach_cpu_projections(llama, weights, tmp_path / "kernels.json")
+    return llama
+
+
+def _steps(llama, fused: bool, rows: int, dtype):
+    """Logits and caches of three one-token steps after a ragged prefill (rows at different positions)."""
+    g = torch.Generator().manual_seed(0)
+    keep, llama.fused_decode = llama.fused_decode, llama.fused_decode if fused else None
+    try:
+        caches = llama.setup_caches(rows, 48, dtype)
+        logits = []
+        with torch.no_grad():
+            llama.prefill(torch.randn(rows, 20, 64, generator=g).to(dtype), caches)
+            pos = torch.tensor([19, 13, 7, 16][:rows])  # each row continues at its own position
+            for i in range(3):
+                token = torch.randint(0, 128, (rows,), generator=g)
+                logits.append(llama.decode_one_token(token, pos + i, caches))
+        return torch.stack(logits), caches
+    finally:
+        llama.fused_decode = keep
+
+
+def _bf16_dense():
+    return bool(cpu_native.library().spt_dense_vector() & 2)
+
+
+# Tolerances: fp32 with fp32 activations (dense, int8): the same sums in another order. int4 rounds
+# its activations to bf16 where the CPU has AVX-512 BF16, and bf16 models round every activation:
+# there a last-bit difference upstream can move a rounding, so those compare at bf16's precision.
+@pytest.mark.parametrize("weights", [None, "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fused_step_equals_the_layer_by_layer_step(monkeypatch, tmp_path, weights, dtype, rows):
+    if dtype == torch.bfloat16 and weights is None and not _bf16_dense():
+        pytest.skip("no bf16 dense kernel in this build")
+    llama = _view(monkeypatch, tmp_path, weights, dtype)
+    assert llama.fused_decode is not None and llama.fused_applies(rows)
+    got, got_caches = _steps(llama, True, rows, dtype)
+    want, want_caches = _steps(llama, False, rows, dtype)
+    exact = dtype == torch.float32 and not (weights == "int4" and cpu_native.int4_rounds_to_bf16())
+    tol = dict(atol=2e-5, rtol=2e-5) if exact else dict(atol=0.05 * want.abs().max().item(), rtol=0.02)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(got_caches, want_caches):  # K/V went to the same slots, nothing else written
+        torch.testing.assert_close(a.k_cache.float(), b.k_cache.float(), **(tol if exact else dict(atol=0.1, rtol=0.05)))
+        torch.testing.assert_close(a.v_cache.float(), b.v_cache.float(), **(tol if exact else dict(atol=0.1, rtol=0.05)))
+        assert torch.equal(a.k_cache[:, :, 23:] == 0, b.k_cache[:, :, 23:] == 0)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= (1.0 if exact else 0.8)
+
+
+def test_fused_step_rows_do_not_depend_on_the_other_rows(monkeypatch, tmp_path):
+    """A row's step alone equals the same row's step in a batch (fp32; the server's decoding rows
+    meet different neighbours at every step)."""
+    llama = _view(monkeypatch, tmp_path, None, torch.float32)
+    together, _ = _steps(llama, True, 3, torch.float32)
+    for r in range(3):
+        g = torch.Generator().manual_seed(0)
+        caches = llama.setup_caches(3, 48, torch.float32)
+        with torch.no_grad():
+            llama.prefill(torch.randn(3, 20, 64, generator=g), caches)
+            pos = torch.tensor([19, 13, 7])
+            alone = []
+            for i in range(3):
+                token = torch.randint(0, 128, (3,), generator=g)
+                one = [c.rows(r, r + 1) for c in caches]
+                alone.append(llama.decode_one_token(token[r:r + 1], pos[r:r + 1] + i, one)[0])
+        torch.testing.assert_close(torch.stack(alone), together[:, r], atol=2e-5, rtol=2e-5)
+
+
+def test_fused_step_serves_only_where_every_projection_is_on_the_c_kernels(monkeypatch, tmp_path):
+    # One row on the C kernels, 2-32 rows on the BLAS: the step serves one row only.
+    llama = _view(monkeypatch, tmp_path, None, torch.float32, {1: "native", 2: "blas", 3: "native"})
+    assert llama.fused_applies(1) and not llama.fused_applies(3)
+    assert _view(monkeypatch, tmp_path, None, torch.float32, {1: "blas", 2: "blas", 3: "blas"}).fused_decode is None
+    llama = _view(monkeypatch, tmp_path, "int8", torch.float32)
+    assert llama.fused_applies(32) and not llama.fused_applies(33)  # more rows: the int kernels' dense path
+    monkeypatch.setenv("SPT_FAST_FUSED_DECODE", "0")
+    off = _view(monkeypatch, tmp_path, "int8", torch.float32)
+    assert off.fused_decode is None and not off.fused_applies(1)
+
+
+def test_engine_greedy_output_is_the_same_with_the_fused_step(monkeypatch, tmp_path):
+    """Token for token, the engine's greedy replies (eager and compile='auto' alike) with the C step
+    and without it, fp32."""
+    from spt_fast import testing
+    from spt_fast.generation.engine import Engine
+    from spt_fast.model.build import build_spt_model
+    from spt_fast.model.spt import SPTConfig
+
+    monkeypatch.setattr(cp, "choose_kernels", lambda projections, cache=None: {1: "native", 2: "native", 3: "native"})
+    monkeypatch.setattr(cp, "choose_decode_attention", lambda *a, **k: "native")
+    hf = testing.tiny_llama(vocab_size=128, init_std=0.2)
+    spt = build_spt_model(hf, SPTConfig(num_prompts=2, prompt_len=3, layout="shared"))
+    ids = [[5, 9, 33, 17, 8], [40, 2, 77], [12, 13, 14, 15, 16, 17, 18]]
+    outs = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("SPT_FAST_FUSED_DECODE", fused)
+        engine = Engine(spt, None, compile=False)
+        assert (engine.backend.llama.fused_decode is not None) == (fused == "1")
+        outs[fused] = engine.generate_ids(ids, [0, 0, 0], max_new_tokens=8, ignore_eos=True, stops=(), prompt=[0, 1, 0])
+    assert [r.tokens for r in outs["1"]] == [r.tokens for r in outs["0"]]
