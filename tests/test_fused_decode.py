@@ -119,3 +119,25 @@ def test_engine_greedy_output_is_the_same_with_the_fused_step(monkeypatch, tmp_p
         assert (engine.backend.llama.fused_decode is not None) == (fused == "1")
         outs[fused] = engine.generate_ids(ids, [0, 0, 0], max_new_tokens=8, ignore_eos=True, stops=(), prompt=[0, 1, 0])
     assert [r.tokens for r in outs["1"]] == [r.tokens for r in outs["0"]]
+
+
+def test_fused_step_refuses_caches_and_positions_it_would_address_wrongly(monkeypatch, tmp_path):
+    """C addresses every cache slot and rotary row from what it is given: anything that does not fit
+    the model is refused before the call."""
+    llama = _view(monkeypatch, tmp_path, None, torch.float32)
+    fused = llama.fused_decode
+    emb = torch.randn(2, 64)
+    caches = llama.setup_caches(2, 48, torch.float32)
+    fused(emb, torch.tensor([3, 5]), caches)  # fits
+    bad = {
+        "a cache short": (emb, torch.tensor([3, 5]), caches[:-1]),
+        "a position past the cache": (emb, torch.tensor([3, 48]), caches),
+        "a negative position": (emb, torch.tensor([-1, 5]), caches),
+        "another dtype": (emb.bfloat16(), torch.tensor([3, 5]), caches),
+        "fewer cache rows than rows": (emb, torch.tensor([3, 5]), llama.setup_caches(1, 48, torch.float32)),
+        "a cache laid out otherwise": (emb, torch.tensor([3, 5]),
+                                       caches[:1] + [llama.setup_caches(2, 32, torch.float32)[0]] + caches[2:]),
+    }
+    for name, (e, p, c) in bad.items():
+        with pytest.raises(ValueError, match="fused decode"):
+            fused(e, p, c)

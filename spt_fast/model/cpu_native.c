@@ -829,7 +829,8 @@ int spt_int4_bf16(void) {
  * region runs every layer: each phase splits its work over the threads and ends at a barrier.
  * The numbers follow the PyTorch layers' (spt_fast/model/llama.py): the activations are rounded
  * to the model's dtype where those layers round them (norm, projection outputs, rotary, SiLU,
- * products and residual sums), and the kernels are the ones above.
+ * products and residual sums), and the kernels are the ones above; fp32 sums may differ in their
+ * last bit (another order, and the compiler may fuse a multiply with an add).
  * Projections: kind 0 dense (packed by pack_dense, the model's dtype), 1 int8 tiles, 2 int4 tiles;
  * n: the width the kernel writes (int tiles: padded to T). */
 

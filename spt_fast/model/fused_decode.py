@@ -63,7 +63,7 @@ def _proj(m, dtype, keep: list):
     if isinstance(m, CPUProjection):
         if m.native is None or m.w0.dtype != dtype:
             return None
-        keep.append(m.native)
+        keep.append(m.native.detach())
         return _Proj(0, sum(m.sizes), m.w0.shape[1], 0, m.native.data_ptr(), None, None), m
     if isinstance(m, QuantProjection) and m.native and m.dtype == dtype:
         n = m.q.shape[0] * cpu_native.TILE
@@ -84,6 +84,7 @@ class FusedDecode:
         self.nmax, self.kmax = nmax, kmax
         self._applies: dict[int, bool] = {}  # rows -> applies(rows) (the kernel choices are fixed)
         self.dtype = llama.norm.weight.dtype
+        self.max_positions = llama.rope_cos.shape[0]  # rows of the rotary tables C reads
         self.shape = _Shape(0, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size, 0, 0,
                             cfg.rms_norm_eps, cfg.head_dim ** -0.5, int(self.dtype == torch.bfloat16), 1,
                             llama.rope_cos.data_ptr(), llama.rope_sin.data_ptr(), llama.norm.weight.data_ptr())
@@ -105,7 +106,8 @@ class FusedDecode:
                 torch.float32, torch.bfloat16) or not llama.native_attention or cfg.n_heads % cfg.n_kv_heads \
                 or cfg.n_heads * cfg.head_dim != cfg.dim or cfg.head_dim % 2:
             return None
-        keep, dense, nmax, kmax = [llama.rope_cos, llama.rope_sin, llama.norm.weight], [], 0, 0
+        # (detached: the storages themselves stay alive, whatever later replaces a Parameter's data)
+        keep, dense, nmax, kmax = [llama.rope_cos, llama.rope_sin, llama.norm.weight.detach()], [], 0, 0
         layers = (_Layer * len(llama.layers))()
         for i, block in enumerate(llama.layers):
             a, f = block.attention, block.feed_forward
@@ -125,7 +127,7 @@ class FusedDecode:
             for norm in (block.attention_norm.weight, block.ffn_norm.weight):
                 if norm.dtype != dtype or not norm.is_contiguous():
                     return None
-            keep += [block.attention_norm.weight, block.ffn_norm.weight]
+            keep += [block.attention_norm.weight.detach(), block.ffn_norm.weight.detach()]
             layers[i] = _Layer(block.attention_norm.weight.data_ptr(), block.ffn_norm.weight.data_ptr(),
                                *(p[0] for p in parts), None, None)
         return cls(llama, layers, dense, keep, nmax, kmax)
@@ -147,14 +149,20 @@ class FusedDecode:
         lib = _library()
         k0 = caches[0].k_cache
         B, S = embeds.shape[0], k0.shape[2]
-        if k0.dtype != self.dtype or embeds.dtype != self.dtype or k0.shape[0] < B:
-            raise ValueError("fused decode: caches and embeddings must be in the model's dtype, one cache row a row")
+        if embeds.dim() != 2 or embeds.shape[1] != self.shape.dim or embeds.dtype != self.dtype:
+            raise ValueError(f"fused decode: embeddings must be [rows, {self.shape.dim}] {self.dtype}")
+        if len(caches) != len(self.layers) or S > self.max_positions:
+            raise ValueError(f"fused decode: {len(caches)} caches of {S} slots for {len(self.layers)} layers "
+                             f"of {self.max_positions} positions")
         key = (S, B, *(c.k_cache.data_ptr() for c in caches), *(c.v_cache.data_ptr() for c in caches))
         if self._caches != key:
-            for layer, c in zip(self.layers, caches):
-                if not (c.k_cache.stride(0) == c.v_cache.stride(0) and c.k_cache[0].is_contiguous()
-                        and c.v_cache[0].is_contiguous() and c.k_cache.shape == k0.shape):
-                    raise ValueError("fused decode: each cache row must be contiguous [Hkv, S, D]")
+            want = (self.shape.Hkv, S, self.shape.D)
+            for layer, c in zip(self.layers, caches):  # C addresses every slot from these
+                for t in (c.k_cache, c.v_cache):
+                    if tuple(t.shape[1:]) != want or t.shape[0] < B or t.dtype != self.dtype \
+                            or t.stride(0) != k0.stride(0) or not t[0].is_contiguous():
+                        raise ValueError(f"fused decode: each cache must be [>= {B}, {want[0]}, {S}, {want[2]}] "
+                                         f"{self.dtype}, rows contiguous and equally far apart")
                 layer.k_cache, layer.v_cache = c.k_cache.data_ptr(), c.v_cache.data_ptr()
             self._caches = key
         shape = self.shape
