@@ -28,12 +28,25 @@
 
 #define T 32
 
-/* int4 scales and offsets are bf16: a float's top half */
-static inline float bf16_float(uint16_t h) {
+/* bf16 <-> fp32 (round to nearest even; activations are finite), and element i of an fp32 or a
+ * bf16 array (bf) as a float. */
+static inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+static inline float from_bf16(uint16_t h) {
   uint32_t u = (uint32_t)h << 16;
   float f;
   memcpy(&f, &u, 4);
   return f;
+}
+static inline float ld(const void* p, int64_t i, int bf) {
+  return bf ? from_bf16(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+static inline void st(void* p, int64_t i, float f, int bf) {
+  if (bf) ((uint16_t*)p)[i] = to_bf16(f);
+  else ((float*)p)[i] = f;
 }
 #if defined(__AVX512F__)
 static inline __m512 load_bf16x16(const uint16_t* p) {
@@ -86,19 +99,22 @@ static inline void int8_tile(const float* x, const int8_t* qt, const float* sc, 
 }
 #endif
 
+/* Tile t of y = x W^T for all M rows, two rows at a time (x rows K apart). */
+static void int8_unit(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
+                      int64_t t) {
+  const int8_t* qt = q + t * K * T;
+  for (int64_t m = 0; m < M; m += 2) {
+    if (M - m >= 2)
+      int8_tile(x + m * K, qt, scale + t * T, y + m * N + t * T, N, K, 2);
+    else
+      int8_tile(x + m * K, qt, scale + t * T, y + m * N + t * T, N, K, 1);
+  }
+}
+
 void spt_int8_mm(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
                  int threads) {
-  int64_t tiles = N / T;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < tiles; t++) {
-    const int8_t* qt = q + t * K * T;
-    for (int64_t m = 0; m < M; m += 2) {
-      if (M - m >= 2)
-        int8_tile(x + m * K, qt, scale + t * T, y + m * N + t * T, N, K, 2);
-      else
-        int8_tile(x + m * K, qt, scale + t * T, y + m * N + t * T, N, K, 1);
-    }
-  }
+  for (int64_t t = 0; t < N / T; t++) int8_unit(x, q, scale, y, M, N, K, t);
 }
 
 /* ---- int4 ---- */
@@ -154,17 +170,6 @@ static inline __attribute__((always_inline)) void int4_tile_bf16(const uint32_t*
   }
 }
 
-static inline uint16_t to_bf16(float f) {  /* round to nearest even (activations: finite) */
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-static inline float from_bf16(uint16_t h) {
-  uint32_t u = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
 #endif
 
 #if defined(__AVX512F__)
@@ -244,68 +249,69 @@ static inline void int4_tile(const float* xs, const float* xsum, const uint32_t*
             part[j] += xv * (i < 7 ? (float)(int32_t)(row[j] & keep) : (float)(row[j] >> 28));
         }
       }
-      for (int j = 0; j < T; j++) res[j] += part[j] * bf16_float(sc[g * T + j]) + xsum[m * (K / G) + g] * bf16_float(lo[g * T + j]);
+      for (int j = 0; j < T; j++) res[j] += part[j] * from_bf16(sc[g * T + j]) + xsum[m * (K / G) + g] * from_bf16(lo[g * T + j]);
     }
     for (int j = 0; j < T; j++) y[m * N + j] = res[j];
   }
 }
 #endif
 
+/* Row b of x (fp32 or bf16, bf) in the form the int4 tiles take, into row b of pre and sums:
+ * with AVX-512 BF16, bf16 pairs (x[8j+i], x[8j+i+4]), K / 2 words a row, and each group's sum of
+ * those bf16 values; else x scaled per column for the in-place nibbles, K floats a row, and each
+ * group's sum of x. sums: K / G a row. */
+static void int4_input_row(const void* x, int bf, int64_t K, int64_t G, float* pre, float* sums, int64_t b) {
+  float* xsum = sums + b * (K / G);
+#ifdef INT4_BF16
+  uint32_t* xp = (uint32_t*)pre + b * (K / 2);
+  for (int64_t g = 0; g < K / G; g++) xsum[g] = 0.f;
+  for (int64_t j = 0; j < K / 8; j++)
+    for (int i = 0; i < 4; i++) {
+      uint16_t lo16 = to_bf16(ld(x, 8 * j + i, bf)), hi16 = to_bf16(ld(x, 8 * j + i + 4, bf));
+      xp[4 * j + i] = (uint32_t)lo16 | ((uint32_t)hi16 << 16);
+      xsum[(8 * j) / G] += from_bf16(lo16) + from_bf16(hi16);
+    }
+#else
+  float* xs = pre + b * K;
+  for (int64_t k = 0; k < K; k++) xs[k] = ld(x, k, bf) * (k % 8 == 7 ? 1.f : 1.f / (float)(1u << (4 * (k % 8))));
+  for (int64_t g = 0; g < K / G; g++) {
+    float sum = 0.f;
+    for (int64_t k = g * G; k < (g + 1) * G; k++) sum += ld(x, k, bf);
+    xsum[g] = sum;
+  }
+#endif
+}
+
+/* Tile t of y = x W^T for all M rows (prepared by int4_input_row), two rows at a time. */
+static void int4_unit(const float* pre, const float* sums, const uint32_t* q, const uint16_t* scale,
+                      const uint16_t* low, float* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t t) {
+  const uint32_t* qt = q + t * (K / 8) * T;
+  const uint16_t *sc = scale + t * (K / G) * T, *lo = low + t * (K / G) * T;
+  for (int64_t m = 0; m < M; m += 2) {
+    int mr = M - m >= 2 ? 2 : 1;
+    const float* xs = sums + m * (K / G);
+    float* out = y + m * N + t * T;
+#ifdef INT4_BF16
+    const uint32_t* xp = (const uint32_t*)pre + m * (K / 2);
+    if (mr == 2) int4_tile_bf16(xp, xs, qt, sc, lo, out, N, K, G, 2);
+    else int4_tile_bf16(xp, xs, qt, sc, lo, out, N, K, G, 1);
+#else
+    if (mr == 2) int4_tile(pre + m * K, xs, qt, sc, lo, out, N, K, G, 2);
+    else int4_tile(pre + m * K, xs, qt, sc, lo, out, N, K, G, 1);
+#endif
+  }
+}
+
 void spt_int4_mm(const float* x, const uint32_t* q, const uint16_t* scale, const uint16_t* low, float* y, int64_t M,
                  int64_t N, int64_t K, int64_t G, int threads) {
-  int64_t tiles = N / T;
-#ifdef INT4_BF16
-  /* Once per call: x as bf16 pairs (x[8b+i], x[8b+i+4]) and each group's sum of those bf16 values. */
-  uint32_t* xp = (uint32_t*)malloc(sizeof(uint32_t) * M * (K / 2) + sizeof(float) * M * (K / G));
-  if (!xp) return;
-  float* xb = (float*)(xp + M * (K / 2));
-  for (int64_t m = 0; m < M; m++) {
-    for (int64_t g = 0; g < K / G; g++) xb[m * (K / G) + g] = 0.f;
-    for (int64_t b = 0; b < K / 8; b++)
-      for (int i = 0; i < 4; i++) {
-        uint16_t lo16 = to_bf16(x[m * K + 8 * b + i]), hi16 = to_bf16(x[m * K + 8 * b + i + 4]);
-        xp[m * (K / 2) + 4 * b + i] = (uint32_t)lo16 | ((uint32_t)hi16 << 16);
-        xb[m * (K / G) + (8 * b) / G] += from_bf16(lo16) + from_bf16(hi16);
-      }
-  }
+  /* Once per call: the rows in the tiles' form. */
+  float* pre = (float*)malloc(sizeof(float) * (M * K + M * (K / G)));
+  if (!pre) return;
+  float* sums = pre + M * K;
+  for (int64_t m = 0; m < M; m++) int4_input_row(x + m * K, 0, K, G, pre, sums, m);
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < tiles; t++) {
-    const uint32_t* qt = q + t * (K / 8) * T;
-    for (int64_t m = 0; m < M; m += 2) {
-      if (M - m >= 2)
-        int4_tile_bf16(xp + m * (K / 2), xb + m * (K / G), qt, scale + t * (K / G) * T, low + t * (K / G) * T, y + m * N + t * T, N,
-                       K, G, 2);
-      else
-        int4_tile_bf16(xp + m * (K / 2), xb + m * (K / G), qt, scale + t * (K / G) * T, low + t * (K / G) * T, y + m * N + t * T, N,
-                       K, G, 1);
-    }
-  }
-  free(xp);
-#else
-  /* Once per call: x scaled per column for the in-place nibbles, and its sums per group. */
-  float* xs = (float*)malloc(sizeof(float) * (M * K + M * (K / G)));
-  if (!xs) return;
-  float* xsum = xs + M * K;
-  for (int64_t m = 0; m < M; m++) {
-    for (int64_t k = 0; k < K; k++) xs[m * K + k] = x[m * K + k] * (k % 8 == 7 ? 1.f : 1.f / (float)(1u << (4 * (k % 8))));
-    for (int64_t g = 0; g < K / G; g++) {
-      float sum = 0.f;
-      for (int64_t k = g * G; k < (g + 1) * G; k++) sum += x[m * K + k];
-      xsum[m * (K / G) + g] = sum;
-    }
-  }
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < tiles; t++) {
-    const uint32_t* qt = q + t * (K / 8) * T;
-    for (int64_t m = 0; m < M; m += 2) {
-      if (M - m >= 2)
-        int4_tile(xs + m * K, xsum + m * (K / G), qt, scale + t * (K / G) * T, low + t * (K / G) * T, y + m * N + t * T, N, K, G, 2);
-      else
-        int4_tile(xs + m * K, xsum + m * (K / G), qt, scale + t * (K / G) * T, low + t * (K / G) * T, y + m * N + t * T, N, K, G, 1);
-    }
-  }
-  free(xs);
-#endif
+  for (int64_t t = 0; t < N / T; t++) int4_unit(pre, sums, q, scale, low, y, M, N, K, G, t);
+  free(pre);
 }
 
 /* ---- decode attention: one query token per row ----
@@ -402,37 +408,13 @@ static void attend_head(const char* q, const char* k, const char* v, char* out, 
     if (bf) {
       float tmp[16];
       _mm512_storeu_ps(tmp, r);
-      for (int j = 0; j < 16; j++) {
-        uint32_t u;
-        memcpy(&u, &tmp[j], 4);
-        ((uint16_t*)out)[c * 16 + j] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-      }
+      for (int j = 0; j < 16; j++) ((uint16_t*)out)[c * 16 + j] = to_bf16(tmp[j]);
     } else {
       _mm512_storeu_ps((float*)out + c * 16, r);
     }
   }
 }
 #endif
-
-static inline float ld(const void* p, int64_t i, int bf) {
-  if (bf) {
-    uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-  }
-  return ((const float*)p)[i];
-}
-
-static inline void st(void* p, int64_t i, float f, int bf) {
-  if (bf) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    ((uint16_t*)p)[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-  } else {
-    ((float*)p)[i] = f;
-  }
-}
 
 static void attend_group(const char* q, const char* k, const char* v, char* out, int64_t n, int64_t g, int64_t D,
                          float scale, int bf, float* sc /* [g][n] */, float* acc /* [g][D] */) {
@@ -664,27 +646,30 @@ static inline void dense_bf16_block(const uint16_t* x, const uint16_t* w, uint16
  * DNB vectors, all rows: the group's weights come from memory once and from cache for the rest. */
 int64_t spt_dense_group(void) { return DNB * V; }
 
-void spt_dense_mm(const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int bf, int threads) {
-  int64_t vecs = N / V, groups = (vecs + DNB - 1) / DNB;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t g = 0; g < groups; g++) {
-    int64_t v0 = g * DNB;
-    int nb = (int)(vecs - v0 < DNB ? vecs - v0 : DNB);
-    for (int64_t m = 0; m < M; m += DMR) {
-      int mr = (int)(M - m < DMR ? M - m : DMR);
-      if (bf) {
-        const uint16_t* xb = (const uint16_t*)x + m * K;
-        const uint16_t* wb = (const uint16_t*)w + v0 * K * V;
-        uint16_t* yb = (uint16_t*)y + m * N + v0 * V;
-        DENSE_CASES(dense_bf16_block, xb, wb, yb, K, N, mr, nb)
-      } else {
-        const float* xf = (const float*)x + m * K;
-        const float* wf = (const float*)w + v0 * K * V;
-        float* yf = (float*)y + m * N + v0 * V;
-        DENSE_CASES(dense_f32_block, xf, wf, yf, K, N, mr, nb)
-      }
+/* Group g (DNB vectors) of y = x W^T for all M rows, DMR rows at a time. */
+static void dense_unit(const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int bf, int64_t g) {
+  int64_t vecs = N / V, v0 = g * DNB;
+  int nb = (int)(vecs - v0 < DNB ? vecs - v0 : DNB);
+  for (int64_t m = 0; m < M; m += DMR) {
+    int mr = (int)(M - m < DMR ? M - m : DMR);
+    if (bf) {
+      const uint16_t* xb = (const uint16_t*)x + m * K;
+      const uint16_t* wb = (const uint16_t*)w + v0 * K * V;
+      uint16_t* yb = (uint16_t*)y + m * N + v0 * V;
+      DENSE_CASES(dense_bf16_block, xb, wb, yb, K, N, mr, nb)
+    } else {
+      const float* xf = (const float*)x + m * K;
+      const float* wf = (const float*)w + v0 * K * V;
+      float* yf = (float*)y + m * N + v0 * V;
+      DENSE_CASES(dense_f32_block, xf, wf, yf, K, N, mr, nb)
     }
   }
+}
+
+void spt_dense_mm(const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int bf, int threads) {
+  int64_t groups = (N / V + DNB - 1) / DNB;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t g = 0; g < groups; g++) dense_unit(x, w, y, M, N, K, bf, g);
 }
 
 /* Which dtypes the vector paths serve (bit 0 fp32, bit 1 bf16); the others are scalar (slow). */
@@ -886,44 +871,16 @@ static int64_t lay_work(const spt_shape* s, int64_t nmax, int64_t kmax, char* ba
 }
 
 static inline float rnd(float f, int bf) {  /* what storing in the model's dtype keeps */
-  if (!bf) return f;
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16;
-  memcpy(&f, &u, 4);
-  return f;
+  return bf ? from_bf16(to_bf16(f)) : f;
 }
 
-/* One row of a projection's input in the form its kernel takes (int kinds), from x (the model's
- * dtype): into row b of pre (int8: x in fp32, K floats a row; int4: bf16 pairs, K / 2 words, or x
- * scaled per column, K floats) and of sums (int4: each group's sum, K / G a row), so that rows
- * are as far apart as the int kernels expect. */
+/* Row b of a projection's input (x, the model's dtype) in the form its int kernel takes, into
+ * pre / sums at the row distances the int units expect (int8: x in fp32, K floats a row). */
 static void prepare_row(const spt_proj* p, const char* x, float* pre, float* sums, int64_t b, int bf) {
-  int64_t K = p->k;
-  if (p->kind == 1) {
-    for (int64_t k = 0; k < K; k++) pre[b * K + k] = ld(x, k, bf);
-  } else if (p->kind == 2) {
-    int64_t G = p->group;
-    float* xsum = sums + b * (K / G);
-#ifdef INT4_BF16
-    uint32_t* xp = (uint32_t*)pre + b * (K / 2);
-    for (int64_t g = 0; g < K / G; g++) xsum[g] = 0.f;
-    for (int64_t j = 0; j < K / 8; j++)
-      for (int i = 0; i < 4; i++) {
-        uint16_t lo16 = to_bf16(ld(x, 8 * j + i, bf)), hi16 = to_bf16(ld(x, 8 * j + i + 4, bf));
-        xp[4 * j + i] = (uint32_t)lo16 | ((uint32_t)hi16 << 16);
-        xsum[(8 * j) / G] += from_bf16(lo16) + from_bf16(hi16);
-      }
-#else
-    float* xs = pre + b * K;
-    for (int64_t k = 0; k < K; k++) xs[k] = ld(x, k, bf) * (k % 8 == 7 ? 1.f : 1.f / (float)(1u << (4 * (k % 8))));
-    for (int64_t g = 0; g < K / G; g++) {
-      float sum = 0.f;
-      for (int64_t k = g * G; k < (g + 1) * G; k++) sum += ld(x, k, bf);
-      xsum[g] = sum;
-    }
-#endif
-  }
+  if (p->kind == 1)
+    for (int64_t k = 0; k < p->k; k++) pre[b * p->k + k] = ld(x, k, bf);
+  else if (p->kind == 2)
+    int4_input_row(x, bf, p->k, p->group, pre, sums, b);
 }
 
 static int64_t proj_units(const spt_proj* p) {
@@ -934,73 +891,36 @@ static int64_t proj_units(const spt_proj* p) {
 
 /* Unit u (an int tile, or a dense group) of y = x W^T for all B rows: x the model's dtype [B][K]
  * (dense) or prepared rows (pre, sums), y the model's dtype [B][n]; yf: fp32 scratch [B][n] for
- * the int kinds (rows two at a time, as spt_int8_mm / spt_int4_mm take them). */
+ * the int kinds. */
 static void proj_unit(const spt_proj* p, int64_t u, int64_t B, const char* x, const float* pre, const float* sums,
                       char* y, float* yf, int bf) {
   int64_t N = p->n, K = p->k, es = bf ? 2 : 4;
   if (p->kind == 0) {
-    int64_t vecs = N / V, v0 = u * DNB;
-    int nb = (int)(vecs - v0 < DNB ? vecs - v0 : DNB);
-    for (int64_t m = 0; m < B; m += DMR) {
-      int mr = (int)(B - m < DMR ? B - m : DMR);
-      if (bf) {
-        const uint16_t* xb = (const uint16_t*)x + m * K;
-        const uint16_t* wb = (const uint16_t*)p->w + v0 * K * V;
-        uint16_t* yb = (uint16_t*)y + m * N + v0 * V;
-        DENSE_CASES(dense_bf16_block, xb, wb, yb, K, N, mr, nb)
-      } else {
-        const float* xf = (const float*)x + m * K;
-        const float* wf = (const float*)p->w + v0 * K * V;
-        float* yo = (float*)y + m * N + v0 * V;
-        DENSE_CASES(dense_f32_block, xf, wf, yo, K, N, mr, nb)
-      }
-    }
+    dense_unit(x, p->w, y, B, N, K, bf, u);
     return;
   }
-  for (int64_t m = 0; m < B; m += 2) {
-    int two = B - m >= 2;
-    float* out = yf + m * N + u * T;
-    if (p->kind == 1) {
-      const int8_t* qt = (const int8_t*)p->w + u * K * T;
-      const float* sc = (const float*)p->scale + u * T;
-      if (two) int8_tile(pre + m * K, qt, sc, out, N, K, 2);
-      else int8_tile(pre + m * K, qt, sc, out, N, K, 1);
-    } else {
-      int64_t G = p->group;
-      const uint32_t* qt = (const uint32_t*)p->w + u * (K / 8) * T;
-      const uint16_t *sc = (const uint16_t*)p->scale + u * (K / G) * T, *lo = (const uint16_t*)p->low + u * (K / G) * T;
-      const float* xs = sums + m * (K / G);
-#ifdef INT4_BF16
-      const uint32_t* xp = (const uint32_t*)pre + m * (K / 2);
-      if (two) int4_tile_bf16(xp, xs, qt, sc, lo, out, N, K, G, 2);
-      else int4_tile_bf16(xp, xs, qt, sc, lo, out, N, K, G, 1);
-#else
-      if (two) int4_tile(pre + m * K, xs, qt, sc, lo, out, N, K, G, 2);
-      else int4_tile(pre + m * K, xs, qt, sc, lo, out, N, K, G, 1);
-#endif
-    }
-  }
+  if (p->kind == 1)
+    int8_unit(pre, (const int8_t*)p->w, (const float*)p->scale, yf, B, N, K, u);
+  else
+    int4_unit(pre, sums, (const uint32_t*)p->w, (const uint16_t*)p->scale, (const uint16_t*)p->low, yf, B, N, K,
+              p->group, u);
   for (int64_t m = 0; m < B; m++)
     for (int64_t j = u * T; j < (u + 1) * T; j++) st(y + (m * N + j) * es, 0, yf[m * N + j], bf);
 }
 
 #if defined(__AVX512F__)
-static inline void store16(void* p, __m512 v, int bf) {  /* bf16: round to nearest even */
-  if (bf) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
-    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(u));
-  } else {
-    _mm512_storeu_ps((float*)p, v);
-  }
-}
 static inline __m512 round16(__m512 v, int bf) {  /* what storing in the model's dtype keeps */
   if (!bf) return v;
   __m512i u = _mm512_castps_si512(v);
   __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
   return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+static inline void store16(void* p, __m512 v, int bf) {  /* bf16: round to nearest even */
+  if (bf)
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round16(v, 1)), 16)));
+  else
+    _mm512_storeu_ps((float*)p, v);
 }
 #endif
 

@@ -174,7 +174,8 @@ class FusedDecode:
             work = self._work[(B, S, shape.threads)] = torch.empty(size, dtype=torch.uint8)
         x = embeds.contiguous().clone()  # (written in place)
         pos = pos.to(torch.int64).contiguous()
-        if pos.shape != (B,) or int(pos.min()) < 0 or int(pos.max()) >= S:  # C writes at these slots
+        low, high = torch.aminmax(pos) if pos.numel() else (torch.tensor(0), torch.tensor(S))
+        if pos.shape != (B,) or int(low) < 0 or int(high) >= S:  # C writes at these slots
             raise ValueError(f"fused decode: positions must be {B} values in 0..{S - 1}")
         lib.spt_decode_layers(self.layers, len(self.layers), ctypes.byref(shape), x.data_ptr(), pos.data_ptr(),
                               self.nmax, self.kmax, work.data_ptr())
