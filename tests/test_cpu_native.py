@@ -51,6 +51,33 @@ def test_int4_kernel_is_the_dequantized_product(m, n, k, group):
     assert (got.double() - exact).abs().max() <= 1e-2 * exact.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 9, 40])
+@pytest.mark.parametrize("n, k, group", [(32, 32, 32), (96, 192, 64), (64, 48, 16)])
+def test_quant_prefill_is_the_dequantized_product(dtype, bits, m, n, k, group):
+    """Many rows against int8 / int4 tiles: the dense product with the weights dequantized in fp32
+    (rounded once to bf16 for bf16 rows)."""
+    torch.manual_seed(m * 1000 + n + k + bits)
+    x = torch.randn(m, k).to(dtype)
+    if bits == 8:
+        q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+        scale = torch.rand(n) + 0.01
+        got = cpu_native.quant_prefill(x, cpu_native.pack_int8(q), scale, None, 0, 8)
+        w = q.float() * scale[:, None]
+    else:
+        q = torch.randint(0, 16, (n, k))
+        scale, low = (torch.rand(k // group, n) * 0.1).bfloat16(), (torch.randn(k // group, n) * 0.1).bfloat16()
+        got = cpu_native.quant_prefill(x, cpu_native.pack_int4(q), cpu_native.pack_int4_groups(scale),
+                                       cpu_native.pack_int4_groups(low), group, 4)
+        groups = q.float().reshape(n, k // group, group)
+        w = (groups * scale.float().t()[..., None] + low.float().t()[..., None]).reshape(n, k)
+    assert got.dtype == dtype and got.shape == (m, n)
+    want = x.double() @ w.to(dtype).double().t()  # the weights as the kernel rounds them
+    rtol = 0 if dtype == torch.float32 else 2 ** -8  # bf16: the output rounded once
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=rtol)
+
+
 DENSE_DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_native.library() is not None and
                                   cpu_native.dense_applies(torch.zeros(16, 8, dtype=torch.bfloat16)) else [])
 
@@ -73,6 +100,33 @@ def test_dense_kernel_is_the_matrix_product(dtype, m, n, k):
         torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
     else:
         torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("dtype", DENSE_DTYPES)
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("m", [1, 9, 70])
+@pytest.mark.parametrize("n, k", [(16, 8), (48, 64), (80, 200), (208, 96)])
+def test_rowmajor_kernel_is_the_matrix_product(dtype, trans, m, n, k):
+    """The product on weights as stored ([n, k], or with trans [k, n] for x w), packed per call."""
+    torch.manual_seed(m * 1000 + n + k + trans)
+    w, x = (torch.randn(n, k) / k ** 0.5).to(dtype), torch.randn(m, k).to(dtype)
+    stored = w.t().contiguous() if trans else w
+    assert cpu_native.rowmajor_applies(x, stored, trans)
+    got = cpu_native.dense_mm_rowmajor(x, stored, trans)
+    assert got.dtype == dtype and got.shape == (m, n)
+    want = x.double() @ w.double().t()  # the same tolerances as the packed kernel (same sums)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+    else:
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=2 ** -8)
+
+
+def test_rowmajor_kernel_refuses_what_it_cannot_address():
+    x = torch.randn(4, 64)
+    assert not cpu_native.rowmajor_applies(x, torch.randn(40, 64))  # n not a multiple of 16
+    assert not cpu_native.rowmajor_applies(x, torch.randn(48, 60))  # k does not match
+    assert not cpu_native.rowmajor_applies(x, torch.randn(64, 40), trans=True)
+    assert not cpu_native.rowmajor_applies(x.double(), torch.randn(48, 64).double())
 
 
 def test_dense_kernel_rows_do_not_depend_on_their_neighbours():

@@ -646,30 +646,199 @@ static inline void dense_bf16_block(const uint16_t* x, const uint16_t* w, uint16
  * DNB vectors, all rows: the group's weights come from memory once and from cache for the rest. */
 int64_t spt_dense_group(void) { return DNB * V; }
 
-/* Group g (DNB vectors) of y = x W^T for all M rows, DMR rows at a time. */
-static void dense_unit(const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int bf, int64_t g) {
-  int64_t vecs = N / V, v0 = g * DNB;
-  int nb = (int)(vecs - v0 < DNB ? vecs - v0 : DNB);
+/* Outputs v0 V .. (v0 + nb) V of y = x W^T for all M rows, DMR rows at a time; wg: that group's
+ * weights in the layout above. */
+static void dense_rows(const void* x, const void* wg, void* y, int64_t M, int64_t N, int64_t K, int bf, int64_t v0,
+                       int nb) {
   for (int64_t m = 0; m < M; m += DMR) {
     int mr = (int)(M - m < DMR ? M - m : DMR);
     if (bf) {
       const uint16_t* xb = (const uint16_t*)x + m * K;
-      const uint16_t* wb = (const uint16_t*)w + v0 * K * V;
       uint16_t* yb = (uint16_t*)y + m * N + v0 * V;
-      DENSE_CASES(dense_bf16_block, xb, wb, yb, K, N, mr, nb)
+      DENSE_CASES(dense_bf16_block, xb, (const uint16_t*)wg, yb, K, N, mr, nb)
     } else {
       const float* xf = (const float*)x + m * K;
-      const float* wf = (const float*)w + v0 * K * V;
       float* yf = (float*)y + m * N + v0 * V;
-      DENSE_CASES(dense_f32_block, xf, wf, yf, K, N, mr, nb)
+      DENSE_CASES(dense_f32_block, xf, (const float*)wg, yf, K, N, mr, nb)
     }
   }
+}
+
+static inline int group_vectors(int64_t N, int64_t g) {
+  int64_t left = N / V - g * DNB;
+  return (int)(left < DNB ? left : DNB);
+}
+
+/* Group g (DNB vectors) of y = x W^T for all M rows (w packed). */
+static void dense_unit(const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int bf, int64_t g) {
+  int64_t v0 = g * DNB;
+  dense_rows(x, (const char*)w + v0 * K * V * (bf ? 2 : 4), y, M, N, K, bf, v0, group_vectors(N, g));
 }
 
 void spt_dense_mm(const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int bf, int threads) {
   int64_t groups = (N / V + DNB - 1) / DNB;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t g = 0; g < groups; g++) dense_unit(x, w, y, M, N, K, bf, g);
+}
+
+/* The same product with W as stored, unpacked: row-major [N][K], or with `trans` its transpose
+ * stored row-major [K][N] (a backward's dx = dy W). For many rows (a training step's passes),
+ * where a packed copy would double the weights' memory: each task packs its group into a
+ * scratch of its own (48 x K values against M x 48 x K multiply-adds), then runs every row
+ * against it. N a multiple of V. */
+void spt_dense_mm_rowmajor(const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int bf,
+                           int trans, int threads) {
+  int64_t groups = (N / V + DNB - 1) / DNB;
+#pragma omp parallel num_threads(threads)
+  {
+    void* scratch = malloc((size_t)DNB * V * K * (bf ? 2 : 4));
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+      if (!scratch) continue;
+      int nb = group_vectors(N, g);
+      int64_t width = (int64_t)nb * V, r0 = g * DNB * V;
+      /* element (r, k) of the group's rows: at r K + k, or (trans) at k N + r; the loop runs along
+       * the stored rows so that the reads stream */
+      if (bf) {  /* [K/2][width][2] */
+        const uint16_t* src = (const uint16_t*)w;
+        uint16_t* dst = (uint16_t*)scratch;
+        if (trans)
+          for (int64_t k = 0; k < K; k++)
+            for (int64_t r = 0; r < width; r++) dst[(k / 2) * width * 2 + 2 * r + (k & 1)] = src[k * N + r0 + r];
+        else
+          for (int64_t r = 0; r < width; r++)
+            for (int64_t k = 0; k < K; k++) dst[(k / 2) * width * 2 + 2 * r + (k & 1)] = src[(r0 + r) * K + k];
+      } else {  /* [K][width] */
+        const float* src = (const float*)w;
+        float* dst = (float*)scratch;
+        if (trans)
+          for (int64_t k = 0; k < K; k++) memcpy(dst + k * width, src + k * N + r0, sizeof(float) * width);
+        else
+          for (int64_t r = 0; r < width; r++)
+            for (int64_t k = 0; k < K; k++) dst[k * width + r] = src[(r0 + r) * K + k];
+      }
+      dense_rows(x, scratch, y, M, N, K, bf, g * DNB, nb);
+    }
+    free(scratch);
+  }
+}
+
+/* ---- int8 / int4 weights for many rows (a prefill): y = x W^T in x's dtype ----
+ * Such products are bound by multiply-adds, not by reading the weights: each task dequantizes one
+ * tile (32 output rows) into a scratch in the dense kernel's group layout, then runs every row
+ * against it with that kernel (the dense kernel's rate and sums; nothing of the model's size is
+ * made). Weights as the int kernels use them: int8 w = q scale[n]; int4 w = q scale + low per
+ * group, computed in fp32 and, for bf16 rows, rounded to bf16 once. N the padded width. */
+#if defined(__AVX512F__)
+/* two fp32 vectors (columns k, k + 1 of 16 rows) -> 16 words holding their bf16 pairs */
+static inline __m512i bf16_pairs(__m512 a, __m512 b) {
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF), top = _mm512_set1_epi32((int)0xFFFF0000u);
+  __m512i ua = _mm512_castps_si512(a), ub = _mm512_castps_si512(b);
+  ua = _mm512_add_epi32(ua, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(ua, 16), one)));
+  ub = _mm512_add_epi32(ub, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(ub, 16), one)));
+  return _mm512_or_si512(_mm512_srli_epi32(ua, 16), _mm512_and_si512(ub, top));
+}
+#endif
+
+/* Column k of the tile (32 fp32 values, c[0..31]) into the scratch. */
+static inline void put_column(void* scratch, int64_t k, const float* c, int bf) {
+  if (!bf) {
+    memcpy((float*)scratch + k * T, c, sizeof(float) * T);
+    return;
+  }
+  uint16_t* d = (uint16_t*)scratch + (k / 2) * T * 2 + (k & 1);
+  for (int j = 0; j < T; j++) d[2 * j] = to_bf16(c[j]);
+}
+
+static void int8_tile_dense(const int8_t* qt, const float* sc, void* scratch, int64_t K, int bf) {
+#if defined(__AVX512F__)
+  __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
+  for (int64_t k = 0; k < K; k += 2) {
+    const int8_t* r = qt + k * T;
+    __m512 a0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)r))), s0);
+    __m512 a1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + 16)))), s1);
+    __m512 b0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + T)))), s0);
+    __m512 b1 =
+        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r + T + 16)))), s1);
+    if (bf) {
+      __m512i* d = (__m512i*)((uint16_t*)scratch + (k / 2) * T * 2);
+      _mm512_storeu_si512(d, bf16_pairs(a0, b0));
+      _mm512_storeu_si512(d + 1, bf16_pairs(a1, b1));
+    } else {
+      float* d = (float*)scratch + k * T;
+      _mm512_storeu_ps(d, a0);
+      _mm512_storeu_ps(d + 16, a1);
+      _mm512_storeu_ps(d + T, b0);
+      _mm512_storeu_ps(d + T + 16, b1);
+    }
+  }
+#else
+  float c[T];
+  for (int64_t k = 0; k < K; k++) {
+    for (int j = 0; j < T; j++) c[j] = (float)qt[k * T + j] * sc[j];
+    put_column(scratch, k, c, bf);
+  }
+#endif
+}
+
+static void int4_tile_dense(const uint32_t* qt, const uint16_t* sc, const uint16_t* lo, void* scratch, int64_t K,
+                            int64_t G, int bf) {
+#if defined(__AVX512F__)
+  const __m512i nib = _mm512_set1_epi32(15);
+  for (int64_t b = 0; b < K / 8; b++) {
+    int64_t g = (8 * b) / G;
+    __m512 s0 = load_bf16x16(sc + g * T), s1 = load_bf16x16(sc + g * T + 16);
+    __m512 l0 = load_bf16x16(lo + g * T), l1 = load_bf16x16(lo + g * T + 16);
+    __m512i v0 = _mm512_loadu_si512(qt + b * T), v1 = _mm512_loadu_si512(qt + b * T + 16);
+    __m512 c[8][2];
+    for (int i = 0; i < 8; i++) {
+      c[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v0, 4 * i), nib)), s0, l0);
+      c[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v1, 4 * i), nib)), s1, l1);
+    }
+    for (int i = 0; i < 8; i += 2) {
+      int64_t k = 8 * b + i;
+      if (bf) {
+        __m512i* d = (__m512i*)((uint16_t*)scratch + (k / 2) * T * 2);
+        _mm512_storeu_si512(d, bf16_pairs(c[i][0], c[i + 1][0]));
+        _mm512_storeu_si512(d + 1, bf16_pairs(c[i][1], c[i + 1][1]));
+      } else {
+        float* d = (float*)scratch + k * T;
+        _mm512_storeu_ps(d, c[i][0]);
+        _mm512_storeu_ps(d + 16, c[i][1]);
+        _mm512_storeu_ps(d + T, c[i + 1][0]);
+        _mm512_storeu_ps(d + T + 16, c[i + 1][1]);
+      }
+    }
+  }
+#else
+  float c[T];
+  for (int64_t k = 0; k < K; k++) {
+    int64_t b = k / 8, g = k / G;
+    for (int j = 0; j < T; j++)
+      c[j] = (float)((qt[b * T + j] >> (4 * (k % 8))) & 15) * from_bf16(sc[g * T + j]) + from_bf16(lo[g * T + j]);
+    put_column(scratch, k, c, bf);
+  }
+#endif
+}
+
+/* bits 8: q int8 tiles, scale fp32 [N]; bits 4: q int4 words, scale and low bf16 per tile and group. */
+void spt_quant_prefill(const void* x, const void* q, const void* scale, const uint16_t* low, void* y, int64_t M,
+                       int64_t N, int64_t K, int64_t G, int bits, int bf, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    void* scratch = malloc((size_t)T * K * (bf ? 2 : 4));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < N / T; t++) {
+      if (!scratch) continue;
+      if (bits == 8)
+        int8_tile_dense((const int8_t*)q + t * K * T, (const float*)scale + t * T, scratch, K, bf);
+      else
+        int4_tile_dense((const uint32_t*)q + t * (K / 8) * T, (const uint16_t*)scale + t * (K / G) * T,
+                        low + t * (K / G) * T, scratch, K, G, bf);
+      dense_rows(x, scratch, y, M, N, K, bf, t * (T / V), T / V);
+    }
+    free(scratch);
+  }
 }
 
 /* Which dtypes the vector paths serve (bit 0 fp32, bit 1 bf16); the others are scalar (slow). */

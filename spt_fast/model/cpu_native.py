@@ -115,12 +115,15 @@ def library():
         lib.spt_int8_mm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         lib.spt_int4_mm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
         lib.spt_dense_mm.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+        lib.spt_dense_mm_rowmajor.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.spt_quant_prefill.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_int]
         lib.spt_causal_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
                                              ctypes.c_int, ctypes.c_int]
         lib.spt_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
                                              ctypes.c_int, ctypes.c_int]
-        for fn in (lib.spt_int8_mm, lib.spt_int4_mm, lib.spt_dense_mm, lib.spt_decode_attention,
-                   lib.spt_causal_attention):
+        for fn in (lib.spt_int8_mm, lib.spt_int4_mm, lib.spt_dense_mm, lib.spt_dense_mm_rowmajor, lib.spt_quant_prefill,
+                   lib.spt_decode_attention, lib.spt_causal_attention):
             fn.restype = None
         _lib = lib
         return _lib
@@ -251,6 +254,8 @@ _ops = torch.library.Library("spt_fast", "FRAGMENT")  # the namespace has other 
 _ops.define("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor")
 _ops.define("int4_mm(Tensor x, Tensor q, Tensor scale, Tensor low, int group) -> Tensor")
 _ops.define("dense_mm(Tensor x, Tensor w) -> Tensor")
+_ops.define("dense_mm_rowmajor(Tensor x, Tensor w, bool trans) -> Tensor")
+_ops.define("quant_prefill(Tensor x, Tensor q, Tensor scale, Tensor? low, int group, int bits) -> Tensor")
 _ops.define("causal_attention(Tensor q, Tensor k, Tensor v) -> Tensor")
 _ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos) -> Tensor")
 
@@ -282,6 +287,26 @@ def _dense_mm(x, w):
     return y
 
 
+def _dense_mm_rowmajor(x, w, trans):
+    x, w = x.contiguous(), w.contiguous()
+    m, k = x.shape
+    n = w.shape[1] if trans else w.shape[0]
+    y = x.new_empty(m, n)
+    library().spt_dense_mm_rowmajor(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, int(x.dtype == torch.bfloat16),
+                                    int(trans), torch.get_num_threads())
+    return y
+
+
+def _quant_prefill(x, q, scale, low, group, bits):
+    x = x.contiguous()
+    m, k = x.shape
+    y = x.new_empty(m, q.shape[0] * TILE)
+    library().spt_quant_prefill(x.data_ptr(), q.data_ptr(), scale.data_ptr(), 0 if low is None else low.data_ptr(),
+                                y.data_ptr(), m, y.shape[1], k, group, bits, int(x.dtype == torch.bfloat16),
+                                torch.get_num_threads())
+    return y
+
+
 def _causal_attention(q, k, v):
     b, h, t, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -306,6 +331,8 @@ _ops.impl("decode_attention", _decode_attention, "CPU")
 _ops.impl("int8_mm", _int8_mm, "CPU")
 _ops.impl("int4_mm", _int4_mm, "CPU")
 _ops.impl("dense_mm", _dense_mm, "CPU")
+_ops.impl("dense_mm_rowmajor", _dense_mm_rowmajor, "CPU")
+_ops.impl("quant_prefill", _quant_prefill, "CPU")
 _ops.impl("causal_attention", _causal_attention, "CPU")
 
 
@@ -322,6 +349,16 @@ def _(x, q, scale, low, group):
 @torch.library.register_fake("spt_fast::dense_mm")
 def _(x, w):
     return x.new_empty(x.shape[0], w.numel() // x.shape[1])
+
+
+@torch.library.register_fake("spt_fast::dense_mm_rowmajor")
+def _(x, w, trans):
+    return x.new_empty(x.shape[0], w.shape[1] if trans else w.shape[0])
+
+
+@torch.library.register_fake("spt_fast::quant_prefill")
+def _(x, q, scale, low, group, bits):
+    return x.new_empty(x.shape[0], q.shape[0] * TILE)
 
 
 @torch.library.register_fake("spt_fast::causal_attention")
@@ -363,6 +400,41 @@ def dense_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [m, k] times a weight packed by pack_dense ([n, k] before), in the weight's dtype (fp32
     or bf16, as x): [m, n], summed in fp32."""
     return torch.ops.spt_fast.dense_mm(x, w)
+
+
+def dense_mm_rowmajor(x: torch.Tensor, w: torch.Tensor, trans: bool = False) -> torch.Tensor:
+    """x [m, k] times w^T for w [n, k] as stored, or (trans) times w for w [k, n]: [m, n] in w's
+    dtype (fp32 or bf16, as x), summed in fp32; n a multiple of VEC, k of 8 (rowmajor_applies).
+    For many rows: each call packs the weights a group at a time into scratch (no copy kept)."""
+    return torch.ops.spt_fast.dense_mm_rowmajor(x, w, trans)
+
+
+def rowmajor_applies(x: torch.Tensor, w: torch.Tensor, trans: bool = False) -> bool:
+    """Whether dense_mm_rowmajor serves rows x [..., k] against this weight on this CPU."""
+    if w.dim() != 2 or x.dtype != w.dtype or x.device.type != "cpu" or w.device.type != "cpu":
+        return False
+    k, n = w.shape if trans else (w.shape[1], w.shape[0])
+    lib = library()
+    if lib is None or x.shape[-1] != k or n % VEC or k % 8:
+        return False
+    need = {torch.float32: 1, torch.bfloat16: 2}.get(w.dtype)
+    return need is not None and bool(lib.spt_dense_vector() & need)
+
+
+def quant_prefill(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None, group: int,
+                  bits: int) -> torch.Tensor:
+    """Many rows x [m, k] (fp32 or bf16) times int8 (bits 8: q, scale as int8_mm takes them) or
+    int4 (bits 4: as int4_mm) weights: [m, padded n] in x's dtype. Each tile is dequantized into
+    scratch (in fp32, then rounded to x's dtype) and multiplied on the dense kernel: for a
+    prefill, where the int kernels' few-row tiles would be slow. Fast where dense_vector_path(x.dtype)."""
+    return torch.ops.spt_fast.quant_prefill(x, q, scale, low, group, bits)
+
+
+def dense_vector_path(dtype: torch.dtype) -> bool:
+    """Whether the built dense kernel has a vector path for this dtype (else it is scalar, slow)."""
+    lib = library()
+    need = {torch.float32: 1, torch.bfloat16: 2}.get(dtype)
+    return lib is not None and need is not None and bool(lib.spt_dense_vector() & need)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ class CPUProjection(nn.Module):
 KERNELS = ("onednn", "blas", "native")
 
 
-def _best_time(fn, reps: int) -> float:
+def best_time(fn, reps: int) -> float:
     """Fastest of `reps` timed calls of fn(), after one untimed call (oneDNN primitive creation,
     page faults)."""
     import time
@@ -157,7 +157,7 @@ def _time_kernels(projections: list[CPUProjection], rows: int, reps: int = 3) ->
             continue
         for p in projections:
             p.use({1: kernel, 2: kernel, 3: kernel})
-        out[kernel] = _best_time(lambda: [p(x) for p, x in zip(projections, xs)], reps)
+        out[kernel] = best_time(lambda: [p(x) for p, x in zip(projections, xs)], reps)
     return out
 
 
@@ -177,7 +177,7 @@ def choose_kernels(projections: list[CPUProjection], cache_file=None) -> dict[in
     for p in projections:  # the shapes name the model in the cache key (all of them are timed)
         distinct.setdefault((tuple(p.weights()[0].shape), len(p.sizes), str(p.weights()[0].dtype)), p)
     native = "native" if cpu_native.library() is not None else "no-native"
-    key = _choice_key(f"whole-model-3|{native}", ";".join(f"{s}x{n}:{d}" for s, n, d in sorted(distinct)))
+    key = choice_key(f"whole-model-3|{native}", ";".join(f"{s}x{n}:{d}" for s, n, d in sorted(distinct)))
 
     def measure():
         chosen = {}
@@ -215,7 +215,7 @@ def cached_choice(cache_file, key: str, measure):
     return table[key]
 
 
-def _choice_key(kind: str, *parts: str) -> str:
+def choice_key(kind: str, *parts: str) -> str:
     """A cached choice's key: what is chosen, this machine (CPU model, torch, threads), then `parts`."""
     from ..utils import cpu_info
 
@@ -225,7 +225,7 @@ def _choice_key(kind: str, *parts: str) -> str:
 def _fastest(candidates: dict, *args) -> str:
     """The name of the candidate function that runs four calls on `args` fastest (best of 5)."""
     with torch.no_grad():
-        times = {name: _best_time(lambda fn=fn: [fn(*args) for _ in range(4)], 5) for name, fn in candidates.items()}
+        times = {name: best_time(lambda fn=fn: [fn(*args) for _ in range(4)], 5) for name, fn in candidates.items()}
     return min(times, key=times.get)
 
 
@@ -244,7 +244,7 @@ def choose_decode_attention(config, dtype: torch.dtype, cache_file=None) -> str:
 
     q_shape = (16, config.n_heads, 1, config.head_dim)
     native = cpu_native.attention_applies(dtype, config.n_heads, config.n_kv_heads, config.head_dim)
-    key = _choice_key("decode-attention", str(dtype), _heads(config), *(["with-native"] if native else []))
+    key = choice_key("decode-attention", str(dtype), _heads(config), *(["with-native"] if native else []))
 
     def measure():
         from .llama import bmm_attention, masked_sdpa
@@ -273,7 +273,7 @@ def choose_prefill_attention(config, dtype: torch.dtype, cache_file=None) -> str
 
     if not cpu_native.attention_applies(dtype, config.n_heads, config.n_kv_heads, config.head_dim):
         return "sdpa"
-    key = _choice_key("prefill-attention", str(dtype), _heads(config))
+    key = choice_key("prefill-attention", str(dtype), _heads(config))
 
     def measure():
         from .llama import causal_sdpa
@@ -318,6 +318,9 @@ class QuantProjection(nn.Module):
             raise ValueError(f"int4 needs the input width {k} divisible by the group size {group}")
         # native=False: PyTorch's kernels even where ours are built (choose_quant_kernels measures both)
         self.native = native and k % 8 == 0 and group % 8 == 0 and cpu_native.library() is not None
+        # Many rows (a prefill) through cpu_native.quant_prefill, tile by tile, where it has the
+        # dense kernel's vector path for this dtype; else through a dequantized dense copy.
+        self.prefill_native = self.native and cpu_native.dense_vector_path(dtype)
         # Zero rows up to the kernels' output tile (ours: 32; PyTorch's int4: 16), cut off after.
         pad = -n % (cpu_native.TILE if self.native else 16 if bits == 4 else 1)
         w = torch.cat([w, w.new_zeros(pad, k)]) if pad else w
@@ -349,8 +352,10 @@ class QuantProjection(nn.Module):
             zero = low + 8 * scale
             self.register_buffer("scale", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous(),
                                  persistent=False)
-        # A prefill's dense copy comes from plain nibbles: unpacking the kernels' words took ~1 s a
-        # prefill of the embedded model (int32 intermediates eight times the weights' size).
+        if self.prefill_native:
+            return
+        # Else a prefill's dense copy comes from plain nibbles: unpacking the kernels' words took
+        # ~1 s a prefill of the embedded model (int32 intermediates eight times the weights' size).
         nibbles = q.to(torch.uint8).reshape(n, k // 2, 2)
         self.register_buffer("plain", nibbles[..., 0] | (nibbles[..., 1] << 4), persistent=False)
         self.register_buffer("group_scale", scale.to(dtype), persistent=False)  # [n, k / group]
@@ -369,9 +374,13 @@ class QuantProjection(nn.Module):
             if self.native:
                 return cpu_native.unpack_int8(self.q).to(dtype) * self.scale.to(dtype)[:, None]
             return self.q.to(dtype) * self.row_scale.to(dtype)[:, None]
-        n, half = self.plain.shape
-        q = torch.stack([self.plain & 0xF, self.plain >> 4], -1).reshape(n, 2 * half)
-        scale, low = self.group_scale, self.group_low
+        if self.prefill_native:  # no plain copy kept: from the kernels' words (slow; not on a hot path)
+            q = cpu_native.unpack_int4(self.q)
+            scale, low = (t.transpose(0, 1).reshape(t.shape[1], -1).t() for t in (self.scale, self.low))
+        else:
+            n, half = self.plain.shape
+            q = torch.stack([self.plain & 0xF, self.plain >> 4], -1).reshape(n, 2 * half)
+            scale, low = self.group_scale, self.group_low
         n, k = q.shape
         q = q.reshape(n, -1, self.group).to(dtype)
         return (q * scale[..., None].to(dtype) + low[..., None].to(dtype)).reshape(n, k)
@@ -394,7 +403,10 @@ class QuantProjection(nn.Module):
         rows = x.shape[:-1].numel()
         flat = x.reshape(rows, x.shape[-1])
         width = sum(self.sizes)
-        if rows > self.KERNEL_ROWS:
+        if rows > self.KERNEL_ROWS and self.prefill_native and x.dtype == self.dtype:
+            y = torch.ops.spt_fast.quant_prefill(flat, self.q, self.scale, self.low if self.bits == 4 else None,
+                                                 self.group, self.bits)[:, :width]
+        elif rows > self.KERNEL_ROWS:
             y = F.linear(flat, self.dequantized(x.dtype)[:width])
         else:
             y = self.kernel(self.kernel_input(flat))[:, :width]
@@ -456,7 +468,7 @@ def choose_quant_kernels(config, bits: int, dtype: torch.dtype, cache_file=None)
 
     if cpu_native.library() is None:
         return False
-    key = _choice_key(f"int{bits}-kernels", str(dtype),
+    key = choice_key(f"int{bits}-kernels", str(dtype),
                       f"{config.dim}x{config.intermediate_size}/{config.n_heads}/{config.n_kv_heads}")
 
     def measure():
@@ -475,7 +487,7 @@ def choose_quant_kernels(config, bits: int, dtype: torch.dtype, cache_file=None)
             # into its neighbouring loops there).
             inputs = [p.kernel_input(x) for p, x in zip(projections, rows)]
             with torch.no_grad():
-                times[native] = _best_time(lambda ps=projections, xs=inputs: [p.kernel(x) for p, x in zip(ps, xs)], 3)
+                times[native] = best_time(lambda ps=projections, xs=inputs: [p.kernel(x) for p, x in zip(ps, xs)], 3)
             del projections
         # Ours unless PyTorch's is clearly faster: timed alone, the int4 kernels tied here (4.5 vs
         # 4.2 ms a pass) while in the compiled step ours was the faster (6.4-6.9 vs 7.5-8.4 ms).

@@ -387,10 +387,14 @@ class Llama(nn.Module):
         ctx_len = ctx_len.to(ctx_embeds.device, torch.long)
         ks, vs = [], []
 
+        # No autograd here, so the C kernel can serve where it was measured faster (on the AMD EPYC
+        # 3.7 against 10.0 ms a layer of two 470-token contexts in fp32).
+        causal = self.causal_attention(ctx_embeds.dtype) if ctx_embeds.device.type == "cpu" else causal_sdpa
+
         def keep(q, k, v):
             ks.append(k)
             vs.append(v)
-            return causal_sdpa(q, k, v)
+            return causal(q, k, v)
 
         packing = Packing(ctx_len, tc) if Packing.worth_it(ctx_len, tc) else None
         if packing is None:
