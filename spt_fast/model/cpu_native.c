@@ -262,7 +262,22 @@ static inline void int4_tile(const float* xs, const float* xsum, const uint32_t*
  * group's sum of x. sums: K / G a row. */
 static void int4_input_row(const void* x, int bf, int64_t K, int64_t G, float* pre, float* sums, int64_t b) {
   float* xsum = sums + b * (K / G);
-#ifdef INT4_BF16
+#if defined(INT4_BF16) && defined(__AVX512VL__)
+  /* 8 columns at a time: round to bf16 (nearest even, as to_bf16), pair column i with i + 4 */
+  uint32_t* xp = (uint32_t*)pre + b * (K / 2);
+  for (int64_t g = 0; g < K / G; g++) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = g * (G / 8); j < (g + 1) * (G / 8); j++) {
+      __m128i h = bf ? _mm_loadu_si128((const __m128i*)((const uint16_t*)x + 8 * j))
+                     : (__m128i)_mm256_cvtneps_pbh(_mm256_loadu_ps((const float*)x + 8 * j));
+      _mm_storeu_si128((__m128i*)(xp + 4 * j), _mm_unpacklo_epi16(h, _mm_srli_si128(h, 8)));
+      acc = _mm256_add_ps(acc, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    xsum[g] = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+  }
+#elif defined(INT4_BF16)
   uint32_t* xp = (uint32_t*)pre + b * (K / 2);
   for (int64_t g = 0; g < K / G; g++) xsum[g] = 0.f;
   for (int64_t j = 0; j < K / 8; j++)
