@@ -56,15 +56,16 @@ def test_native_linear_leaves_what_it_does_not_serve():
         assert not _routed(F.linear(x, w))
 
 
-def test_shared_step_with_the_c_kernels_equals_the_torch_step(char_tok, tiny_llama, monkeypatch):
-    """The shared layout's loss and gradients with the context pass's attention and every frozen
-    product on the C kernels equal those of the same step on PyTorch's (fp32, tight)."""
+@pytest.mark.parametrize("layout", ["shared", "prefix"])
+def test_a_step_with_the_c_kernels_equals_the_torch_step(layout, char_tok, tiny_llama, monkeypatch):
+    """A training step's loss and gradients with every frozen product (and, shared, the context
+    pass's attention) on the C kernels equal those of the same step on PyTorch's (fp32, tight)."""
     from spt_fast.data.corpora import Sample
 
     monkeypatch.setattr(cpu_linear, "MIN_ROWS", 1)  # the tiny batch's branches too
     samples = [Sample(("i like cats.", "i am tall."), ("hi there", "hello!", "how are you?"), "great, thanks.", "d0", 1),
                Sample(("i drive a bus.",), ("hey", "yo", "any pets?"), "too busy driving all day long.", "d1", 2)]
-    cfg = SPTConfig(num_prompts=3, prompt_len=4, layout="shared", init="random", lambda_sel=0.7, lambda_ctr=0.3)
+    cfg = SPTConfig(num_prompts=3, prompt_len=4, layout=layout, init="random", lambda_sel=0.7, lambda_ctr=0.3)
     spt = build_spt_model(tiny_llama, cfg)
     enc = Encoder(char_tok, cfg.max_len, cfg.prompt_len)
     batch = collate([enc.encode(s) for s in samples], char_tok.pad_token_id, char_tok.bos_token_id)
@@ -74,7 +75,9 @@ def test_shared_step_with_the_c_kernels_equals_the_torch_step(char_tok, tiny_lla
     monkeypatch.setattr(cpu_native, "dense_mm_rowmajor", lambda *a, **k: calls.append(1) or real(*a, **k))
     for native in (False, True):
         spt._kernels_for = torch.float32  # the choice made here, not measured
-        spt._native_linears = spt.fast.native_prefill_attention = native
+        spt._native_linears = native
+        if layout == "shared":
+            spt.fast.native_prefill_attention = native
         n0 = len(calls)
         out = spt(batch)
         results.append((out["loss"].detach(), *torch.autograd.grad(out["loss"], params)))

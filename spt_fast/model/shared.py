@@ -10,7 +10,6 @@ import torch
 
 from ..data.batch import Batch
 from ..kernels.inject import inject_prompts
-from .cpu_linear import native_linears
 from .llama import Llama
 from .spt import SPTConfig, SPTModel
 
@@ -22,35 +21,24 @@ class SharedSPTModel(SPTModel):
         super().__init__(base, config, tokenizer)
         # A view sharing the HF model's modules (no copy); the engine makes its own view.
         self.fast = Llama.from_hf_modules(base)
-        self._kernels_for = None  # the dtype the CPU kernels below were chosen for
-        self._native_linears = False
 
     def _choose_cpu_kernels(self, dtype: torch.dtype) -> None:
-        """The CPU kernels of a step, each as measured once per machine (and kept): the context
-        pass's causal attention (PyTorch's SDPA or cpu_native's C kernel, the engine's prefill
-        choice) and the frozen products (F.linear or cpu_native's, cpu_linear)."""
+        """The frozen products' kernel (SPTModel's), and the context pass's causal attention:
+        PyTorch's SDPA or cpu_native's C kernel, the engine's prefill choice (kept per machine)."""
         if self._kernels_for == dtype:
             return
-        from .cpu_linear import choose_training_linears
+        super()._choose_cpu_kernels(dtype)
         from .cpu_projections import choose_prefill_attention
         from .loading import cache_dir
 
-        cache = cache_dir() / "cpu_kernels.json"
-        self.fast.native_prefill_attention = choose_prefill_attention(self.fast.config, dtype, cache) == "native"
-        shapes = [m.weight.shape for layer in self.fast.layers for m in layer.modules()
-                  if isinstance(m, torch.nn.Linear)]
-        self._native_linears = choose_training_linears(shapes, dtype, cache)
-        self._kernels_for = dtype
+        choice = choose_prefill_attention(self.fast.config, dtype, cache_dir() / "cpu_kernels.json")
+        self.fast.native_prefill_attention = choice == "native"
 
     def set_activation_checkpointing(self, on: bool = True) -> None:
         self.fast.checkpoint_branches = on
 
     def response_hidden(self, batch: Batch, embeds: torch.Tensor, prompt_idx: torch.Tensor):
-        native = False
-        if embeds.device.type == "cpu":
-            self._choose_cpu_kernels(embeds.dtype)
-            native = self._native_linears
-        with native_linears(native):  # the backward's products are in the autograd graph made here
+        with self._cpu_linears(embeds):  # the backward's products are in the autograd graph made here
             return self._branches(batch, embeds, prompt_idx)
 
     def _branches(self, batch: Batch, embeds: torch.Tensor, prompt_idx: torch.Tensor):
