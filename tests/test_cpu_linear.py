@@ -13,7 +13,8 @@ from spt_fast.model import cpu_linear, cpu_native
 from spt_fast.model.build import build_spt_model
 from spt_fast.model.spt import SPTConfig
 
-pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="the CPU kernels could not be built here")
+pytestmark = pytest.mark.skipif(not cpu_native.dense_vector_path(torch.float32),
+                                reason="the CPU kernels (their AVX-512 paths) are not built here")
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_native.dense_applies(torch.zeros(16, 8, dtype=torch.bfloat16))
                             else [])
@@ -56,10 +57,12 @@ def test_native_linear_leaves_what_it_does_not_serve():
         assert not _routed(F.linear(x, w))
 
 
-@pytest.mark.parametrize("layout", ["shared", "prefix"])
-def test_a_step_with_the_c_kernels_equals_the_torch_step(layout, char_tok, tiny_llama, monkeypatch):
+@pytest.mark.parametrize("layout, checkpointed", [("shared", False), ("shared", True)])
+def test_a_step_with_the_c_kernels_equals_the_torch_step(layout, checkpointed, char_tok, tiny_llama, monkeypatch):
     """A training step's loss and gradients with every frozen product (and, shared, the context
-    pass's attention) on the C kernels equal those of the same step on PyTorch's (fp32, tight)."""
+    pass's attention) on the C kernels equal those of the same step on PyTorch's (fp32, tight),
+    also with the branch layers recomputed in the backward (which must recompute on the same
+    kernels: else the saved tensors differ and torch.utils.checkpoint refuses)."""
     from spt_fast.data.corpora import Sample
 
     monkeypatch.setattr(cpu_linear, "MIN_ROWS", 1)  # the tiny batch's branches too
@@ -67,6 +70,8 @@ def test_a_step_with_the_c_kernels_equals_the_torch_step(layout, char_tok, tiny_
                Sample(("i drive a bus.",), ("hey", "yo", "any pets?"), "too busy driving all day long.", "d1", 2)]
     cfg = SPTConfig(num_prompts=3, prompt_len=4, layout=layout, init="random", lambda_sel=0.7, lambda_ctr=0.3)
     spt = build_spt_model(tiny_llama, cfg)
+    if checkpointed:
+        spt.set_activation_checkpointing(True)
     enc = Encoder(char_tok, cfg.max_len, cfg.prompt_len)
     batch = collate([enc.encode(s) for s in samples], char_tok.pad_token_id, char_tok.bos_token_id)
     params = [spt.prompts.weight, spt.retriever.proj.weight]
@@ -85,6 +90,31 @@ def test_a_step_with_the_c_kernels_equals_the_torch_step(layout, char_tok, tiny_
     for torch_run, native_run in zip(*results):
         assert torch_run.abs().max() > 0
         torch.testing.assert_close(native_run, torch_run, rtol=1e-5, atol=1e-7)
+
+
+def test_column_major_weights_and_bad_inputs():
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 64), torch.randn(70, 64)
+    col = w.t().contiguous().t()  # the same values, stored column-major (as column_major_linears leaves them)
+    assert not col.is_contiguous()
+    torch.testing.assert_close(cpu_native.dense_mm_rowmajor(x, col), cpu_native.dense_mm_rowmajor(x, w),
+                               rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="dense_mm_rowmajor"):
+        cpu_native.dense_mm_rowmajor(torch.randn(70, 60), w)  # widths differ
+    with pytest.raises(ValueError, match="dense_mm_rowmajor"):
+        cpu_native.dense_mm_rowmajor(x.double(), w.double())
+    q = cpu_native.pack_int4(torch.randint(0, 16, (32, 64)))
+    groups = cpu_native.pack_int4_groups(torch.ones(2, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="quant_prefill"):
+        cpu_native.quant_prefill(x, q, groups, None, 32, 4)  # int4 without offsets
+    with pytest.raises(ValueError, match="quant_prefill"):
+        cpu_native.quant_prefill(torch.randn(70, 32), q, groups, groups, 32, 4)  # widths differ
+    y = torch.randn(64, 100, requires_grad=True)
+    with cpu_linear.native_linears():  # a non-contiguous input, and its gradient
+        out = F.linear(y.t(), w)
+    assert _routed(out)
+    (dy,) = torch.autograd.grad(out.sum(), y)
+    torch.testing.assert_close(dy, (torch.ones(100, 48) @ w).t(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("native_faster", [False, True])

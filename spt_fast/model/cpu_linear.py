@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 from . import cpu_native
@@ -32,6 +33,7 @@ class _FrozenLinear(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
+    @once_differentiable  # dx is not itself differentiable here: a double backward raises
     def backward(ctx, dy):
         (w,) = ctx.saved_tensors
         dx = cpu_native.dense_mm_rowmajor(dy.reshape(-1, dy.shape[-1]), w, trans=True)
@@ -59,8 +61,17 @@ class _NativeLinears(TorchFunctionMode):
 
 
 def native_linears(on: bool = True):
-    """A context in which F.linear calls that `applies` accepts run on the C product."""
+    """A context in which F.linear calls that `applies` accepts run on the C product. A forward
+    recomputed in the backward (activation checkpointing) must run in the same context, or its
+    saved tensors differ from the first forward's: torch.utils.checkpoint's context_fn takes
+    `recompute_contexts(on)`."""
     return _NativeLinears() if on and not torch.compiler.is_compiling() else contextlib.nullcontext()
+
+
+def recompute_contexts(on: bool):
+    """context_fn for torch.utils.checkpoint (use_reentrant=False): the forward already runs in
+    native_linears(on); its recomputation in the backward gets the same."""
+    return contextlib.nullcontext(), native_linears(on)
 
 
 def choose_training_linears(shapes, dtype: torch.dtype, cache_file=None) -> bool:

@@ -263,7 +263,8 @@ static inline void int4_tile(const float* xs, const float* xsum, const uint32_t*
 static void int4_input_row(const void* x, int bf, int64_t K, int64_t G, float* pre, float* sums, int64_t b) {
   float* xsum = sums + b * (K / G);
 #if defined(INT4_BF16) && defined(__AVX512VL__)
-  /* 8 columns at a time: round to bf16 (nearest even, as to_bf16), pair column i with i + 4 */
+  /* 8 columns at a time: round to bf16 (nearest even, as to_bf16 for normal numbers; the
+   * instruction flushes values below ~1e-38 to zero), pair column i with i + 4 */
   uint32_t* xp = (uint32_t*)pre + b * (K / 2);
   for (int64_t g = 0; g < K / G; g++) {
     __m256 acc = _mm256_setzero_ps();
@@ -701,15 +702,23 @@ void spt_dense_mm(const void* x, const void* w, void* y, int64_t M, int64_t N, i
  * where a packed copy would double the weights' memory: each task packs its group into a
  * scratch of its own (48 x K values against M x 48 x K multiply-adds), then runs every row
  * against it. N a multiple of V. */
+static inline char* thread_scratch(void* work, int64_t bytes) {
+  int me = 0;
+#ifdef _OPENMP
+  me = omp_get_thread_num();
+#endif
+  return (char*)work + me * bytes;
+}
+
+/* work: `threads` scratches of DNB V K values (the caller's memory: nothing here can fail). */
 void spt_dense_mm_rowmajor(const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int bf,
-                           int trans, int threads) {
+                           int trans, void* work, int threads) {
   int64_t groups = (N / V + DNB - 1) / DNB;
 #pragma omp parallel num_threads(threads)
   {
-    void* scratch = malloc((size_t)DNB * V * K * (bf ? 2 : 4));
+    void* scratch = thread_scratch(work, DNB * V * K * (bf ? 2 : 4));
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
-      if (!scratch) continue;
       int nb = group_vectors(N, g);
       int64_t width = (int64_t)nb * V, r0 = g * DNB * V;
       /* element (r, k) of the group's rows: at r K + k, or (trans) at k N + r; the loop runs along
@@ -734,7 +743,6 @@ void spt_dense_mm_rowmajor(const void* x, const void* w, void* y, int64_t M, int
       }
       dense_rows(x, scratch, y, M, N, K, bf, g * DNB, nb);
     }
-    free(scratch);
   }
 }
 
@@ -836,15 +844,15 @@ static void int4_tile_dense(const uint32_t* qt, const uint16_t* sc, const uint16
 #endif
 }
 
-/* bits 8: q int8 tiles, scale fp32 [N]; bits 4: q int4 words, scale and low bf16 per tile and group. */
+/* bits 8: q int8 tiles, scale fp32 [N]; bits 4: q int4 words, scale and low bf16 per tile and group.
+ * work: `threads` scratches of T K values. */
 void spt_quant_prefill(const void* x, const void* q, const void* scale, const uint16_t* low, void* y, int64_t M,
-                       int64_t N, int64_t K, int64_t G, int bits, int bf, int threads) {
+                       int64_t N, int64_t K, int64_t G, int bits, int bf, void* work, int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    void* scratch = malloc((size_t)T * K * (bf ? 2 : 4));
+    void* scratch = thread_scratch(work, T * K * (bf ? 2 : 4));
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < N / T; t++) {
-      if (!scratch) continue;
       if (bits == 8)
         int8_tile_dense((const int8_t*)q + t * K * T, (const float*)scale + t * T, scratch, K, bf);
       else
@@ -852,7 +860,6 @@ void spt_quant_prefill(const void* x, const void* q, const void* scale, const ui
                         low + t * (K / G) * T, scratch, K, G, bf);
       dense_rows(x, scratch, y, M, N, K, bf, t * (T / V), T / V);
     }
-    free(scratch);
   }
 }
 

@@ -115,8 +115,9 @@ def library():
         lib.spt_int8_mm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         lib.spt_int4_mm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
         lib.spt_dense_mm.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
-        lib.spt_dense_mm_rowmajor.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.spt_quant_prefill.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int,
+        lib.spt_dense_mm_rowmajor.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int, ptr,
+                                              ctypes.c_int]
+        lib.spt_quant_prefill.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ptr,
                                           ctypes.c_int]
         lib.spt_causal_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
                                              ctypes.c_int, ctypes.c_int]
@@ -288,22 +289,45 @@ def _dense_mm(x, w):
 
 
 def _dense_mm_rowmajor(x, w, trans):
+    if w.dim() == 2 and not w.is_contiguous() and w.t().is_contiguous():
+        w, trans = w.t(), not trans  # a column-major weight is its transpose stored row-major: no copy
+    if not rowmajor_applies(x, w, trans) or x.dim() != 2:
+        raise ValueError(f"dense_mm_rowmajor: x {tuple(x.shape)} {x.dtype} against w {tuple(w.shape)} {w.dtype} "
+                         f"(trans={trans}): needs CPU fp32/bf16 alike, matching widths, n % {VEC} == 0, k % 8 == 0")
     x, w = x.contiguous(), w.contiguous()
     m, k = x.shape
     n = w.shape[1] if trans else w.shape[0]
     y = x.new_empty(m, n)
+    threads = torch.get_num_threads()
+    work = x.new_empty(threads, GROUP * k)  # each thread's packed group
     library().spt_dense_mm_rowmajor(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, int(x.dtype == torch.bfloat16),
-                                    int(trans), torch.get_num_threads())
+                                    int(trans), work.data_ptr(), threads)
     return y
 
 
 def _quant_prefill(x, q, scale, low, group, bits):
-    x = x.contiguous()
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
+        raise ValueError(f"quant_prefill: x must be CPU fp32/bf16 [m, k], got {tuple(x.shape)} {x.dtype}")
     m, k = x.shape
-    y = x.new_empty(m, q.shape[0] * TILE)
+    n = q.shape[0] * TILE
+    if bits == 8:
+        ok = q.dtype == torch.int8 and q.shape[1:] == (k, TILE) and scale.dtype == torch.float32 and scale.numel() == n
+    else:
+        shape = (q.shape[0], k // group, TILE) if group and k % group == 0 else None
+        ok = (bits == 4 and low is not None and q.dtype == torch.int32 and q.shape[1:] == (k // 8, TILE)
+              and shape is not None and scale.shape == low.shape == shape
+              and scale.dtype == low.dtype == torch.bfloat16 and group % 8 == 0)
+    if not ok or k % 8:
+        raise ValueError(f"quant_prefill: int{bits} weights {tuple(q.shape)} {q.dtype} do not fit x {tuple(x.shape)} "
+                         f"(group {group})")
+    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
+    low = None if low is None else low.contiguous()
+    y = x.new_empty(m, n)
+    threads = torch.get_num_threads()
+    work = x.new_empty(threads, TILE * k)  # each thread's dequantized tile
     library().spt_quant_prefill(x.data_ptr(), q.data_ptr(), scale.data_ptr(), 0 if low is None else low.data_ptr(),
-                                y.data_ptr(), m, y.shape[1], k, group, bits, int(x.dtype == torch.bfloat16),
-                                torch.get_num_threads())
+                                y.data_ptr(), m, n, k, group, bits, int(x.dtype == torch.bfloat16), work.data_ptr(),
+                                threads)
     return y
 
 

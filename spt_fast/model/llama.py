@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from ..errors import ModelLoadError
 from ..utils import round_up
 from ..kernels.branch_attention import branch_attention
+from .cpu_linear import recompute_contexts
 from .packing import Packing
 
 
@@ -336,6 +337,9 @@ class Llama(nn.Module):
         # A prefill's causal attention: PyTorch's SDPA, or (native_prefill_attention, measured by the
         # CPU engine) cpu_native's C kernel.
         self.native_prefill_attention = False
+        # Whether a training step's frozen products run on cpu_native's kernel (cpu_linear; set by
+        # the SPT model for each step): a checkpointed layer's recompute must run on the same.
+        self.native_linears = False
         # One-token steps through cpu_native's whole-step C call (fused_decode.FusedDecode, set by
         # attach_cpu_projections where every projection runs on its kernels).
         self.fused_decode = None
@@ -438,8 +442,9 @@ class Llama(nn.Module):
                 return branch_attention(q, k, v, ctx.k[i], ctx.v[i], ctx.ctx_len, sample_of)
             if packing is not None:
                 attend = packing.attend(attend)
-            if recompute:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attend, use_reentrant=False)
+            if recompute:  # recomputed with the products the first forward ran on (cpu_linear)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attend, use_reentrant=False,
+                                                      context_fn=lambda: recompute_contexts(self.native_linears))
             else:
                 h = layer(h, cos, sin, attend)
         h = self.norm(h)

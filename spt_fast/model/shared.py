@@ -10,6 +10,7 @@ import torch
 
 from ..data.batch import Batch
 from ..kernels.inject import inject_prompts
+from .cpu_linear import native_linears
 from .llama import Llama
 from .spt import SPTConfig, SPTModel
 
@@ -38,7 +39,9 @@ class SharedSPTModel(SPTModel):
         self.fast.checkpoint_branches = on
 
     def response_hidden(self, batch: Batch, embeds: torch.Tensor, prompt_idx: torch.Tensor):
-        with self._cpu_linears(embeds):  # the backward's products are in the autograd graph made here
+        native = self._native_linears_for(embeds)
+        self.fast.native_linears = native  # what a checkpointed layer recomputes on
+        with native_linears(native):  # the backward's products are in the autograd graph made here
             return self._branches(batch, embeds, prompt_idx)
 
     def _branches(self, batch: Batch, embeds: torch.Tensor, prompt_idx: torch.Tensor):
