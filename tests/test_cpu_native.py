@@ -332,3 +332,25 @@ def test_an_unloadable_cached_build_is_replaced(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_native, "_tried", False)
     assert cpu_native.library() is not None  # the next run builds it again
     assert target.exists()
+
+
+def test_a_kernel_without_scratch_memory_raises_rather_than_leaving_its_output_unwritten(monkeypatch):
+    """The kernels that allocate scratch report a failed allocation; the operator raises."""
+    real = cpu_native.library()
+
+    class NoMemory:  # the real library, except that these kernels report a failed allocation
+        def __getattr__(self, name):
+            if name in ("spt_causal_attention", "spt_decode_attention", "spt_int4_mm"):
+                return lambda *args: 1
+            return getattr(real, name)
+
+    monkeypatch.setattr(cpu_native, "library", lambda: NoMemory())
+    q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(MemoryError, match="causal_attention"):
+        cpu_native.causal_attention(q, k, k)
+    with pytest.raises(MemoryError, match="decode_attention"):
+        cpu_native.decode_attention(q[:, :, :1], k, k, torch.tensor([3]))
+    words = cpu_native.pack_int4(torch.randint(0, 16, (32, 32)))
+    groups = cpu_native.pack_int4_groups(torch.ones(1, 32, dtype=torch.bfloat16))
+    with pytest.raises(MemoryError, match="int4_mm"):
+        cpu_native.int4_mm(torch.randn(1, 32), words, groups, groups, 32)

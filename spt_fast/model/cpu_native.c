@@ -318,16 +318,18 @@ static void int4_unit(const float* pre, const float* sums, const uint32_t* q, co
   }
 }
 
-void spt_int4_mm(const float* x, const uint32_t* q, const uint16_t* scale, const uint16_t* low, float* y, int64_t M,
-                 int64_t N, int64_t K, int64_t G, int threads) {
+/* Returns nonzero when its scratch could not be allocated (nothing written then). */
+int spt_int4_mm(const float* x, const uint32_t* q, const uint16_t* scale, const uint16_t* low, float* y, int64_t M,
+                int64_t N, int64_t K, int64_t G, int threads) {
   /* Once per call: the rows in the tiles' form. */
   float* pre = (float*)malloc(sizeof(float) * (M * K + M * (K / G)));
-  if (!pre) return;
+  if (!pre) return 1;
   float* sums = pre + M * K;
   for (int64_t m = 0; m < M; m++) int4_input_row(x + m * K, 0, K, G, pre, sums, m);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < N / T; t++) int4_unit(pre, sums, q, scale, low, y, M, N, K, G, t);
   free(pre);
+  return 0;
 }
 
 /* ---- decode attention: one query token per row ----
@@ -494,8 +496,9 @@ static void attend_group(const char* q, const char* k, const char* v, char* out,
     for (int64_t d = 0; d < D; d++) st(out, h * D + d, acc[h * D + d], bf);
 }
 
-void spt_decode_attention(const void* q, const void* k, const void* v, const int64_t* pos, void* out, int64_t B,
-                          int64_t H, int64_t Hkv, int64_t S, int64_t D, float scale, int bf, int threads) {
+/* Returns nonzero when a thread's scratch could not be allocated (its tasks are not written). */
+int spt_decode_attention(const void* q, const void* k, const void* v, const int64_t* pos, void* out, int64_t B,
+                         int64_t H, int64_t Hkv, int64_t S, int64_t D, float scale, int bf, int threads) {
   int64_t g = H / Hkv, es = bf ? 2 : 4;
 #if defined(__AVX512F__)
   int fast = D % 16 == 0 && D <= 128;
@@ -507,9 +510,14 @@ void spt_decode_attention(const void* q, const void* k, const void* v, const int
    * leaves too few tasks to spread over the threads (one row: 3 on 2 threads). */
   int64_t per = fast || B * Hkv < 4 * threads ? 1 : g;
   int64_t tasks = B * H / per;
+  int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
     float* sc = (float*)malloc(sizeof(float) * (per * S + per * D));
+    if (!sc) {
+#pragma omp atomic write
+      failed = 1;
+    }
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < tasks; task++) {
       int64_t b = task / (H / per), h0 = (task % (H / per)) * per;  /* first query head of the task */
@@ -531,6 +539,7 @@ void spt_decode_attention(const void* q, const void* k, const void* v, const int
     }
     free(sc);
   }
+  return failed;
 }
 
 /* ---- dense fp32 / bf16 products for a few rows: y = x W^T ----
@@ -965,12 +974,18 @@ static void causal_block(const char* q, const char* k, const char* v, char* out,
 #endif
 }
 
-void spt_causal_attention(const void* q, const void* k, const void* v, void* out, int64_t B, int64_t H,
-                          int64_t Hkv, int64_t S, int64_t D, float scale, int bf, int threads) {
+/* Returns nonzero when a thread's scratch could not be allocated (its tasks are not written). */
+int spt_causal_attention(const void* q, const void* k, const void* v, void* out, int64_t B, int64_t H,
+                         int64_t Hkv, int64_t S, int64_t D, float scale, int bf, int threads) {
   int64_t g = H / Hkv, es = bf ? 2 : 4, blocks = (S + QB - 1) / QB;
+  int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
     float* buf = (float*)malloc(sizeof(float) * (D * QB + S * QB + 2 * S * D));
+    if (!buf) {
+#pragma omp atomic write
+      failed = 1;
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * H * blocks; task++) {
       /* the longest blocks (last positions) first, so the short ones fill in at the end */
@@ -985,6 +1000,7 @@ void spt_causal_attention(const void* q, const void* k, const void* v, void* out
     }
     free(buf);
   }
+  return failed;
 }
 
 /* The tile width the Python side packs for; whether int4 rounds the activations to bf16. */

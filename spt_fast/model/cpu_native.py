@@ -123,9 +123,10 @@ def library():
                                              ctypes.c_int, ctypes.c_int]
         lib.spt_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float,
                                              ctypes.c_int, ctypes.c_int]
-        for fn in (lib.spt_int8_mm, lib.spt_int4_mm, lib.spt_dense_mm, lib.spt_dense_mm_rowmajor, lib.spt_quant_prefill,
-                   lib.spt_decode_attention, lib.spt_causal_attention):
+        for fn in (lib.spt_int8_mm, lib.spt_dense_mm, lib.spt_dense_mm_rowmajor, lib.spt_quant_prefill):
             fn.restype = None
+        for fn in (lib.spt_int4_mm, lib.spt_decode_attention, lib.spt_causal_attention):
+            fn.restype = ctypes.c_int  # nonzero: its scratch could not be allocated
         _lib = lib
         return _lib
 
@@ -261,6 +262,11 @@ _ops.define("causal_attention(Tensor q, Tensor k, Tensor v) -> Tensor")
 _ops.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos) -> Tensor")
 
 
+def _checked(name: str, status: int) -> None:
+    if status:
+        raise MemoryError(f"cpu_native {name}: its scratch memory could not be allocated")
+
+
 def _int8_mm(x, q, scale):
     x = x.contiguous()
     m, k = x.shape
@@ -274,8 +280,8 @@ def _int4_mm(x, q, scale, low, group):
     x = x.contiguous()
     m, k = x.shape
     y = x.new_empty(m, q.shape[0] * TILE)
-    library().spt_int4_mm(x.data_ptr(), q.data_ptr(), scale.data_ptr(), low.data_ptr(), y.data_ptr(), m,
-                          y.shape[1], k, group, torch.get_num_threads())
+    _checked("int4_mm", library().spt_int4_mm(x.data_ptr(), q.data_ptr(), scale.data_ptr(), low.data_ptr(),
+                                              y.data_ptr(), m, y.shape[1], k, group, torch.get_num_threads()))
     return y
 
 
@@ -335,8 +341,9 @@ def _causal_attention(q, k, v):
     b, h, t, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
-    library().spt_causal_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, k.shape[1], t, d,
-                                   d ** -0.5, int(q.dtype == torch.bfloat16), torch.get_num_threads())
+    _checked("causal_attention", library().spt_causal_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, k.shape[1], t, d, d ** -0.5,
+        int(q.dtype == torch.bfloat16), torch.get_num_threads()))
     return out
 
 
@@ -345,9 +352,9 @@ def _decode_attention(q, k, v, pos):
     hkv, slots = k.shape[1], k.shape[2]
     q, k, v, pos = q.contiguous(), k.contiguous(), v.contiguous(), pos.contiguous()
     out = torch.empty_like(q)
-    library().spt_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), pos.data_ptr(), out.data_ptr(), b, h,
-                                   hkv, slots, d, d ** -0.5, int(q.dtype == torch.bfloat16),
-                                   torch.get_num_threads())
+    _checked("decode_attention", library().spt_decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), pos.data_ptr(), out.data_ptr(), b, h, hkv, slots, d, d ** -0.5,
+        int(q.dtype == torch.bfloat16), torch.get_num_threads()))
     return out
 
 
