@@ -47,7 +47,7 @@ def applies(x: torch.Tensor, w: torch.Tensor, bias) -> bool:
         return False
     if not cpu_native.rowmajor_applies(x, w):
         return False
-    return not x.requires_grad or cpu_native.rowmajor_applies(x.new_empty(0, w.shape[0]), w, trans=True)
+    return not x.requires_grad or cpu_native.rowmajor_serves(w.shape[1], w.shape[0], w.dtype)  # dx = dy W
 
 
 class _NativeLinears(TorchFunctionMode):
@@ -81,10 +81,8 @@ def choose_training_linears(shapes, dtype: torch.dtype, cache_file=None) -> bool
     from .cpu_projections import best_time, choice_key, cached_choice
 
     shapes = sorted({tuple(s) for s in shapes})
-    probe = [torch.empty(n, k, dtype=dtype) for n, k in shapes]
-    if not shapes or not all(cpu_native.rowmajor_applies(torch.empty(1, k, dtype=dtype), w)
-                             and cpu_native.rowmajor_applies(torch.empty(1, n, dtype=dtype), w, trans=True)
-                             for (n, k), w in zip(shapes, probe)):
+    if not shapes or not all(cpu_native.rowmajor_serves(n, k, dtype) and cpu_native.rowmajor_serves(k, n, dtype)
+                             for n, k in shapes):  # forward and backward products
         return False
     key = choice_key("training-linears", str(dtype), ";".join(f"{n}x{k}" for n, k in shapes))
 

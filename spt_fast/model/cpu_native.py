@@ -440,16 +440,19 @@ def dense_mm_rowmajor(x: torch.Tensor, w: torch.Tensor, trans: bool = False) -> 
     return torch.ops.spt_fast.dense_mm_rowmajor(x, w, trans)
 
 
+def rowmajor_serves(n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether dense_mm_rowmajor serves a product with n outputs and k inputs in this dtype here."""
+    lib = library()
+    need = {torch.float32: 1, torch.bfloat16: 2}.get(dtype)
+    return lib is not None and need is not None and n % VEC == 0 and k % 8 == 0 and bool(lib.spt_dense_vector() & need)
+
+
 def rowmajor_applies(x: torch.Tensor, w: torch.Tensor, trans: bool = False) -> bool:
     """Whether dense_mm_rowmajor serves rows x [..., k] against this weight on this CPU."""
     if w.dim() != 2 or x.dtype != w.dtype or x.device.type != "cpu" or w.device.type != "cpu":
         return False
     k, n = w.shape if trans else (w.shape[1], w.shape[0])
-    lib = library()
-    if lib is None or x.shape[-1] != k or n % VEC or k % 8:
-        return False
-    need = {torch.float32: 1, torch.bfloat16: 2}.get(w.dtype)
-    return need is not None and bool(lib.spt_dense_vector() & need)
+    return x.shape[-1] == k and rowmajor_serves(n, k, w.dtype)
 
 
 def quant_prefill(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None, group: int,

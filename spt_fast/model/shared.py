@@ -22,18 +22,33 @@ class SharedSPTModel(SPTModel):
         super().__init__(base, config, tokenizer)
         # A view sharing the HF model's modules (no copy); the engine makes its own view.
         self.fast = Llama.from_hf_modules(base)
+        self._kernels_for = None  # the dtype the CPU kernels of a step were chosen for
+        self._native_linears = False
 
     def _choose_cpu_kernels(self, dtype: torch.dtype) -> None:
-        """The frozen products' kernel (SPTModel's), and the context pass's causal attention:
-        PyTorch's SDPA or cpu_native's C kernel, the engine's prefill choice (kept per machine)."""
+        """The CPU kernels of a training step, each measured once per machine and dtype (and kept):
+        the frozen base's products through F.linear or cpu_native's (cpu_linear), and the context
+        pass's causal attention through PyTorch's SDPA or cpu_native's (the engine's prefill choice)."""
         if self._kernels_for == dtype:
             return
-        super()._choose_cpu_kernels(dtype)
+        from .cpu_linear import choose_training_linears
         from .cpu_projections import choose_prefill_attention
         from .loading import cache_dir
 
-        choice = choose_prefill_attention(self.fast.config, dtype, cache_dir() / "cpu_kernels.json")
-        self.fast.native_prefill_attention = choice == "native"
+        cache = cache_dir() / "cpu_kernels.json"
+        head = self.base.get_output_embeddings()  # (the loss reads the head's weight itself)
+        shapes = [m.weight.shape for m in self.base.modules()
+                  if isinstance(m, torch.nn.Linear) and m is not head and m.bias is None]
+        self._native_linears = choose_training_linears(shapes, dtype, cache)
+        self.fast.native_prefill_attention = choose_prefill_attention(self.fast.config, dtype, cache) == "native"
+        self._kernels_for = dtype
+
+    def _native_linears_for(self, embeds: torch.Tensor) -> bool:
+        """Whether this step's frozen products run on cpu_native's kernel: on the CPU, where chosen."""
+        if embeds.device.type != "cpu":
+            return False
+        self._choose_cpu_kernels(embeds.dtype)
+        return self._native_linears
 
     def set_activation_checkpointing(self, on: bool = True) -> None:
         self.fast.checkpoint_branches = on

@@ -117,30 +117,6 @@ class SPTModel(nn.Module):
         self.retriever = Retriever(emb.shape[1], config.score_beta, config.score_threshold,
                                    config.retriever).to(emb.device)
         self.pairs = PersonaPairs(config.bleu_threshold)
-        self._kernels_for = None  # the dtype the CPU kernels of a step were chosen for
-        self._native_linears = False
-
-    # ---- the CPU kernels of a step ------------------------------------------------------------
-    def _choose_cpu_kernels(self, dtype: torch.dtype) -> None:
-        """The CPU kernels of a training step, each measured once per machine and dtype (and
-        kept): the frozen base's products through F.linear or cpu_native's (cpu_linear)."""
-        if self._kernels_for == dtype:
-            return
-        from .cpu_linear import choose_training_linears
-        from .loading import cache_dir
-
-        head = self.base.get_output_embeddings()  # (the loss reads the head's weight itself)
-        shapes = [m.weight.shape for m in self.base.modules()
-                  if isinstance(m, nn.Linear) and m is not head and m.bias is None]
-        self._native_linears = choose_training_linears(shapes, dtype, cache_dir() / "cpu_kernels.json")
-        self._kernels_for = dtype
-
-    def _native_linears_for(self, embeds: torch.Tensor) -> bool:
-        """Whether this step's frozen products run on cpu_native's kernel: on the CPU, where chosen."""
-        if embeds.device.type != "cpu":
-            return False
-        self._choose_cpu_kernels(embeds.dtype)
-        return self._native_linears
 
     # ---- parameters that train and get saved -------------------------------------------------
     def trainable_state_dict(self) -> dict:
@@ -238,8 +214,9 @@ class SPTModel(nn.Module):
         rows = inject_prompts(embeds, self.prompts.weight.to(embeds.dtype), row_src, prompt_idx, pos)
         # Right padding + causal attention: real tokens never see padding, and position ids are
         # the same as unpadded, so no attention mask is needed (keeps SDPA on its causal path).
-        # (transformers' forward keeps PyTorch's products here: on cpu_native's, cpu_linear, a
-        # prefix step was 1.075x faster but its peak memory 5.5 -> 6.2-6.8 GiB, AMD EPYC)
+        # (transformers' forward keeps PyTorch's products here: on cpu_native's (cpu_linear, as the
+        # shared layout runs them) a prefix step was 1.075x faster but its peak memory 5.5 -> 6.2-6.8
+        # GiB, AMD EPYC)
         hidden = self.base.base_model(inputs_embeds=rows, use_cache=False).last_hidden_state
         # In every layout the response starts at L + ctx_len; target t is predicted one step earlier.
         R = batch.targets.shape[1]
