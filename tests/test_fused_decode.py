@@ -93,7 +93,11 @@ def test_fused_step_serves_only_where_every_projection_is_on_the_c_kernels(monke
     assert llama.fused_applies(1) and not llama.fused_applies(3)
     assert _view(monkeypatch, tmp_path, None, torch.float32, {1: "blas", 2: "blas", 3: "blas"}).fused_decode is None
     llama = _view(monkeypatch, tmp_path, "int8", torch.float32)
-    assert llama.fused_applies(32) and not llama.fused_applies(33)  # more rows: the int kernels' dense path
+    assert llama.fused_applies(32) and llama.fused_applies(33)  # more rows: int tiles on the dense kernel
+    monkeypatch.setattr(cpu_native, "dense_vector_path", lambda dtype: False)  # no vector path for the tiles
+    llama = _view(monkeypatch, tmp_path, "int8", torch.float32)
+    assert llama.fused_applies(32) and not llama.fused_applies(33)
+    monkeypatch.undo()
     monkeypatch.setenv("SPT_FAST_FUSED_DECODE", "0")
     off = _view(monkeypatch, tmp_path, "int8", torch.float32)
     assert off.fused_decode is None and not off.fused_applies(1)
@@ -135,9 +139,46 @@ def test_fused_step_refuses_caches_and_positions_it_would_address_wrongly(monkey
         "a negative position": (emb, torch.tensor([-1, 5]), caches),
         "another dtype": (emb.bfloat16(), torch.tensor([3, 5]), caches),
         "fewer cache rows than rows": (emb, torch.tensor([3, 5]), llama.setup_caches(1, 48, torch.float32)),
+        "a cache row past the caches": (emb, torch.tensor([3, 5]), caches, torch.tensor([0, 2])),
+        "a negative cache row": (emb, torch.tensor([3, 5]), caches, torch.tensor([-1, 0])),
+        "cache rows for other tokens": (emb, torch.tensor([3, 5]), caches, torch.tensor([0, 1, 1])),
         "a cache laid out otherwise": (emb, torch.tensor([3, 5]),
                                        caches[:1] + [llama.setup_caches(2, 32, torch.float32)[0]] + caches[2:]),
     }
-    for name, (e, p, c) in bad.items():
+    for name, args in bad.items():
         with pytest.raises(ValueError, match="fused decode"):
-            fused(e, p, c)
+            fused(*args)
+
+
+@pytest.mark.parametrize("weights", [None, "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extend_pass_in_one_call_equals_the_layer_by_layer_pass(monkeypatch, tmp_path, weights, dtype):
+    """The server's joint pass (Llama.extend): two decoding rows, a new row's whole prefill and a
+    row continuing after a cached prefix (its first 9 slots already filled), all in one C call,
+    against the same pass layer by layer: hidden states and every cache slot. 2 + 25 + 14 tokens:
+    more than the int kernels take, so int weights run as dequantized tiles."""
+    if dtype == torch.bfloat16 and weights is None and not _bf16_dense():
+        pytest.skip("no bf16 dense kernel in this build")
+    llama = _view(monkeypatch, tmp_path, weights, dtype)
+    assert llama.fused_applies(41)
+    g = torch.Generator().manual_seed(0)
+    prior = torch.randn(4, 12, 64, generator=g).to(dtype)
+    pieces = [torch.randn(n, 64, generator=g).to(dtype) for n in (1, 1, 25, 14)]
+    starts = [12, 7, 0, 9]
+    out = {}
+    for fused in (True, False):
+        keep, llama.fused_decode = llama.fused_decode, llama.fused_decode if fused else None
+        try:
+            caches = llama.setup_caches(4, 48, dtype)
+            with torch.no_grad():
+                llama.prefill(prior, caches)  # slots the continuing rows attend to
+                out[fused] = llama.extend(pieces, starts, caches), caches
+        finally:
+            llama.fused_decode = keep
+    (got, got_caches), (want, want_caches) = out[True], out[False]
+    exact = dtype == torch.float32
+    tol = dict(atol=2e-5, rtol=2e-5) if exact else dict(atol=0.05 * want.float().abs().max().item(), rtol=0.02)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    for a, b in zip(got_caches, want_caches):
+        torch.testing.assert_close(a.k_cache.float(), b.k_cache.float(), **(tol if exact else dict(atol=0.1, rtol=0.05)))
+        torch.testing.assert_close(a.v_cache.float(), b.v_cache.float(), **(tol if exact else dict(atol=0.1, rtol=0.05)))

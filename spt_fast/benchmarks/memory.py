@@ -189,7 +189,7 @@ def measure_step(preset: str, layout: str, K: int, B: int, context_len: int, res
     return {"model": f"preset:{preset}", "layout": layout, "device": str(dev), "dtype": f"{dtype}+nf4", "K": K,
             "activation_checkpointing": checkpointing,
             "batch": B, "context_len": context_len, "response_len": response_len, "prompt_len": prompt_len,
-            "build_s": round(build_s, 1), "step_s": round(step_s, 2),
+            "build_s": round(build_s, 1), "step_s": round(step_s, 4),
             # baseline + weights + trainable + activations = the first step's peak (step_peak);
             # peak: the whole process's (CPU: max RSS; CUDA: max allocated).
             "measured": {"baseline": before, "weights": weights, "trainable": trainable_bytes,

@@ -1048,11 +1048,12 @@ typedef struct {
   const float* cos; /* [positions][D] */
   const float* sin; /* first half negated (llama.py's _build_rope) */
   const void* final_norm;
+  int tiles; /* int projections: dequantize each tile and run the dense kernel (many rows: a prefill) */
 } spt_shape;
 
 /* Scratch, laid out from one base (base NULL: only the size). */
 typedef struct {
-  char *h, *xn, *y, *q, *att, *act;
+  char *h, *xn, *y, *q, *att, *act, *tile;
   float *yf, *pre, *sums, *sc;
 } spt_work;
 
@@ -1069,10 +1070,11 @@ static int64_t lay_work(const spt_shape* s, int64_t nmax, int64_t kmax, char* ba
   TAKE(q, char*, s->B * s->H * s->D * es)
   TAKE(att, char*, s->B * s->H * s->D * es)
   TAKE(act, char*, s->B * s->F * es)
-  TAKE(yf, float*, s->B * nmax)
-  TAKE(pre, float*, s->B * kmax)
-  TAKE(sums, float*, s->B * (kmax / 8 + 1))
+  TAKE(yf, float*, s->tiles ? 0 : s->B * nmax) /* (the int kernels' scratch: none with tiles) */
+  TAKE(pre, float*, s->tiles ? 0 : s->B * kmax)
+  TAKE(sums, float*, s->tiles ? 0 : s->B * (kmax / 8 + 1))
   TAKE(sc, float*, s->threads * (s->S + s->D + 16))
+  TAKE(tile, char*, s->tiles ? s->threads * T * kmax * es : 0)
 #undef TAKE
   return at;
 }
@@ -1083,7 +1085,8 @@ static inline float rnd(float f, int bf) {  /* what storing in the model's dtype
 
 /* Row b of a projection's input (x, the model's dtype) in the form its int kernel takes, into
  * pre / sums at the row distances the int units expect (int8: x in fp32, K floats a row). */
-static void prepare_row(const spt_proj* p, const char* x, float* pre, float* sums, int64_t b, int bf) {
+static void prepare_row(const spt_proj* p, const char* x, float* pre, float* sums, int64_t b, int bf, int tiles) {
+  if (tiles) return; /* (the dense kernel takes the rows as they are) */
   if (p->kind == 1)
     for (int64_t k = 0; k < p->k; k++) pre[b * p->k + k] = ld(x, k, bf);
   else if (p->kind == 2)
@@ -1097,13 +1100,22 @@ static int64_t proj_units(const spt_proj* p) {
 }
 
 /* Unit u (an int tile, or a dense group) of y = x W^T for all B rows: x the model's dtype [B][K]
- * (dense) or prepared rows (pre, sums), y the model's dtype [B][n]; yf: fp32 scratch [B][n] for
- * the int kinds. */
+ * (dense, or int with tiles) or prepared rows (pre, sums), y the model's dtype [B][n]; yf: fp32
+ * scratch [B][n] for the int kernels; tile: this thread's scratch of T K values (tiles). */
 static void proj_unit(const spt_proj* p, int64_t u, int64_t B, const char* x, const float* pre, const float* sums,
-                      char* y, float* yf, int bf) {
+                      char* y, float* yf, int bf, char* tile) {
   int64_t N = p->n, K = p->k, es = bf ? 2 : 4;
   if (p->kind == 0) {
     dense_unit(x, p->w, y, B, N, K, bf, u);
+    return;
+  }
+  if (tile) { /* as spt_quant_prefill runs a tile */
+    if (p->kind == 1)
+      int8_tile_dense((const int8_t*)p->w + u * K * T, (const float*)p->scale + u * T, tile, K, bf);
+    else
+      int4_tile_dense((const uint32_t*)p->w + u * (K / 8) * T, (const uint16_t*)p->scale + u * (K / p->group) * T,
+                      (const uint16_t*)p->low + u * (K / p->group) * T, tile, K, p->group, bf);
+    dense_rows(x, tile, y, B, N, K, bf, u * (T / V), T / V);
     return;
   }
   if (p->kind == 1)
@@ -1170,6 +1182,17 @@ static void add_row(const char* a, const char* b, char* out, int64_t n, int bf) 
 
 /* x[i] cos[i] + x[(i + D/2) % D] sin[i] for one head (llama.py's _apply_rotary), into out. */
 static void rotate(const char* x, const float* cs, const float* sn, char* out, int64_t D, int bf) {
+#if defined(__AVX512F__)
+  if (D % 32 == 0) { /* a prefill rotates every token's heads: 16 lanes at a time */
+    int64_t es = bf ? 2 : 4;
+    for (int64_t i = 0; i < D; i += 16) {
+      __m512 a = _mm512_mul_ps(load16(x + i * es, bf), _mm512_loadu_ps(cs + i));
+      __m512 b = _mm512_mul_ps(load16(x + ((i + D / 2) % D) * es, bf), _mm512_loadu_ps(sn + i));
+      store16(out + i * es, _mm512_add_ps(a, b), bf);
+    }
+    return;
+  }
+#endif
   for (int64_t i = 0; i < D; i++) {
     float a = ld(x, i, bf) * cs[i], b = ld(x, (i + D / 2) % D, bf) * sn[i];
     st(out, i, a + b, bf);
@@ -1198,15 +1221,17 @@ static void silu_mul(const char* gate, const char* up, char* out, int64_t i0, in
   for (; i < i1; i++) st(out, i, rnd(silu(ld(gate, i, bf)), bf) * ld(up, i, bf), bf);
 }
 
-/* x [B][dim] (the model's dtype): each row's token embedding in, its last hidden state (after the
- * final norm) out. pos [B]: each row's position; its K/V go to that slot, and it attends to slots
- * 0..pos of its row. work: lay_work's size in bytes. */
+/* x [B][dim] (the model's dtype): each token's embedding in, its last hidden state (after the
+ * final norm) out. pos [B]: each token's position; crow [B]: its cache row (NULL: token b is row
+ * b). Its K/V go to that slot of that row, and it attends to slots 0..pos of the row, after every
+ * token of the call has written its K/V: several tokens of one row are a prefill (or the new part
+ * of a row after a cached prefix), each seeing the earlier ones. work: lay_work's size in bytes. */
 int64_t spt_decode_work_bytes(const spt_shape* s, int64_t nmax, int64_t kmax) {
   return lay_work(s, nmax, kmax, NULL, NULL);
 }
 
 void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void* x_, const int64_t* pos,
-                       int64_t nmax, int64_t kmax, void* work) {
+                       const int64_t* crow, int64_t nmax, int64_t kmax, void* work) {
   spt_work w;
   lay_work(s, nmax, kmax, (char*)work, &w);
   const int bf = s->bf;
@@ -1223,6 +1248,8 @@ void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void*
     me = omp_get_thread_num();
 #endif
     float* sc = w.sc + me * (s->S + D + 16);
+    char* tl = s->tiles ? w.tile + me * T * kmax * es : NULL;
+    const int tiles = s->tiles;
     for (int64_t l = 0; l < nl; l++) {
       const spt_layer* ly = L + l;
       const spt_proj *qkv = &ly->qkv, *o = &ly->o, *gu = &ly->gate_up, *dn = &ly->down;
@@ -1230,34 +1257,35 @@ void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void*
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; b++) {
         norm_row(x + b * dim * es, ly->attn_norm, w.xn + b * dim * es, dim, s->eps, bf);
-        prepare_row(qkv, w.xn + b * dim * es, w.pre, w.sums, b, bf);
+        prepare_row(qkv, w.xn + b * dim * es, w.pre, w.sums, b, bf, tiles);
       }
       /* 2: q, k, v */
 #pragma omp for schedule(static)
-      for (int64_t u = 0; u < proj_units(qkv); u++) proj_unit(qkv, u, B, w.xn, w.pre, w.sums, w.y, w.yf, bf);
+      for (int64_t u = 0; u < proj_units(qkv); u++) proj_unit(qkv, u, B, w.xn, w.pre, w.sums, w.y, w.yf, bf, tl);
       /* 3: rotary; k and v into the cache at each row's position */
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < B * (H + Hkv); t++) {
-        int64_t b = t / (H + Hkv), h = t % (H + Hkv), p = pos[b];
+        int64_t b = t / (H + Hkv), h = t % (H + Hkv), p = pos[b], r = crow ? crow[b] : b;
         const char* row = w.y + b * qkv->n * es;
         const float *cs = s->cos + p * D, *sn = s->sin + p * D;
         if (h < H) {
           rotate(row + h * D * es, cs, sn, w.q + (b * H + h) * D * es, D, bf);
         } else {
           int64_t kh = h - H;
-          char* kc = (char*)ly->k_cache + ((b * s->row_stride) + (kh * s->S + p) * D) * es;
-          char* vc = (char*)ly->v_cache + ((b * s->row_stride) + (kh * s->S + p) * D) * es;
+          char* kc = (char*)ly->k_cache + ((r * s->row_stride) + (kh * s->S + p) * D) * es;
+          char* vc = (char*)ly->v_cache + ((r * s->row_stride) + (kh * s->S + p) * D) * es;
           rotate(row + (H * D + kh * D) * es, cs, sn, kc, D, bf);
           memcpy(vc, row + (H * D + Hkv * D + kh * D) * es, D * es);
         }
       }
-      /* 4: attention, one task per row and query head */
-#pragma omp for schedule(static)
+      /* 4: attention, one task per token and query head (interleaved over the threads: a prefill's
+       * later tokens read more slots) */
+#pragma omp for schedule(static, 1)
       for (int64_t t = 0; t < B * H; t++) {
-        int64_t b = t / H, h = t % H, n = pos[b] + 1;
+        int64_t b = t / H, h = t % H, n = pos[b] + 1, r = crow ? crow[b] : b;
         if (n > s->S) n = s->S;
-        const char* kh = (const char*)ly->k_cache + (b * s->row_stride + (h / g) * s->S * D) * es;
-        const char* vh = (const char*)ly->v_cache + (b * s->row_stride + (h / g) * s->S * D) * es;
+        const char* kh = (const char*)ly->k_cache + (r * s->row_stride + (h / g) * s->S * D) * es;
+        const char* vh = (const char*)ly->v_cache + (r * s->row_stride + (h / g) * s->S * D) * es;
         const char* qh = w.q + (b * H + h) * D * es;
         char* oh = w.att + (b * H + h) * D * es;
 #if defined(__AVX512F__)
@@ -1268,24 +1296,24 @@ void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void*
 #endif
         attend_group(qh, kh, vh, oh, n, 1, D, s->scale, bf, sc, sc + s->S);
       }
-      if (o->kind) {
+      if (o->kind && !tiles) {
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) prepare_row(o, w.att + b * H * D * es, w.pre, w.sums, b, bf);
+        for (int64_t b = 0; b < B; b++) prepare_row(o, w.att + b * H * D * es, w.pre, w.sums, b, bf, tiles);
       }
       /* 5: the output projection */
 #pragma omp for schedule(static)
-      for (int64_t u = 0; u < proj_units(o); u++) proj_unit(o, u, B, w.att, w.pre, w.sums, w.y, w.yf, bf);
+      for (int64_t u = 0; u < proj_units(o); u++) proj_unit(o, u, B, w.att, w.pre, w.sums, w.y, w.yf, bf, tl);
       /* 6: the residual, the feed-forward norm */
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; b++) {
         char *xb = x + b * dim * es, *hb = w.h + b * dim * es;
         add_row(xb, w.y + b * o->n * es, hb, dim, bf);
         norm_row(hb, ly->ffn_norm, w.xn + b * dim * es, dim, s->eps, bf);
-        prepare_row(gu, w.xn + b * dim * es, w.pre, w.sums, b, bf);
+        prepare_row(gu, w.xn + b * dim * es, w.pre, w.sums, b, bf, tiles);
       }
       /* 7: gate and up */
 #pragma omp for schedule(static)
-      for (int64_t u = 0; u < proj_units(gu); u++) proj_unit(gu, u, B, w.xn, w.pre, w.sums, w.y, w.yf, bf);
+      for (int64_t u = 0; u < proj_units(gu); u++) proj_unit(gu, u, B, w.xn, w.pre, w.sums, w.y, w.yf, bf, tl);
       /* 8: silu(gate) * up, in chunks of 64 */
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < B * ((F + 63) / 64); t++) {
@@ -1294,13 +1322,13 @@ void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void*
         char* a = w.act + b * F * es;
         silu_mul(row, row + F * es, a, i0, i1, bf);
       }
-      if (dn->kind) {
+      if (dn->kind && !tiles) {
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) prepare_row(dn, w.act + b * F * es, w.pre, w.sums, b, bf);
+        for (int64_t b = 0; b < B; b++) prepare_row(dn, w.act + b * F * es, w.pre, w.sums, b, bf, tiles);
       }
       /* 9: down */
 #pragma omp for schedule(static)
-      for (int64_t u = 0; u < proj_units(dn); u++) proj_unit(dn, u, B, w.act, w.pre, w.sums, w.y, w.yf, bf);
+      for (int64_t u = 0; u < proj_units(dn); u++) proj_unit(dn, u, B, w.act, w.pre, w.sums, w.y, w.yf, bf, tl);
       /* 10: the residual */
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; b++) {

@@ -33,7 +33,7 @@ class _Layer(ctypes.Structure):
 class _Shape(ctypes.Structure):
     _fields_ = [("B", i64), ("dim", i64), ("H", i64), ("Hkv", i64), ("D", i64), ("F", i64), ("S", i64),
                 ("row_stride", i64), ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("bf", ctypes.c_int),
-                ("threads", ctypes.c_int), ("cos", ptr), ("sin", ptr), ("final_norm", ptr)]
+                ("threads", ctypes.c_int), ("cos", ptr), ("sin", ptr), ("final_norm", ptr), ("tiles", ctypes.c_int)]
 
 
 def fused_decode_enabled() -> bool:
@@ -48,8 +48,8 @@ def _library():
     if not getattr(lib, "_fused_typed", False):
         lib.spt_decode_work_bytes.argtypes = [ctypes.POINTER(_Shape), i64, i64]
         lib.spt_decode_work_bytes.restype = i64
-        lib.spt_decode_layers.argtypes = [ctypes.POINTER(_Layer), i64, ctypes.POINTER(_Shape), ptr, ptr, i64, i64,
-                                          ptr]
+        lib.spt_decode_layers.argtypes = [ctypes.POINTER(_Layer), i64, ctypes.POINTER(_Shape), ptr, ptr, ptr, i64,
+                                          i64, ptr]
         lib.spt_decode_layers.restype = None
         lib._fused_typed = True
     return lib
@@ -78,16 +78,17 @@ def _proj(m, dtype, keep: list):
 class FusedDecode:
     """The C decode step for one compact Llama view whose projections attach_cpu_projections set up."""
 
-    def __init__(self, llama, layers, dense, keep, nmax: int, kmax: int):
+    def __init__(self, llama, layers, dense, keep, nmax: int, kmax: int, tiles_ok: bool = True):
         cfg = llama.config
         self.layers, self.dense, self.keep = layers, dense, keep
+        self.tiles_ok = tiles_ok  # the int projections (if any) can run many rows as dense tiles
         self.nmax, self.kmax = nmax, kmax
         self._applies: dict[int, bool] = {}  # rows -> applies(rows) (the kernel choices are fixed)
         self.dtype = llama.norm.weight.dtype
         self.max_positions = llama.rope_cos.shape[0]  # rows of the rotary tables C reads
         self.shape = _Shape(0, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size, 0, 0,
                             cfg.rms_norm_eps, cfg.head_dim ** -0.5, int(self.dtype == torch.bfloat16), 1,
-                            llama.rope_cos.data_ptr(), llama.rope_sin.data_ptr(), llama.norm.weight.data_ptr())
+                            llama.rope_cos.data_ptr(), llama.rope_sin.data_ptr(), llama.norm.weight.data_ptr(), 0)
         self._caches = None  # the cache pointers last written into the layer array
         self._work = {}
 
@@ -108,10 +109,13 @@ class FusedDecode:
             return None
         # (detached: the storages themselves stay alive, whatever later replaces a Parameter's data)
         keep, dense, nmax, kmax = [llama.rope_cos, llama.rope_sin, llama.norm.weight.detach()], [], 0, 0
+        tiles_ok = True
         layers = (_Layer * len(llama.layers))()
         for i, block in enumerate(llama.layers):
             a, f = block.attention, block.feed_forward
-            parts = [_proj(m, dtype, keep) for m in (a.fused_qkv, a.wo, f.fused_gate_up, f.w2)]
+            modules = (a.fused_qkv, a.wo, f.fused_gate_up, f.w2)
+            parts = [_proj(m, dtype, keep) for m in modules]
+            tiles_ok = tiles_ok and all(getattr(m, "prefill_native", True) for m in modules)
             if any(p is None for p in parts):
                 return None
             for (proj, module), want_n, want_k in zip(parts, (None, cfg.dim, None, cfg.dim),
@@ -130,22 +134,29 @@ class FusedDecode:
             keep += [block.attention_norm.weight.detach(), block.ffn_norm.weight.detach()]
             layers[i] = _Layer(block.attention_norm.weight.data_ptr(), block.ffn_norm.weight.data_ptr(),
                                *(p[0] for p in parts), None, None)
-        return cls(llama, layers, dense, keep, nmax, kmax)
+        return cls(llama, layers, dense, keep, nmax, kmax, tiles_ok)
 
     def applies(self, rows: int) -> bool:
-        """Whether `rows` one-token rows run here: every dense projection chose the C kernel for
-        that many rows (cpu_projections.choose_kernels measured it), the int ones take <= 32 rows."""
+        """Whether `rows` tokens run here: every dense projection chose the C kernel for that many
+        rows (cpu_projections.choose_kernels measured it); int ones take up to KERNEL_ROWS rows on
+        their own kernels, more (a prefill) as dequantized tiles on the dense kernel, where it has
+        a vector path for the dtype."""
         from .cpu_projections import QuantProjection
 
         ok = self._applies.get(rows)
         if ok is None:
-            ok = self._applies[rows] = rows <= QuantProjection.KERNEL_ROWS and all(
+            ok = self._applies[rows] = (rows <= QuantProjection.KERNEL_ROWS or self.tiles_ok) and all(
                 m.kernel_for(rows) == "native" for m in self.dense)
         return ok
 
-    def __call__(self, embeds: torch.Tensor, pos: torch.Tensor, caches) -> torch.Tensor:
-        """embeds [B, dim] (the model's dtype), pos [B] int64 (each row's position: its K/V go to
-        that slot of its cache row, and it attends to slots 0..pos): hidden [B, dim] after the final norm."""
+    def __call__(self, embeds: torch.Tensor, pos: torch.Tensor, caches, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds [M, dim] (the model's dtype), one token each; pos [M] int64 (each token's
+        position); rows [M] int64, each token's cache row (None: token i is row i). A token's K/V go
+        to slot pos of its row, and it attends to slots 0..pos of the row once every token of the
+        call has written its own: several tokens of one row are that row's prefill (or what follows
+        a cached prefix). Returns hidden [M, dim] after the final norm."""
+        from .cpu_projections import QuantProjection
+
         lib = _library()
         k0 = caches[0].k_cache
         B, S = embeds.shape[0], k0.shape[2]
@@ -154,29 +165,38 @@ class FusedDecode:
         if len(caches) != len(self.layers) or S > self.max_positions:
             raise ValueError(f"fused decode: {len(caches)} caches of {S} slots for {len(self.layers)} layers "
                              f"of {self.max_positions} positions")
-        key = (S, B, *(c.k_cache.data_ptr() for c in caches), *(c.v_cache.data_ptr() for c in caches))
-        if self._caches != key:
+        if rows is not None:
+            rows = rows.to(torch.int64).contiguous()
+            need = int(rows.max()) + 1 if rows.numel() else 0
+            if rows.shape != (B,) or (rows.numel() and int(rows.min()) < 0):
+                raise ValueError(f"fused decode: cache rows must be {B} values >= 0")
+        else:
+            need = B
+        key = (S, *(c.k_cache.data_ptr() for c in caches), *(c.v_cache.data_ptr() for c in caches))
+        if self._caches != key or k0.shape[0] < need:
             want = (self.shape.Hkv, S, self.shape.D)
             for layer, c in zip(self.layers, caches):  # C addresses every slot from these
                 for t in (c.k_cache, c.v_cache):
-                    if tuple(t.shape[1:]) != want or t.shape[0] < B or t.dtype != self.dtype \
+                    if tuple(t.shape[1:]) != want or t.shape[0] < need or t.dtype != self.dtype \
                             or t.stride(0) != k0.stride(0) or not t[0].is_contiguous():
-                        raise ValueError(f"fused decode: each cache must be [>= {B}, {want[0]}, {S}, {want[2]}] "
+                        raise ValueError(f"fused decode: each cache must be [>= {need}, {want[0]}, {S}, {want[2]}] "
                                          f"{self.dtype}, rows contiguous and equally far apart")
                 layer.k_cache, layer.v_cache = c.k_cache.data_ptr(), c.v_cache.data_ptr()
             self._caches = key
         shape = self.shape
+        tiles = int(B > QuantProjection.KERNEL_ROWS)
         shape.B, shape.S, shape.row_stride, shape.threads = B, S, k0.stride(0), torch.get_num_threads()
-        work = self._work.get((B, S, shape.threads))
+        shape.tiles = tiles
+        work = self._work.get((B, S, shape.threads, tiles))
         if work is None:
             self._work.clear()
             size = lib.spt_decode_work_bytes(ctypes.byref(shape), self.nmax, self.kmax)
-            work = self._work[(B, S, shape.threads)] = torch.empty(size, dtype=torch.uint8)
+            work = self._work[(B, S, shape.threads, tiles)] = torch.empty(size, dtype=torch.uint8)
         x = embeds.contiguous().clone()  # (written in place)
         pos = pos.to(torch.int64).contiguous()
         low, high = torch.aminmax(pos) if pos.numel() else (torch.tensor(0), torch.tensor(S))
         if pos.shape != (B,) or int(low) < 0 or int(high) >= S:  # C writes at these slots
             raise ValueError(f"fused decode: positions must be {B} values in 0..{S - 1}")
         lib.spt_decode_layers(self.layers, len(self.layers), ctypes.byref(shape), x.data_ptr(), pos.data_ptr(),
-                              self.nmax, self.kmax, work.data_ptr())
+                              None if rows is None else rows.data_ptr(), self.nmax, self.kmax, work.data_ptr())
         return x

@@ -465,10 +465,13 @@ class Llama(nn.Module):
 
         Padding slots are filled too; a row's later tokens overwrite them before anything attends there.
         """
-        t = inputs_embeds.shape[1]
+        b, t = inputs_embeds.shape[:2]
         pos = torch.arange(t, device=inputs_embeds.device)
         if t > caches[0].seq_len:
             raise ValueError(f"prefill of {t} positions does not fit a cache of {caches[0].seq_len}")
+        if self.fused_applies(b * t):  # every token through the C layers in one call
+            rows = torch.arange(b).repeat_interleave(t)
+            return self.fused_decode(inputs_embeds.reshape(b * t, -1), pos.repeat(b), caches, rows).view(b, t, -1)
         cos, sin = self._rope(pos, t - 1)
         causal = self.causal_attention(inputs_embeds.dtype)
         h = inputs_embeds
@@ -546,14 +549,19 @@ class Llama(nn.Module):
         """
         dev = pieces[0].device
         n = [p.shape[0] for p in pieces]
+        last = max(s + k for s, k in zip(starts, n))
+        if last > caches[0].seq_len:
+            raise ValueError(f"extending to position {last - 1} does not fit a cache of {caches[0].seq_len}")
+        if self.fused_applies(sum(n)):  # every token through the C layers in one call
+            pos = torch.cat([torch.arange(s, s + k) for s, k in zip(starts, n)])
+            rows = torch.arange(len(n)).repeat_interleave(torch.tensor(n))
+            ends = torch.tensor(n).cumsum(0) - 1
+            return self.fused_decode(torch.cat(pieces), pos, caches, rows)[ends]
         one = 0  # rows 0..one-1 add one token each (decode rows come first)
         while one < len(n) and n[one] == 1:
             one += 1
         pos = torch.cat([torch.arange(s, s + k, device=dev) for s, k in zip(starts, n)])
-        last = max(s + k for s, k in zip(starts, n))
         seq_len = min(round_up(last, 16), caches[0].seq_len)
-        if last > caches[0].seq_len:
-            raise ValueError(f"extending to position {last - 1} does not fit a cache of {caches[0].seq_len}")
         cos, sin = self._rope(pos[None], seq_len - 1)
         slots = torch.arange(seq_len, device=dev)
         dec_pos = pos[:one]
@@ -606,8 +614,8 @@ class Llama(nn.Module):
         return self.norm(h[0, ends])
 
     def fused_applies(self, rows: int) -> bool:
-        """Whether a one-token step of `rows` rows runs as fused_decode's one C call (eager only:
-        a compiled step traces the layers)."""
+        """Whether `rows` tokens (a one-token step of that many rows, a prefill or an extend pass of
+        that many tokens) run as fused_decode's one C call (eager only: a compiled step traces the layers)."""
         fused = getattr(self, "fused_decode", None)
         return fused is not None and not torch.compiler.is_compiling() and fused.applies(rows)
 
