@@ -182,3 +182,33 @@ def test_extend_pass_in_one_call_equals_the_layer_by_layer_pass(monkeypatch, tmp
     for a, b in zip(got_caches, want_caches):
         torch.testing.assert_close(a.k_cache.float(), b.k_cache.float(), **(tol if exact else dict(atol=0.1, rtol=0.05)))
         torch.testing.assert_close(a.v_cache.float(), b.v_cache.float(), **(tol if exact else dict(atol=0.1, rtol=0.05)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tokens_numbers_do_not_depend_on_its_batch(monkeypatch, tmp_path, dtype):
+    """Bit for bit, in bf16 too (what lets the server run bf16 and still reply exactly as the
+    offline engine): a row's prefill, its decode steps and its logits alone equal the same row's in
+    a batch of three, and a row prefilled in a joint pass (Llama.extend, beside decoding rows)
+    equals it prefilled alone. The products sum each row in one order whatever block it is in."""
+    if dtype == torch.bfloat16 and not _bf16_dense():
+        pytest.skip("no bf16 dense kernel in this build")
+    llama = _view(monkeypatch, tmp_path, None, dtype)
+    g = torch.Generator().manual_seed(0)
+    prompt = (torch.randn(3, 20, 64, generator=g) * 0.5).to(dtype)
+    tokens = torch.randint(0, 128, (3, 3), generator=g)
+    with torch.no_grad():
+        caches = llama.setup_caches(3, 48, dtype)
+        hidden = llama.prefill(prompt, caches)
+        steps = [llama.decode_one_token(tokens[:, i], torch.full((3,), 20 + i), caches) for i in range(3)]
+        for r in range(3):
+            own = llama.setup_caches(1, 48, dtype)
+            assert torch.equal(llama.prefill(prompt[r:r + 1], own), hidden[r:r + 1])
+            for i in range(3):
+                alone = llama.decode_one_token(tokens[r, i:i + 1], torch.full((1,), 20 + i), own)
+                assert torch.equal(alone[0], steps[i][r])
+        joint = llama.setup_caches(3, 48, dtype)
+        llama.prefill(prompt[:2], [c.rows(0, 2) for c in joint])
+        out = llama.extend([torch.randn(1, 64, generator=g).to(dtype), torch.randn(1, 64, generator=g).to(dtype),
+                            prompt[2]], [20, 20, 0], joint)
+        assert torch.equal(out[2], hidden[2, -1])
+        assert torch.equal(joint[0].k_cache[2, :, :20], caches[0].k_cache[2, :, :20])

@@ -534,11 +534,47 @@ def test_generation_dtype_follows_the_cpu(saved, monkeypatch):
     assert engine_module.generation_dtype("cpu") == "bf16"
     assert Engine.from_checkpoint(ck, device="cpu").spt.dtype == torch.bfloat16
     assert Engine.from_checkpoint(ck, device="cpu", dtype="fp32").spt.dtype == torch.float32
-    # The server's default: the training dtype, so a reply never depends on the batch it shares.
     assert Engine.from_checkpoint(ck, device="cpu", dtype="recorded").spt.dtype == torch.float32
     assert engine_module.generation_dtype("cuda") is None
     monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: False)
     assert Engine.from_checkpoint(ck, device="cpu").spt.dtype == torch.float32
+
+
+def test_the_server_runs_bf16_only_where_a_reply_cannot_depend_on_its_batch(saved, monkeypatch):
+    """Engine.for_serving: bf16 on a native-bf16 CPU where the engine is batch_invariant, else the
+    training dtype; --dtype wins."""
+    from spt_fast.generation import engine as engine_module
+
+    ck, _ = saved
+    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(Engine, "batch_invariant", lambda self: True)
+    assert Engine.for_serving(ck, device="cpu").spt.dtype == torch.bfloat16
+    assert Engine.for_serving(ck, device="cpu", dtype="fp32").spt.dtype == torch.float32
+    monkeypatch.setattr(Engine, "batch_invariant", lambda self: False)
+    assert Engine.for_serving(ck, device="cpu").spt.dtype == torch.float32
+    assert Engine.for_serving(ck, device="cpu", dtype="bf16").spt.dtype == torch.bfloat16
+    monkeypatch.setattr(Engine, "batch_invariant", lambda self: True)
+    monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda: False)
+    assert Engine.for_serving(ck, device="cpu").spt.dtype == torch.float32
+
+
+def test_batch_invariant_means_the_c_step_serves_every_batch_size_with_dense_weights(monkeypatch):
+    from spt_fast.model import cpu_native
+    from spt_fast.model import cpu_projections as cp
+
+    if cpu_native.library() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    spt = spt_for(testing.tiny_llama(vocab_size=128, init_std=0.2), K=2, L=2)
+    monkeypatch.setattr(cp, "choose_decode_attention", lambda *a, **k: "native")
+    native = {1: "native", 2: "native", 3: "native"}
+    monkeypatch.setattr(cp, "choose_kernels", lambda projections, cache=None: native)
+    assert Engine(spt, None, compile=False).batch_invariant()
+    assert not Engine(spt, None, compile=False, weights="int8").batch_invariant()  # int kernels or tiles by rows
+    monkeypatch.setattr(cp, "choose_kernels", lambda projections, cache=None: {**native, 2: "blas"})
+    assert not Engine(spt, None, compile=False).batch_invariant()  # batched steps: the BLAS's own sum order
+    monkeypatch.setattr(cp, "choose_kernels", lambda projections, cache=None: native)
+    monkeypatch.setenv("SPT_FAST_FUSED_DECODE", "0")
+    assert not Engine(spt, None, compile=False).batch_invariant()  # layer by layer: no such promise
 
 
 # ---- decode-step modes: eager, compiled, and "background" (the CPU default of from_checkpoint and

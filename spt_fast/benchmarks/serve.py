@@ -201,8 +201,7 @@ def run_serve_bench(checkpoint: str | None = None, levels=(1, 4, 16, 64), turns:
     with tempfile.TemporaryDirectory() as tmp:
         if checkpoint is None:
             checkpoint = _fresh_checkpoint(Path(tmp))
-        offline = Engine.from_checkpoint(checkpoint, device=device, dtype=dtype or "recorded",
-                                         weights=weights, compile=False)  # as serve loads it
+        offline = Engine.for_serving(checkpoint, device=device, dtype=dtype, weights=weights)  # as serve loads it
         rows, mismatches = [], 0
         dtype_flags = (("--dtype", dtype) if dtype else ()) + (("--weights", weights) if weights else ())
         for clients in levels:

@@ -25,8 +25,9 @@ def add_model_args(p, from_checkpoint: bool = False, bf16_default: bool = True) 
     if from_checkpoint and bf16_default:
         dtype_default = " (default: bf16 on a CPU with native bf16 math, AVX-512 BF16 or AMX; else as recorded)"
     elif from_checkpoint:
-        dtype_default = (" (default: as recorded in the checkpoint, fp32 for this project's runs: in bf16 a reply "
-                         "would depend on the other requests sharing its batch)")
+        dtype_default = (" (default: bf16 on a CPU with native bf16 math where a token's numbers never depend on "
+                         "the requests sharing its batch, the C step serving every batch size with dense weights; "
+                         "else as recorded in the checkpoint)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None if from_checkpoint else t.dtype,
                    help="base model dtype" + dtype_default)
     p.add_argument("--load-4bit", action="store_true", default=None if from_checkpoint else t.load_4bit,

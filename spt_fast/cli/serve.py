@@ -26,8 +26,8 @@ def run(a) -> None:
                         ("--port", a.port)):
         check_number(flag, value, 0 if flag == "--port" else 1, strict=False, integer=True)
     check_number("--cache-mb", a.cache_mb, strict=False)
-    engine = Engine.from_checkpoint(a.checkpoint, device=a.device, dtype=a.dtype or "recorded", model=a.model,
-                                    load_4bit=a.load_4bit, weights=a.weights, compile=False)
+    engine = Engine.for_serving(a.checkpoint, device=a.device, dtype=a.dtype, model=a.model, load_4bit=a.load_4bit,
+                                weights=a.weights)
     print(f"spt-fast serve: {a.checkpoint} ({engine.config.num_prompts} prompts, {engine.config.layout} layout) "
           f"on http://{a.host}:{a.port}/v1/chat/completions", flush=True)
     serve(engine, a.host, a.port, a.max_batch, a.max_queue, a.max_tokens, a.cache_mb)

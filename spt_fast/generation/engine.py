@@ -289,6 +289,37 @@ class Engine:
         spt, tok, _ = load_for_inference(str(path), model, dtype, load_4bit, layout)
         return cls(spt, tok, device=device, compile=compile, weights=weights)
 
+    @classmethod
+    def for_serving(cls, path, device=None, dtype=None, model: str | None = None, load_4bit: bool | None = None,
+                    weights: str | None = None) -> "Engine":
+        """The engine `serve` runs (eager). dtype None: generation_dtype(device) (bf16 on a CPU with
+        native bf16 math) where the engine is batch_invariant in it, else the training dtype: a
+        greedy reply must never depend on the requests that share its batch."""
+        kw = dict(device=device, model=model, load_4bit=load_4bit, weights=weights, compile=False)
+        if dtype is not None:
+            return cls.from_checkpoint(path, dtype=dtype, **kw)
+        engine = cls.from_checkpoint(path, dtype=None, **kw)
+        if generation_dtype(engine.device) is None or engine.batch_invariant():
+            return engine
+        return cls.from_checkpoint(path, dtype="recorded", **kw)
+
+    def batch_invariant(self) -> bool:
+        """Whether a token's numbers never depend on the other tokens of its pass: every one-token
+        step, prefill and joint pass (any number of rows) runs the whole-step C call, whose
+        products sum each row alone in one order and whose norms and attention are per token, and
+        the logits come from the same C product. Dense weights only: int weights run few rows on
+        their own kernels and many as dequantized tiles, which round differently."""
+        from ..model.cpu_projections import CPUProjection, QuantProjection, W8A8Projection
+
+        llama = getattr(self.backend, "llama", None)
+        fused = getattr(llama, "fused_decode", None)
+        if fused is None or any(isinstance(m, (QuantProjection, W8A8Projection)) for m in llama.modules()):
+            return False
+        rows = (1, 2, QuantProjection.KERNEL_ROWS + 1)  # one row, a decode batch, a prefill
+        head = llama.output
+        return all(fused.applies(r) for r in rows) and isinstance(head, CPUProjection) and all(
+            head.kernel_for(r) == "native" for r in rows)
+
     # ---- text in, text out ---------------------------------------------------------------------
     def reply(self, persona, history, **gen) -> str:
         return self.generate([(persona, history)], **gen)[0].text

@@ -739,33 +739,38 @@ static inline void dense_bf16_block(const uint16_t* x, const uint16_t* w, uint16
 }
 #endif
 
-/* The block shape as compile-time constants (each case its own unrolled copy). */
-#define DENSE_CASES(F, X, W, Y, K, N, MR, NB)                                               \
-  switch ((MR) * 4 + (NB)) {                                                                \
-    case 1 * 4 + 1: F(X, W, Y, K, N, 1, 1, 4); break;                                       \
-    case 1 * 4 + 2: F(X, W, Y, K, N, 1, 2, 4); break;                                       \
-    case 1 * 4 + 3: F(X, W, Y, K, N, 1, 3, 4); break;                                       \
-    case 2 * 4 + 1: F(X, W, Y, K, N, 2, 1, 4); break;                                       \
-    case 2 * 4 + 2: F(X, W, Y, K, N, 2, 2, 2); break;                                       \
-    case 2 * 4 + 3: F(X, W, Y, K, N, 2, 3, 2); break;                                       \
-    case 3 * 4 + 1: F(X, W, Y, K, N, 3, 1, 2); break;                                       \
-    case 3 * 4 + 2: F(X, W, Y, K, N, 3, 2, 2); break;                                       \
-    case 3 * 4 + 3: F(X, W, Y, K, N, 3, 3, 1); break;                                       \
-    case 4 * 4 + 1: F(X, W, Y, K, N, 4, 1, 2); break;                                       \
-    case 4 * 4 + 2: F(X, W, Y, K, N, 4, 2, 1); break;                                       \
-    case 4 * 4 + 3: F(X, W, Y, K, N, 4, 3, 1); break;                                       \
-    case 5 * 4 + 1: F(X, W, Y, K, N, 5, 1, 2); break;                                       \
-    case 5 * 4 + 2: F(X, W, Y, K, N, 5, 2, 1); break;                                       \
-    case 5 * 4 + 3: F(X, W, Y, K, N, 5, 3, 1); break;                                       \
-    case 6 * 4 + 1: F(X, W, Y, K, N, 6, 1, 2); break;                                       \
-    case 6 * 4 + 2: F(X, W, Y, K, N, 6, 2, 1); break;                                       \
-    case 6 * 4 + 3: F(X, W, Y, K, N, 6, 3, 1); break;                                       \
-    case 7 * 4 + 1: F(X, W, Y, K, N, 7, 1, 2); break;                                       \
-    case 7 * 4 + 2: F(X, W, Y, K, N, 7, 2, 1); break;                                       \
-    case 7 * 4 + 3: F(X, W, Y, K, N, 7, 3, 1); break;                                       \
-    case 8 * 4 + 1: F(X, W, Y, K, N, 8, 1, 1); break;                                       \
-    case 8 * 4 + 2: F(X, W, Y, K, N, 8, 2, 1); break;                                       \
-    default: F(X, W, Y, K, N, 8, 3, 1); break;                                              \
+/* The block shape as compile-time constants (each case its own unrolled copy). Every block sums
+ * over k in one chain (P = 1) whatever its rows and vectors: a row's result never depends on which
+ * other rows share its block (how many rows a call has, where the row sits among them), so a
+ * token's numbers are the same alone, in a decode batch, in a prefill or in the server's joint
+ * pass. (A row alone has only its 3 vectors' chains then; its step is bound by reading the
+ * weights, not by them.) */
+#define DENSE_CASES(F, X, W, Y, K, N, MR, NB)        \
+  switch ((MR) * 4 + (NB)) {                         \
+    case 1 * 4 + 1: F(X, W, Y, K, N, 1, 1, 1); break; \
+    case 1 * 4 + 2: F(X, W, Y, K, N, 1, 2, 1); break; \
+    case 1 * 4 + 3: F(X, W, Y, K, N, 1, 3, 1); break; \
+    case 2 * 4 + 1: F(X, W, Y, K, N, 2, 1, 1); break; \
+    case 2 * 4 + 2: F(X, W, Y, K, N, 2, 2, 1); break; \
+    case 2 * 4 + 3: F(X, W, Y, K, N, 2, 3, 1); break; \
+    case 3 * 4 + 1: F(X, W, Y, K, N, 3, 1, 1); break; \
+    case 3 * 4 + 2: F(X, W, Y, K, N, 3, 2, 1); break; \
+    case 3 * 4 + 3: F(X, W, Y, K, N, 3, 3, 1); break; \
+    case 4 * 4 + 1: F(X, W, Y, K, N, 4, 1, 1); break; \
+    case 4 * 4 + 2: F(X, W, Y, K, N, 4, 2, 1); break; \
+    case 4 * 4 + 3: F(X, W, Y, K, N, 4, 3, 1); break; \
+    case 5 * 4 + 1: F(X, W, Y, K, N, 5, 1, 1); break; \
+    case 5 * 4 + 2: F(X, W, Y, K, N, 5, 2, 1); break; \
+    case 5 * 4 + 3: F(X, W, Y, K, N, 5, 3, 1); break; \
+    case 6 * 4 + 1: F(X, W, Y, K, N, 6, 1, 1); break; \
+    case 6 * 4 + 2: F(X, W, Y, K, N, 6, 2, 1); break; \
+    case 6 * 4 + 3: F(X, W, Y, K, N, 6, 3, 1); break; \
+    case 7 * 4 + 1: F(X, W, Y, K, N, 7, 1, 1); break; \
+    case 7 * 4 + 2: F(X, W, Y, K, N, 7, 2, 1); break; \
+    case 7 * 4 + 3: F(X, W, Y, K, N, 7, 3, 1); break; \
+    case 8 * 4 + 1: F(X, W, Y, K, N, 8, 1, 1); break; \
+    case 8 * 4 + 2: F(X, W, Y, K, N, 8, 2, 1); break; \
+    default: F(X, W, Y, K, N, 8, 3, 1); break;        \
   }
 
 /* K a multiple of 8 (bf16 with P = 4 steps 8 columns at a time; fp32 4). One task per group of
