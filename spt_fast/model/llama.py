@@ -464,6 +464,7 @@ class Llama(nn.Module):
         """Right-padded rows [B, T, d] at positions 0..T-1: fill cache slots 0..T-1, return hidden [B, T, d].
 
         Padding slots are filled too; a row's later tokens overwrite them before anything attends there.
+        On the CPU the whole prefill is one C call where fused_decode serves that many tokens.
         """
         b, t = inputs_embeds.shape[:2]
         pos = torch.arange(t, device=inputs_embeds.device)
