@@ -10,14 +10,15 @@ from spt_fast.model.llama import Llama
 pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="the CPU kernels could not be built here")
 
 
-def _view(monkeypatch, tmp_path, weights, dtype, kernels=None):
-    """A compact Llama view of a tiny random model with the CPU projections, the C kernels chosen."""
+def _view(monkeypatch, tmp_path, weights, dtype, kernels=None, **shape):
+    """A compact Llama view of a tiny random model with the CPU projections, the C kernels chosen.
+    shape: tiny_llama's hidden / heads / kv_heads (default: heads of 16, two per K/V head)."""
     from spt_fast import testing
 
     kernels = kernels or {1: "native", 2: "native", 3: "native"}
     monkeypatch.setattr(cp, "choose_kernels", lambda projections, cache=None: kernels)
     monkeypatch.setattr(cp, "choose_decode_attention", lambda *a, **k: "native")
-    hf = testing.tiny_llama(vocab_size=128, init_std=0.2, layers=3, dtype=dtype)
+    hf = testing.tiny_llama(**{"vocab_size": 128, "init_std": 0.2, "layers": 3, "dtype": dtype, **shape})
     llama = Llama.from_hf(hf).eval()
     assert cp.attach_cpu_projections(llama, weights, tmp_path / "kernels.json")
     return llama
@@ -150,20 +151,29 @@ def test_fused_step_refuses_caches_and_positions_it_would_address_wrongly(monkey
             fused(*args)
 
 
+# The embedded model's heads (64 wide, three per K/V head: the grouped attention, the vectorised
+# rotary) and heads of 128, four per K/V head (too many registers for the grouped attention: one
+# head at a time), besides the tiny default (16 wide, two per K/V head).
+# (init_std scaled by 1 / sqrt(width) from the tiny model's, so the activations keep its scale)
+SHAPES = {"d16-g2": {}, "d64-g3": dict(hidden=192, heads=3, kv_heads=1, init_std=0.2 * (64 / 192) ** 0.5),
+          "d128-g4": dict(hidden=512, heads=4, kv_heads=1, init_std=0.2 * (64 / 512) ** 0.5)}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("weights", [None, "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_extend_pass_in_one_call_equals_the_layer_by_layer_pass(monkeypatch, tmp_path, weights, dtype):
+def test_extend_pass_in_one_call_equals_the_layer_by_layer_pass(monkeypatch, tmp_path, weights, dtype, shape):
     """The server's joint pass (Llama.extend): two decoding rows, a new row's whole prefill and a
     row continuing after a cached prefix (its first 9 slots already filled), all in one C call,
     against the same pass layer by layer: hidden states and every cache slot. 2 + 25 + 14 tokens:
     more than the int kernels take, so int weights run as dequantized tiles."""
     if dtype == torch.bfloat16 and weights is None and not _bf16_dense():
         pytest.skip("no bf16 dense kernel in this build")
-    llama = _view(monkeypatch, tmp_path, weights, dtype)
+    llama = _view(monkeypatch, tmp_path, weights, dtype, **SHAPES[shape])
     assert llama.fused_applies(41)
-    g = torch.Generator().manual_seed(0)
-    prior = torch.randn(4, 12, 64, generator=g).to(dtype)
-    pieces = [torch.randn(n, 64, generator=g).to(dtype) for n in (1, 1, 25, 14)]
+    g, dim = torch.Generator().manual_seed(0), llama.config.dim
+    prior = torch.randn(4, 12, dim, generator=g).to(dtype)
+    pieces = [torch.randn(n, dim, generator=g).to(dtype) for n in (1, 1, 25, 14)]
     starts = [12, 7, 0, 9]
     out = {}
     for fused in (True, False):
@@ -184,17 +194,18 @@ def test_extend_pass_in_one_call_equals_the_layer_by_layer_pass(monkeypatch, tmp
         torch.testing.assert_close(a.v_cache.float(), b.v_cache.float(), **(tol if exact else dict(atol=0.1, rtol=0.05)))
 
 
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_tokens_numbers_do_not_depend_on_its_batch(monkeypatch, tmp_path, dtype):
+def test_a_tokens_numbers_do_not_depend_on_its_batch(monkeypatch, tmp_path, dtype, shape):
     """Bit for bit, in bf16 too (what lets the server run bf16 and still reply exactly as the
     offline engine): a row's prefill, its decode steps and its logits alone equal the same row's in
     a batch of three, and a row prefilled in a joint pass (Llama.extend, beside decoding rows)
     equals it prefilled alone. The products sum each row in one order whatever block it is in."""
     if dtype == torch.bfloat16 and not _bf16_dense():
         pytest.skip("no bf16 dense kernel in this build")
-    llama = _view(monkeypatch, tmp_path, None, dtype)
-    g = torch.Generator().manual_seed(0)
-    prompt = (torch.randn(3, 20, 64, generator=g) * 0.5).to(dtype)
+    llama = _view(monkeypatch, tmp_path, None, dtype, **SHAPES[shape])
+    g, dim = torch.Generator().manual_seed(0), llama.config.dim
+    prompt = (torch.randn(3, 20, dim, generator=g) * 0.5).to(dtype)
     tokens = torch.randint(0, 128, (3, 3), generator=g)
     with torch.no_grad():
         caches = llama.setup_caches(3, 48, dtype)
@@ -208,7 +219,7 @@ def test_a_tokens_numbers_do_not_depend_on_its_batch(monkeypatch, tmp_path, dtyp
                 assert torch.equal(alone[0], steps[i][r])
         joint = llama.setup_caches(3, 48, dtype)
         llama.prefill(prompt[:2], [c.rows(0, 2) for c in joint])
-        out = llama.extend([torch.randn(1, 64, generator=g).to(dtype), torch.randn(1, 64, generator=g).to(dtype),
+        out = llama.extend([torch.randn(1, dim, generator=g).to(dtype), torch.randn(1, dim, generator=g).to(dtype),
                             prompt[2]], [20, 20, 0], joint)
         assert torch.equal(out[2], hidden[2, -1])
         assert torch.equal(joint[0].k_cache[2, :, :20], caches[0].k_cache[2, :, :20])

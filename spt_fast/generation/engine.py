@@ -26,6 +26,7 @@ context that would run past the model's positions with max_new_tokens is an SPTE
 """
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -301,6 +302,8 @@ class Engine:
         engine = cls.from_checkpoint(path, dtype=None, **kw)
         if generation_dtype(engine.device) is None or engine.batch_invariant():
             return engine
+        del engine  # (freed before the other dtype loads: never two copies of the model at once)
+        gc.collect()
         return cls.from_checkpoint(path, dtype="recorded", **kw)
 
     def batch_invariant(self) -> bool:

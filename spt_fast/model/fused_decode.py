@@ -93,6 +93,7 @@ class FusedDecode:
                             cfg.rms_norm_eps, cfg.head_dim ** -0.5, int(self.dtype == torch.bfloat16), 1,
                             llama.rope_cos.data_ptr(), llama.rope_sin.data_ptr(), llama.norm.weight.data_ptr(), 0)
         self._caches = None  # the cache pointers last written into the layer array
+        self._cache_rows = 0  # ... and the fewest rows any of those caches has
         self._work = {}
 
     def __deepcopy__(self, memo):
@@ -176,7 +177,8 @@ class FusedDecode:
         else:
             need = B
         key = (S, *(c.k_cache.data_ptr() for c in caches), *(c.v_cache.data_ptr() for c in caches))
-        if self._caches != key or k0.shape[0] < need:
+        if self._caches != key or self._cache_rows < need:
+            self._caches = None  # (a check failing half-way leaves some layers' pointers changed)
             want = (self.shape.Hkv, S, self.shape.D)
             for layer, c in zip(self.layers, caches):  # C addresses every slot from these
                 for t in (c.k_cache, c.v_cache):
@@ -186,6 +188,7 @@ class FusedDecode:
                                          f"{self.dtype}, rows contiguous and equally far apart")
                 layer.k_cache, layer.v_cache = c.k_cache.data_ptr(), c.v_cache.data_ptr()
             self._caches = key
+            self._cache_rows = min(t.shape[0] for c in caches for t in (c.k_cache, c.v_cache))
         shape = self.shape
         tiles = int(B > QuantProjection.KERNEL_ROWS)
         shape.B, shape.S, shape.row_stride, shape.threads = B, S, k0.stride(0), torch.get_num_threads()

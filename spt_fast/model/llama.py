@@ -470,7 +470,7 @@ class Llama(nn.Module):
         pos = torch.arange(t, device=inputs_embeds.device)
         if t > caches[0].seq_len:
             raise ValueError(f"prefill of {t} positions does not fit a cache of {caches[0].seq_len}")
-        if self.fused_applies(b * t):  # every token through the C layers in one call
+        if self.fused_applies(b * t, inputs_embeds.dtype, caches):  # every token in one C call
             rows = torch.arange(b).repeat_interleave(t)
             return self.fused_decode(inputs_embeds.reshape(b * t, -1), pos.repeat(b), caches, rows).view(b, t, -1)
         cos, sin = self._rope(pos, t - 1)
@@ -546,14 +546,15 @@ class Llama(nn.Module):
         What continuous batching runs when requests join: the decoding rows' one token each and the
         new rows' whole prefills go through the projections as one [1, M, d] matrix (one read of the
         weights, and larger GEMMs than one row's prefill), while attention runs per kind of row: the
-        one-token rows as one batched call, each longer row alone against its own slots.
+        one-token rows as one batched call, each longer row alone against its own slots. On the CPU,
+        where fused_decode serves that many tokens, the whole pass is its one C call instead.
         """
         dev = pieces[0].device
         n = [p.shape[0] for p in pieces]
         last = max(s + k for s, k in zip(starts, n))
         if last > caches[0].seq_len:
             raise ValueError(f"extending to position {last - 1} does not fit a cache of {caches[0].seq_len}")
-        if self.fused_applies(sum(n)):  # every token through the C layers in one call
+        if self.fused_applies(sum(n), pieces[0].dtype, caches):  # every token in one C call
             pos = torch.cat([torch.arange(s, s + k) for s, k in zip(starts, n)])
             rows = torch.arange(len(n)).repeat_interleave(torch.tensor(n))
             ends = torch.tensor(n).cumsum(0) - 1
@@ -614,11 +615,17 @@ class Llama(nn.Module):
         ends = torch.tensor(list(range(one)) + [b - 1 for b in bounds[1:]], device=dev)
         return self.norm(h[0, ends])
 
-    def fused_applies(self, rows: int) -> bool:
+    def fused_applies(self, rows: int, dtype: torch.dtype | None = None, caches=None) -> bool:
         """Whether `rows` tokens (a one-token step of that many rows, a prefill or an extend pass of
-        that many tokens) run as fused_decode's one C call (eager only: a compiled step traces the layers)."""
+        that many tokens) run as fused_decode's one C call (eager only: a compiled step traces the
+        layers); with `dtype` / `caches`: only for embeddings / caches of the model's dtype (others
+        go layer by layer, as before)."""
         fused = getattr(self, "fused_decode", None)
-        return fused is not None and not torch.compiler.is_compiling() and fused.applies(rows)
+        if fused is None or rows < 1 or torch.compiler.is_compiling():
+            return False
+        if (dtype is not None and dtype != fused.dtype) or (caches and caches[0].k_cache.dtype != fused.dtype):
+            return False
+        return fused.applies(rows)
 
     def decode_one_token(self, token: torch.Tensor, pos: torch.Tensor, caches: list[KVCache],
                          kv_len: int | None = None) -> torch.Tensor:
