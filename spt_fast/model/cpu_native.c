@@ -959,22 +959,27 @@ static void int4_tile_dense(const uint32_t* qt, const uint16_t* sc, const uint16
 #endif
 }
 
-/* bits 8: q int8 tiles, scale fp32 [N]; bits 4: q int4 words, scale and low bf16 per tile and group.
- * work: `threads` scratches of T K values. */
+/* Tile t (32 outputs) of y = x W^T for all M rows: dequantized into scratch (T K values), then the
+ * dense kernel. bits 8: q int8 tiles, scale fp32 [N]; bits 4: q int4 words, scale and low bf16 per
+ * tile and group. */
+static void quant_tile_rows(const void* x, const void* q, const void* scale, const uint16_t* low, void* y, int64_t M,
+                            int64_t N, int64_t K, int64_t G, int bits, int bf, void* scratch, int64_t t) {
+  if (bits == 8)
+    int8_tile_dense((const int8_t*)q + t * K * T, (const float*)scale + t * T, scratch, K, bf);
+  else
+    int4_tile_dense((const uint32_t*)q + t * (K / 8) * T, (const uint16_t*)scale + t * (K / G) * T,
+                    low + t * (K / G) * T, scratch, K, G, bf);
+  dense_rows(x, scratch, y, M, N, K, bf, t * (T / V), T / V);
+}
+
+/* work: `threads` scratches of T K values. */
 void spt_quant_prefill(const void* x, const void* q, const void* scale, const uint16_t* low, void* y, int64_t M,
                        int64_t N, int64_t K, int64_t G, int bits, int bf, void* work, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     void* scratch = thread_scratch(work, T * K * (bf ? 2 : 4));
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < N / T; t++) {
-      if (bits == 8)
-        int8_tile_dense((const int8_t*)q + t * K * T, (const float*)scale + t * T, scratch, K, bf);
-      else
-        int4_tile_dense((const uint32_t*)q + t * (K / 8) * T, (const uint16_t*)scale + t * (K / G) * T,
-                        low + t * (K / G) * T, scratch, K, G, bf);
-      dense_rows(x, scratch, y, M, N, K, bf, t * (T / V), T / V);
-    }
+    for (int64_t t = 0; t < N / T; t++) quant_tile_rows(x, q, scale, low, y, M, N, K, G, bits, bf, scratch, t);
   }
 }
 
@@ -1195,8 +1200,7 @@ static inline float rnd(float f, int bf) {  /* what storing in the model's dtype
 
 /* Row b of a projection's input (x, the model's dtype) in the form its int kernel takes, into
  * pre / sums at the row distances the int units expect (int8: x in fp32, K floats a row). */
-static void prepare_row(const spt_proj* p, const char* x, float* pre, float* sums, int64_t b, int bf, int tiles) {
-  if (tiles) return; /* (the dense kernel takes the rows as they are) */
+static void prepare_row(const spt_proj* p, const char* x, float* pre, float* sums, int64_t b, int bf) {
   if (p->kind == 1)
     for (int64_t k = 0; k < p->k; k++) pre[b * p->k + k] = ld(x, k, bf);
   else if (p->kind == 2)
@@ -1219,13 +1223,8 @@ static void proj_unit(const spt_proj* p, int64_t u, int64_t B, const char* x, co
     dense_unit(x, p->w, y, B, N, K, bf, u);
     return;
   }
-  if (tile) { /* as spt_quant_prefill runs a tile */
-    if (p->kind == 1)
-      int8_tile_dense((const int8_t*)p->w + u * K * T, (const float*)p->scale + u * T, tile, K, bf);
-    else
-      int4_tile_dense((const uint32_t*)p->w + u * (K / 8) * T, (const uint16_t*)p->scale + u * (K / p->group) * T,
-                      (const uint16_t*)p->low + u * (K / p->group) * T, tile, K, p->group, bf);
-    dense_rows(x, tile, y, B, N, K, bf, u * (T / V), T / V);
+  if (tile) { /* many rows: as spt_quant_prefill runs a tile */
+    quant_tile_rows(x, p->w, p->scale, (const uint16_t*)p->low, y, B, N, K, p->group, p->kind == 1 ? 8 : 4, bf, tile, u);
     return;
   }
   if (p->kind == 1)
@@ -1355,7 +1354,7 @@ void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void*
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; b++) {
         norm_row(x + b * dim * es, ly->attn_norm, w.xn + b * dim * es, dim, s->eps, bf);
-        prepare_row(qkv, w.xn + b * dim * es, w.pre, w.sums, b, bf, tiles);
+        if (!tiles) prepare_row(qkv, w.xn + b * dim * es, w.pre, w.sums, b, bf);
       }
       /* 2: q, k, v */
 #pragma omp for schedule(static)
@@ -1402,7 +1401,7 @@ void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void*
       }
       if (o->kind && !tiles) {
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) prepare_row(o, w.att + b * H * D * es, w.pre, w.sums, b, bf, tiles);
+        for (int64_t b = 0; b < B; b++) prepare_row(o, w.att + b * H * D * es, w.pre, w.sums, b, bf);
       }
       /* 5: the output projection */
 #pragma omp for schedule(static)
@@ -1413,7 +1412,7 @@ void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void*
         char *xb = x + b * dim * es, *hb = w.h + b * dim * es;
         add_row(xb, w.y + b * o->n * es, hb, dim, bf);
         norm_row(hb, ly->ffn_norm, w.xn + b * dim * es, dim, s->eps, bf);
-        prepare_row(gu, w.xn + b * dim * es, w.pre, w.sums, b, bf, tiles);
+        if (!tiles) prepare_row(gu, w.xn + b * dim * es, w.pre, w.sums, b, bf);
       }
       /* 7: gate and up */
 #pragma omp for schedule(static)
@@ -1428,7 +1427,7 @@ void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void*
       }
       if (dn->kind && !tiles) {
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) prepare_row(dn, w.act + b * F * es, w.pre, w.sums, b, bf, tiles);
+        for (int64_t b = 0; b < B; b++) prepare_row(dn, w.act + b * F * es, w.pre, w.sums, b, bf);
       }
       /* 9: down */
 #pragma omp for schedule(static)
