@@ -367,3 +367,15 @@ def test_extend_equals_prefill_and_decode():
         for r, n in enumerate((6, 8, 6, 7)):
             torch.testing.assert_close(a.k_cache[r, :, :n], b.k_cache[r, :, :n], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(a.v_cache[r, :, :n], b.v_cache[r, :, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_extend_refuses_a_row_without_tokens():
+    # Each row's answer is its last token's hidden state: an empty piece has none (it used to
+    # return the previous row's).
+    hf = testing.tiny_llama()
+    model = Llama.from_hf(hf).eval()
+    d = hf.config.hidden_size
+    with torch.no_grad():
+        caches = model.setup_caches(2, 16, torch.float32)
+        with pytest.raises(ValueError, match="row 1 has no tokens"):
+            model.extend([torch.randn(3, d), torch.randn(0, d)], [0, 0], caches)

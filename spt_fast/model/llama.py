@@ -551,6 +551,8 @@ class Llama(nn.Module):
         """
         dev = pieces[0].device
         n = [p.shape[0] for p in pieces]
+        if min(n) < 1:  # a row without a token has no last token to return
+            raise ValueError(f"extend: row {n.index(min(n))} has no tokens (each piece needs at least one)")
         last = max(s + k for s, k in zip(starts, n))
         if last > caches[0].seq_len:
             raise ValueError(f"extending to position {last - 1} does not fit a cache of {caches[0].seq_len}")
