@@ -32,6 +32,8 @@
  * EPYC core at 19-27 GB/s over an out-of-cache 3072x576 int4 matrix; 8 KB ahead, 48-51 GB/s
  * (int8: 35 -> 48-50). The dense kernels gained nothing from it (41-45 GB/s either way). */
 #define AHEAD 8192
+/* Tokens of one cache row that attend_heads takes in one call (see there). */
+#define RUN 4
 
 /* bf16 <-> fp32 (round to nearest even; activations are finite), and element i of an fp32 or a
  * bf16 array (bf) as a float. */
@@ -492,71 +494,89 @@ static inline __m512 sum16x16(__m512* v) {
                        _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* The g query heads of one token that share a K/V head (g C <= 16, D = 16 C), over its n slots:
- * each slot's keys and values are loaded (and widened from bf16) once for all g heads, and the
- * scores of 16 slots are reduced together (sum16x16). q: the g heads one after another (as are
- * out); sc: g (n + 16) floats. attend_head's numbers up to the order of the sums. */
-static void attend_heads(const char* q, const char* k, const char* v, char* out, int64_t n, int64_t g, int64_t D,
-                         float scale, int bf, float* sc) {
-  int64_t es = bf ? 2 : 4, C = D / 16, nb = (n + 15) / 16 * 16;
-  __m512 part[4][16];
-  {
-    __m512 qv[16];
+/* The g query heads of up to RUN tokens of one row that share a K/V head (g C <= 16, D = 16 C),
+ * each token i over its own ns[i] slots: each slot's keys and values are loaded (and widened from
+ * bf16) once for all the tokens and heads, and the scores of 16 slots are reduced together
+ * (sum16x16). A prefill's or joint pass's tokens of one row come RUN at a time; a decode step's one
+ * each. Every token's numbers are the same however many share its call (its sums run in the same
+ * order; lanes past its own slots are never read), so a token attends alike alone, decoded,
+ * prefilled or in a joint pass. q: token i's g heads one after another from q + i qstride (as out,
+ * from out + i qstride); sc: RUN g (max ns + 16) floats. Measured in a 16-row joint pass (896
+ * tokens after 100-400 cached ones, bf16): one token a call took 5.2 ms a layer. */
+static void attend_heads(const char* q, int64_t qstride, const char* k, const char* v, char* out, const int64_t* ns,
+                         int64_t nq, int64_t g, int64_t D, float scale, int bf, float* sc) {
+  int64_t es = bf ? 2 : 4, C = D / 16, n = 0;
+  for (int64_t i = 0; i < nq; i++) n = ns[i] > n ? ns[i] : n;
+  int64_t nb = (n + 15) / 16 * 16;
+  __m512 qv[RUN][16];
+  for (int64_t i = 0; i < nq; i++)
     for (int64_t h = 0; h < g; h++)
-      for (int64_t c = 0; c < C; c++) qv[h * C + c] = _mm512_mul_ps(load16(q + (h * D + c * 16) * es, bf), _mm512_set1_ps(scale));
-    for (int64_t s0 = 0; s0 < n; s0 += 16) {
-      int64_t m = n - s0 < 16 ? n - s0 : 16;
-      for (int64_t j = 0; j < 16; j++) {
-        if (j >= m) {
-          for (int64_t h = 0; h < g; h++) part[h][j] = _mm512_setzero_ps();
-          continue;
-        }
-        const char* ks = k + (s0 + j) * D * es;
-        ask_slot(k, v, s0 + j, D * es);
-        __m512 kc[8];
-        for (int64_t c = 0; c < C; c++) kc[c] = load16(ks + c * 16 * es, bf);
-        for (int64_t h = 0; h < g; h++) {
-          __m512 a = _mm512_mul_ps(qv[h * C], kc[0]);
-          for (int64_t c = 1; c < C; c++) a = _mm512_fmadd_ps(qv[h * C + c], kc[c], a);
-          part[h][j] = a;
-        }
+      for (int64_t c = 0; c < C; c++)
+        qv[i][h * C + c] = _mm512_mul_ps(load16(q + i * qstride + (h * D + c * 16) * es, bf), _mm512_set1_ps(scale));
+  for (int64_t s0 = 0; s0 < n; s0 += 16) {
+    int64_t m = n - s0 < 16 ? n - s0 : 16;
+    __m512 part[RUN][4][16];
+    for (int64_t j = 0; j < 16; j++) {
+      if (j >= m) {
+        for (int64_t i = 0; i < nq; i++)
+          for (int64_t h = 0; h < g; h++) part[i][h][j] = _mm512_setzero_ps();
+        continue;
       }
-      for (int64_t h = 0; h < g; h++) _mm512_storeu_ps(sc + h * nb + s0, sum16x16(part[h]));
+      const char* ks = k + (s0 + j) * D * es;
+      ask_slot(k, v, s0 + j, D * es);
+      __m512 kc[8];
+      for (int64_t c = 0; c < C; c++) kc[c] = load16(ks + c * 16 * es, bf);
+      for (int64_t i = 0; i < nq; i++)
+        for (int64_t h = 0; h < g; h++) {
+          __m512 a = _mm512_mul_ps(qv[i][h * C], kc[0]);
+          for (int64_t c = 1; c < C; c++) a = _mm512_fmadd_ps(qv[i][h * C + c], kc[c], a);
+          part[i][h][j] = a;
+        }
     }
+    for (int64_t i = 0; i < nq; i++)
+      for (int64_t h = 0; h < g; h++) _mm512_storeu_ps(sc + (i * g + h) * nb + s0, sum16x16(part[i][h]));
   }
-  float inv[4];
-  for (int64_t h = 0; h < g; h++) {  /* softmax over slots 0..n-1 (the rest of the last block: not read) */
-    float* row = sc + h * nb;
-    float top = row[0];
-    for (int64_t s = 1; s < n; s++) top = row[s] > top ? row[s] : top;
-    __m512 vs = _mm512_setzero_ps(), vt = _mm512_set1_ps(top);
-    int64_t s = 0;
-    for (; s + 16 <= n; s += 16) {
-      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + s), vt));
-      _mm512_storeu_ps(row + s, e);
-      vs = _mm512_add_ps(vs, e);
+  float inv[RUN][4];
+  for (int64_t i = 0; i < nq; i++)
+    for (int64_t h = 0; h < g; h++) {  /* softmax over the token's slots 0..ns[i]-1 (the rest: not read) */
+      float* row = sc + (i * g + h) * nb;
+      int64_t ni = ns[i], s = 0;
+      __m512 vm = _mm512_set1_ps(-INFINITY);
+      for (; s + 16 <= ni; s += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(row + s));
+      float top = _mm512_reduce_max_ps(vm);
+      for (; s < ni; s++) top = row[s] > top ? row[s] : top;
+      __m512 vs = _mm512_setzero_ps(), vt = _mm512_set1_ps(top);
+      for (s = 0; s + 16 <= ni; s += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + s), vt));
+        _mm512_storeu_ps(row + s, e);
+        vs = _mm512_add_ps(vs, e);
+      }
+      float sum = _mm512_reduce_add_ps(vs);
+      for (; s < ni; s++) {
+        row[s] = expf(row[s] - top);
+        sum += row[s];
+      }
+      inv[i][h] = 1.f / sum;
     }
-    float sum = _mm512_reduce_add_ps(vs);
-    for (; s < n; s++) {
-      row[s] = expf(row[s] - top);
-      sum += row[s];
-    }
-    inv[h] = 1.f / sum;
-  }
-  __m512 o[16];
-  for (int64_t i = 0; i < g * C; i++) o[i] = _mm512_setzero_ps();
+  __m512 o[RUN][16];
+  for (int64_t i = 0; i < nq; i++)
+    for (int64_t c = 0; c < g * C; c++) o[i][c] = _mm512_setzero_ps();
   for (int64_t s = 0; s < n; s++) {
     const char* vs_ = v + s * D * es;
     __m512 vc[8];
     for (int64_t c = 0; c < C; c++) vc[c] = load16(vs_ + c * 16 * es, bf);
-    for (int64_t h = 0; h < g; h++) {
-      __m512 p = _mm512_set1_ps(sc[h * nb + s]);
-      for (int64_t c = 0; c < C; c++) o[h * C + c] = _mm512_fmadd_ps(p, vc[c], o[h * C + c]);
+    for (int64_t i = 0; i < nq; i++) {
+      if (s >= ns[i]) continue;
+      for (int64_t h = 0; h < g; h++) {
+        __m512 p = _mm512_set1_ps(sc[(i * g + h) * nb + s]);
+        for (int64_t c = 0; c < C; c++) o[i][h * C + c] = _mm512_fmadd_ps(p, vc[c], o[i][h * C + c]);
+      }
     }
   }
-  for (int64_t h = 0; h < g; h++)
-    for (int64_t c = 0; c < C; c++)
-      store16(out + (h * D + c * 16) * es, _mm512_mul_ps(o[h * C + c], _mm512_set1_ps(inv[h])), bf);
+  for (int64_t i = 0; i < nq; i++)
+    for (int64_t h = 0; h < g; h++)
+      for (int64_t c = 0; c < C; c++)
+        store16(out + i * qstride + (h * D + c * 16) * es, _mm512_mul_ps(o[i][h * C + c], _mm512_set1_ps(inv[i][h])), bf);
 }
 #endif
 
@@ -1187,14 +1207,16 @@ typedef struct {
   int tiles; /* int projections: dequantize each tile and run the dense kernel (many rows: a prefill) */
 } spt_shape;
 
-/* A thread's attention scratch: the scores of a task's query heads (attend_heads: up to 4, each
- * padded to 16 slots; attend_head / attend_group: one) and attend_group's sums. */
-static int64_t scratch_floats(const spt_shape* s) { return 4 * (s->S + 16) + s->D; }
+/* A thread's attention scratch: the scores of a task's query heads (attend_heads: up to RUN tokens
+ * of up to 4 heads, each padded to 16 slots; attend_head / attend_group: one) and attend_group's
+ * sums. */
+static int64_t scratch_floats(const spt_shape* s) { return RUN * 4 * (s->S + 16) + s->D; }
 
 /* Scratch, laid out from one base (base NULL: only the size). */
 typedef struct {
   char *h, *xn, *y, *q, *att, *act, *tile;
   float *yf, *pre, *sums, *sc;
+  int64_t* blk; /* where each run of up to RUN tokens of one cache row starts (attention) */
 } spt_work;
 
 static int64_t lay_work(const spt_shape* s, int64_t nmax, int64_t kmax, char* base, spt_work* w) {
@@ -1214,6 +1236,7 @@ static int64_t lay_work(const spt_shape* s, int64_t nmax, int64_t kmax, char* ba
   TAKE(pre, float*, s->tiles ? 0 : s->B * kmax)
   TAKE(sums, float*, s->tiles ? 0 : s->B * (kmax / 8 + 1))
   TAKE(sc, float*, s->threads * scratch_floats(s))
+  TAKE(blk, int64_t*, s->B + 1)
   TAKE(tile, char*, s->tiles ? s->threads * T * kmax * es : 0)
 #undef TAKE
   return at;
@@ -1363,6 +1386,15 @@ void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void*
 #else
   const int grouped = 0;
 #endif
+  /* runs of up to RUN tokens of one cache row, in the order the tokens come */
+  int64_t nblk = 0;
+  for (int64_t b = 0; b < B;) {
+    int64_t e = b + 1;
+    while (crow && e < B && e - b < RUN && crow[e] == crow[b]) e++;
+    w.blk[nblk++] = b;
+    b = e;
+  }
+  w.blk[nblk] = B;
 #pragma omp parallel num_threads(s->threads)
   {
     int me = 0;
@@ -1400,29 +1432,37 @@ void spt_decode_layers(const spt_layer* L, int64_t nl, const spt_shape* s, void*
           memcpy(vc, row + (H * D + Hkv * D + kh * D) * es, D * es);
         }
       }
-      /* 4: attention. A task is a token's K/V head with its g query heads where attend_heads takes
-       * them (each slot read once for the g), else one query head; interleaved over the threads
-       * (a prefill's later tokens read more slots). */
-#pragma omp for schedule(static, 1)
-      for (int64_t t = 0; t < B * (grouped ? Hkv : H); t++) {
-        int64_t per = grouped ? g : 1, b = t / (H / per), h = (t % (H / per)) * per, n = pos[b] + 1;
+      /* 4: attention. Where attend_heads serves, a task is one K/V head of a run of up to RUN
+       * tokens of one cache row (blk: a decode step's rows are runs of one) with their g query
+       * heads each; else one token's query head. Handed out as threads come free: the tasks of a
+       * prefill or joint pass differ in size (runs, slots). */
+      int64_t tasks = grouped ? nblk * Hkv : B * H;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; t++) {
+        int64_t b, h, nq = 1;
+        if (grouped) {
+          b = w.blk[t / Hkv], h = (t % Hkv) * g, nq = w.blk[t / Hkv + 1] - b;
+        } else {
+          b = t / H, h = t % H;
+        }
         int64_t r = crow ? crow[b] : b;
-        if (n > s->S) n = s->S;
         const char* kh = (const char*)ly->k_cache + (r * s->row_stride + (h / g) * s->S * D) * es;
         const char* vh = (const char*)ly->v_cache + (r * s->row_stride + (h / g) * s->S * D) * es;
         const char* qh = w.q + (b * H + h) * D * es;
         char* oh = w.att + (b * H + h) * D * es;
+        int64_t ns[RUN];
+        for (int64_t i = 0; i < nq; i++) ns[i] = pos[b + i] + 1 < s->S ? pos[b + i] + 1 : s->S;
 #if defined(__AVX512F__)
         if (grouped) {
-          attend_heads(qh, kh, vh, oh, n, g, D, s->scale, bf, sc);
+          attend_heads(qh, H * D * es, kh, vh, oh, ns, nq, g, D, s->scale, bf, sc);
           continue;
         }
         if (fast) {
-          attend_head(qh, kh, vh, oh, n, D, s->scale, bf, sc);
+          attend_head(qh, kh, vh, oh, ns[0], D, s->scale, bf, sc);
           continue;
         }
 #endif
-        attend_group(qh, kh, vh, oh, n, 1, D, s->scale, bf, sc, sc + s->S);
+        attend_group(qh, kh, vh, oh, ns[0], 1, D, s->scale, bf, sc, sc + s->S);
       }
       if (o->kind && !tiles) {
 #pragma omp for schedule(static)
