@@ -354,3 +354,21 @@ def test_a_kernel_without_scratch_memory_raises_rather_than_leaving_its_output_u
     groups = cpu_native.pack_int4_groups(torch.ones(1, 32, dtype=torch.bfloat16))
     with pytest.raises(MemoryError, match="int4_mm"):
         cpu_native.int4_mm(torch.randn(1, 32), words, groups, groups, 32)
+
+
+def test_argmax_rows_picks_what_torch_argmax_picks():
+    # Greedy decoding's choice: the first index of each row's maximum (ties: the lower id), the
+    # first NaN where a row has one, 0 for a row of -inf; rows any stride apart, any width.
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(16, 49152, generator=g), torch.randn(7, 130, generator=g)[:, :97]]
+    for n in (1, 5, 15, 16, 17, 31, 32, 33, 100):
+        cases.append(torch.randint(0, 3, (8, n), generator=g).float())  # many ties
+    special = torch.zeros(4, 40)
+    special[0, 3] = special[0, 30] = 2.0
+    special[1, 20] = special[1, 35] = float("nan")
+    special[2] = float("-inf")
+    special[3, 39] = float("inf")
+    cases.append(special)
+    for x in cases:
+        assert torch.equal(cpu_native.argmax_rows(x), x.argmax(-1)), x.shape
+    assert cpu_native.argmax_rows(special).tolist() == [3, 20, 0, 39]
