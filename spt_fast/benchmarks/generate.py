@@ -184,14 +184,21 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
                    "step_ms": round(step * 1e3, 3), "context_len": context_len, "new_tokens": new_tokens,
                    "load_4bit": bool(load_4bit), "compile": str(engines[impl].compile) if impl in engines else "",
                    "threads": torch.get_num_threads(), "clock": clock, "weight_bytes": weight_bytes[impl],
-                   "achieved_GBps": round(weight_bytes[impl] / step / 1e9, 1),
-                   "roofline_pct": round(100 * weight_bytes[impl] / read_bps / step, 1),
-                   "read_GBps": round(read_bps / 1e9, 1)}
+                   "achieved_GBps": round(weight_bytes[impl] / step / 1e9, 1)}
             if device.type == "cuda":
                 row["gpu"] = torch.cuda.get_device_name(device)
             else:
                 row["cpu"] = cpu
             rows_out.append(row)
+    if device.type == "cpu":
+        # Measured again at the end: on a shared VM the memory's speed moves by 1.5x between phases
+        # of a run, and a roofline from a slow moment put fast steps above 100%. The faster of the
+        # two is the roofline.
+        read_bps = max(read_bps, read_bandwidth())
+    for row in rows_out:
+        step = row["step_ms"] / 1e3
+        row["roofline_pct"] = round(100 * row["weight_bytes"] / read_bps / step, 1)
+        row["read_GBps"] = round(read_bps / 1e9, 1)
     return rows_out
 
 
