@@ -223,3 +223,10 @@ def test_a_tokens_numbers_do_not_depend_on_its_batch(monkeypatch, tmp_path, dtyp
                             prompt[2]], [20, 20, 0], joint)
         assert torch.equal(out[2], hidden[2, -1])
         assert torch.equal(joint[0].k_cache[2, :, :20], caches[0].k_cache[2, :, :20])
+        # Attention takes a row's tokens a few at a time: with other boundaries (7 tokens, then 12
+        # after them, then the last one alone) every token still equals the whole prefill's.
+        part = llama.setup_caches(1, 48, dtype)
+        llama.prefill(prompt[:1, :7], part)
+        assert torch.equal(llama.extend([prompt[0, 7:19]], [7], part)[0], hidden[0, 18])
+        assert torch.equal(llama.extend([prompt[0, 19:]], [19], part)[0], hidden[0, 19])
+        assert torch.equal(part[-1].v_cache[0, :, :20], caches[-1].v_cache[0, :, :20])
