@@ -247,10 +247,11 @@ class Scheduler:
         # Joining rows first: each copies its context's K/V into the context cache once its first
         # token is out (~30 ms for a 400-token context that a client would otherwise wait for), and
         # before any row finishes and moves another into its slot.
-        for j, row in zip(joining, logits[n:]):
-            self._take(j.job, row, then=self._keeper(j))
-        for job, row in zip(decoding, logits[:n]):
-            self._take(job, row)
+        best = sample_next(logits, 1.0, 1.0, None).tolist()  # every row's greedy pick, in one pass
+        for j, row, pick in zip(joining, logits[n:], best[n:]):
+            self._take(j.job, row, pick, then=self._keeper(j))
+        for job, row, pick in zip(decoding, logits[:n], best[:n]):
+            self._take(job, row, pick)
         self._drop_cancelled()
 
     def _keeper(self, j: "_Joining") -> Callable[[], None] | None:
@@ -277,16 +278,22 @@ class Scheduler:
         rows = list(self.active)
         for job in rows:  # every row's new K/V is in its cache: advance all before any row moves
             job.pos += 1
-        for job, row in zip(rows, logits):
-            self._take(job, row)
+        best = sample_next(logits, 1.0, 1.0, None).tolist()  # every row's greedy pick, in one pass
+        for job, row, pick in zip(rows, logits, best):
+            self._take(job, row, pick)
         self._drop_cancelled()
 
-    def _take(self, job: Job, logits: torch.Tensor, then: Callable[[], None] | None = None) -> None:
-        """Choose this row's next token; emit text; run `then` (work that needs the row's cache
-        but not before the token is out); finish the row on eos, a stop or its limit."""
+    def _take(self, job: Job, logits: torch.Tensor, greedy_pick: int,
+              then: Callable[[], None] | None = None) -> None:
+        """Choose this row's next token (greedy_pick: its arg-max, taken for the whole batch at
+        once); emit text; run `then` (work that needs the row's cache but not before the token is
+        out); finish the row on eos, a stop or its limit."""
         gen, eng = job.gen, self.engine
-        noise = None if gen.greedy else torch.empty_like(logits).exponential_(generator=job.generator)[None]
-        token = int(sample_next(logits[None], gen.temperature, gen.top_p, noise)[0])
+        if gen.greedy:
+            token = greedy_pick
+        else:
+            noise = torch.empty_like(logits).exponential_(generator=job.generator)[None]
+            token = int(sample_next(logits[None], gen.temperature, gen.top_p, noise)[0])
         if job.first_token_at is None:
             job.first_token_at = time.perf_counter()
         job.token = token
