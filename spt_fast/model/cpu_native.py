@@ -421,10 +421,10 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) for [rows, n] fp32 on the CPU (rows apart by any stride, elements contiguous),
     through spt_argmax_rows: the same indices (first maximum; first NaN), a few times faster
     for a vocabulary's logits. Anything else, or a traced call, goes to torch.argmax."""
-    if (x.device.type != "cpu" or x.dim() != 2 or x.dtype != torch.float32 or x.stride(-1) != 1 or x.shape[-1] == 0
-            or torch.compiler.is_compiling() or library() is None):
+    lib = library() if x.device.type == "cpu" else None
+    if (lib is None or x.dim() != 2 or x.dtype != torch.float32 or x.stride(-1) != 1 or x.shape[-1] == 0
+            or torch.compiler.is_compiling()):
         return x.argmax(-1)
-    lib = library()
     out = torch.empty(x.shape[0], dtype=torch.int64)
     lib.spt_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), torch.get_num_threads())
     return out
