@@ -69,6 +69,32 @@ def test_fused_step_equals_the_layer_by_layer_step(monkeypatch, tmp_path, weight
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= (1.0 if exact else 0.8)
 
 
+@pytest.mark.parametrize("weights", [None, "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [128, 100])
+def test_the_lm_head_in_the_c_call_gives_exactly_the_separate_heads_logits(monkeypatch, tmp_path, weights, dtype, vocab):
+    """logits=True ends the call with the LM head: bit for bit what the head module gives on the
+    call's hidden states, widened to fp32 (1, 3 and 40 rows: 40 runs int heads as dense tiles). A
+    dense head over a width its kernel does not take (100) stays a separate call."""
+    if dtype == torch.bfloat16 and weights is None and not _bf16_dense():
+        pytest.skip("no bf16 dense kernel in this build")
+    llama = _view(monkeypatch, tmp_path, weights, dtype, vocab_size=vocab)
+    fused = llama.fused_decode
+    if weights is None and vocab % cpu_native.VEC:
+        assert not fused.applies_head(1)
+        return
+    g = torch.Generator().manual_seed(1)
+    for rows in (1, 3, 40):
+        assert fused.applies_head(rows)
+        emb = torch.randn(rows, 64, generator=g).to(dtype)
+        pos = torch.arange(rows) % 5 + 2
+        with torch.no_grad():
+            got = fused(emb, pos, llama.setup_caches(rows, 16, dtype), logits=True)
+            want = llama.logits(fused(emb, pos, llama.setup_caches(rows, 16, dtype))).float()
+        assert got.shape == (rows, vocab) and got.dtype == torch.float32
+        assert torch.equal(got, want)
+
+
 def test_fused_step_rows_do_not_depend_on_the_other_rows(monkeypatch, tmp_path):
     """A row's step alone equals the same row's step in a batch (fp32; the server's decoding rows
     meet different neighbours at every step)."""

@@ -36,7 +36,8 @@ class _Layer(ctypes.Structure):
 class _Shape(ctypes.Structure):
     _fields_ = [("B", i64), ("dim", i64), ("H", i64), ("Hkv", i64), ("D", i64), ("F", i64), ("S", i64),
                 ("row_stride", i64), ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("bf", ctypes.c_int),
-                ("threads", ctypes.c_int), ("cos", ptr), ("sin", ptr), ("final_norm", ptr), ("tiles", ctypes.c_int)]
+                ("threads", ctypes.c_int), ("cos", ptr), ("sin", ptr), ("final_norm", ptr), ("tiles", ctypes.c_int),
+                ("head", _Proj), ("logits", ptr), ("vocab", i64)]
 
 
 def fused_decode_enabled() -> bool:
@@ -81,17 +82,21 @@ def _proj(m, dtype, keep: list):
 class FusedDecode:
     """The C decode step for one compact Llama view whose projections attach_cpu_projections set up."""
 
-    def __init__(self, llama, layers, dense, keep, nmax: int, kmax: int, tiles_ok: bool = True):
+    def __init__(self, llama, layers, dense, keep, nmax: int, kmax: int, tiles_ok: bool = True, head=None):
         cfg = llama.config
         self.layers, self.dense, self.keep = layers, dense, keep
+        # The LM head where it runs on the same kernels: (its _Proj, its module if dense, its width)
+        self.head = head
         self.tiles_ok = tiles_ok  # the int projections (if any) can run many rows as dense tiles
         self.nmax, self.kmax = nmax, kmax
         self._applies: dict[int, bool] = {}  # rows -> applies(rows) (the kernel choices are fixed)
+        self._head_applies: dict[int, bool] = {}
         self.dtype = llama.norm.weight.dtype
         self.max_positions = llama.rope_cos.shape[0]  # rows of the rotary tables C reads
         self.shape = _Shape(0, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size, 0, 0,
                             cfg.rms_norm_eps, cfg.head_dim ** -0.5, int(self.dtype == torch.bfloat16), 1,
-                            llama.rope_cos.data_ptr(), llama.rope_sin.data_ptr(), llama.norm.weight.data_ptr(), 0)
+                            llama.rope_cos.data_ptr(), llama.rope_sin.data_ptr(), llama.norm.weight.data_ptr(), 0,
+                            head[0] if head is not None else _Proj(), None, head[2] if head is not None else 0)
         self._caches = None  # the cache pointers last written into the layer array
         self._cache_rows = 0  # ... and the fewest rows any of those caches has
         self._work = {}
@@ -138,7 +143,12 @@ class FusedDecode:
             keep += [block.attention_norm.weight.detach(), block.ffn_norm.weight.detach()]
             layers[i] = _Layer(block.attention_norm.weight.data_ptr(), block.ffn_norm.weight.data_ptr(),
                                *(p[0] for p in parts), None, None)
-        return cls(llama, layers, dense, keep, nmax, kmax, tiles_ok)
+        head = _proj(llama.output, dtype, keep)
+        if head is not None and head[0].k == cfg.dim:
+            head = (*head, sum(llama.output.sizes))
+        else:
+            head = None
+        return cls(llama, layers, dense, keep, nmax, kmax, tiles_ok, head)
 
     def applies(self, rows: int) -> bool:
         """Whether `rows` tokens run here: every dense projection chose the C kernel for that many
@@ -153,12 +163,25 @@ class FusedDecode:
                 m.kernel_for(rows) == "native" for m in self.dense)
         return ok
 
-    def __call__(self, embeds: torch.Tensor, pos: torch.Tensor, caches, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def applies_head(self, rows: int) -> bool:
+        """Whether the call can end with the LM head for `rows` tokens (logits=True): the head runs
+        on these kernels (a dense one: chose the C kernel for that many rows)."""
+        ok = self._head_applies.get(rows)
+        if ok is None:
+            module = self.head[1] if self.head is not None else None
+            ok = self._head_applies[rows] = self.head is not None and self.applies(rows) and (
+                module is None or module.kernel_for(rows) == "native")
+        return ok
+
+    def __call__(self, embeds: torch.Tensor, pos: torch.Tensor, caches, rows: torch.Tensor | None = None,
+                 logits: bool = False) -> torch.Tensor:
         """embeds [M, dim] (the model's dtype), one token each; pos [M] int64 (each token's
         position); rows [M] int64, each token's cache row (None: token i is row i). A token's K/V go
         to slot pos of its row, and it attends to slots 0..pos of the row once every token of the
         call has written its own: several tokens of one row are that row's prefill (or what follows
-        a cached prefix). Returns hidden [M, dim] after the final norm."""
+        a cached prefix). Returns hidden [M, dim] after the final norm, or with logits=True (where
+        applies_head) the LM head's fp32 logits [M, vocab] (the head's output in the model's dtype,
+        widened: as llama.logits(hidden).float())."""
         from .cpu_projections import QuantProjection
 
         lib = _library()
@@ -193,16 +216,23 @@ class FusedDecode:
         tiles = int(B > QuantProjection.KERNEL_ROWS)
         shape.B, shape.S, shape.row_stride, shape.threads = B, S, k0.stride(0), torch.get_num_threads()
         shape.tiles = tiles
-        work = self._work.get((B, S, shape.threads, tiles))
+        out = None
+        if logits:
+            if not self.applies_head(B):
+                raise ValueError(f"fused decode: the LM head does not run here for {B} rows")
+            out = torch.empty(B, self.head[2], dtype=torch.float32)
+        shape.logits = None if out is None else out.data_ptr()
+        nmax = max(self.nmax, self.head[0].n) if logits else self.nmax  # (the head's rows: only then)
+        work = self._work.get((B, S, shape.threads, tiles, nmax))
         if work is None:
             self._work.clear()
-            size = lib.spt_decode_work_bytes(ctypes.byref(shape), self.nmax, self.kmax)
-            work = self._work[(B, S, shape.threads, tiles)] = torch.empty(size, dtype=torch.uint8)
+            size = lib.spt_decode_work_bytes(ctypes.byref(shape), nmax, self.kmax)
+            work = self._work[(B, S, shape.threads, tiles, nmax)] = torch.empty(size, dtype=torch.uint8)
         x = embeds.contiguous().clone()  # (written in place)
         pos = pos.to(torch.int64).contiguous()
         low, high = torch.aminmax(pos) if pos.numel() else (torch.tensor(0), torch.tensor(S))
         if pos.shape != (B,) or int(low) < 0 or int(high) >= S:  # C writes at these slots
             raise ValueError(f"fused decode: positions must be {B} values in 0..{S - 1}")
         lib.spt_decode_layers(self.layers, len(self.layers), ctypes.byref(shape), x.data_ptr(), pos.data_ptr(),
-                              None if rows is None else rows.data_ptr(), self.nmax, self.kmax, work.data_ptr())
-        return x
+                              None if rows is None else rows.data_ptr(), nmax, self.kmax, work.data_ptr())
+        return x if out is None else out

@@ -633,6 +633,8 @@ class Llama(nn.Module):
                          kv_len: int | None = None) -> torch.Tensor:
         """Next-token logits [B, V] (fp32) for tokens [B] at per-row positions pos [B] (< kv_len)."""
         if self.fused_applies(token.shape[0]):
+            if self.fused_decode.applies_head(token.shape[0]):  # the head inside the same C call
+                return self.fused_decode(self.tok_embeddings(token), pos, caches, logits=True)
             return self.logits(self.fused_decode(self.tok_embeddings(token), pos, caches)).float()
         h = self.decode(self.tok_embeddings(token)[:, None], pos[:, None], caches, kv_len)
         return self.logits(h[:, 0]).float()
