@@ -199,7 +199,7 @@ class FusedDecode:
                 raise ValueError(f"fused decode: cache rows must be {B} values >= 0")
         else:
             need = B
-        key = (S, *(c.k_cache.data_ptr() for c in caches), *(c.v_cache.data_ptr() for c in caches))
+        key = (S, *[a for c in caches for a in c.addresses()])
         if self._caches != key or self._cache_rows < need:
             self._caches = None  # (a check failing half-way leaves some layers' pointers changed)
             want = (self.shape.Hkv, S, self.shape.D)

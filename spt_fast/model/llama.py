@@ -130,6 +130,12 @@ class KVCache(nn.Module):
     def seq_len(self) -> int:
         return self.k_cache.shape[2]
 
+    def addresses(self) -> tuple[int, int]:
+        """(k_cache, v_cache) data pointers: what the C step checks each call (through the buffer
+        table directly: Module attribute lookup made that check 35 us of a 2 ms step, 30 layers)."""
+        buffers = self._buffers
+        return buffers["k_cache"].data_ptr(), buffers["v_cache"].data_ptr()
+
     def rows(self, start: int, stop: int) -> "KVCache":
         """A cache over rows start..stop-1 of this one, sharing its storage: writes go through
         (continuous batching prefills one slot, or decodes the first n, of a larger cache)."""
