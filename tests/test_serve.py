@@ -446,6 +446,7 @@ def test_generate_bench_rows():
     for r in rows:
         assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["device"] == "cpu"
         assert {"impl", "model", "device", "dtype", "batch", "ttft_ms", "decode_tokens_per_s"} <= set(r)
+        assert r["read_GBps"] > 0 and r["roofline_pct"] > 0 and r["cpu"]
     with pytest.raises(SPTError, match="GPU benchmark"):
         run_generate_bench("preset:llama-2-7b", device="cpu")
 

@@ -9,14 +9,19 @@ off). Reported per (impl, batch):
 Times are the best of `repeats` runs, with the implementations alternating inside each repeat.
 - decode_tokens_per_s: batch * (new_tokens - 1) / (time(new_tokens) - time(1));
 - step_ms: the same as the time of one decode step;
-- on GPU, hbm_roofline_pct: (weight bytes / bandwidth) / step time, the share of the memory-bound
-  limit a decode step reaches (gpt-fast's "achieved bandwidth"), and achieved_GBps.
+- roofline_pct: (weight bytes / step time) / read bandwidth, the share of the memory-bound limit a
+  decode step reaches (gpt-fast's "achieved bandwidth"), and achieved_GBps. On a CPU the bandwidth
+  is read right before each repeat's timing of each implementation, and the share is the median
+  over repeats of that repeat's step against its own reading (a shared VM's memory speed moves by
+  1.5x between phases of one run: one reading at the start put steps at 62% or 135% of it);
+  read_GBps: the median reading. On a GPU the bandwidth is the --bandwidth given.
 Models: "default" (the embedded SmolLM2-135M), a local folder, or "preset:NAME" (a Llama preset
 from spt_fast.model.llama.PRESETS with random weights built on the device: nothing is downloaded).
 """
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 
 import torch
@@ -24,7 +29,7 @@ import torch
 from ..errors import SPTError
 from ..model.loading import PRESET_PREFIX
 from ..utils import cpu_info
-from .timing import read_bandwidth
+from .timing import bandwidth_probe
 
 H100_SXM_BANDWIDTH = 3.35e12  # bytes/s
 IMPLS = ("hf", "spt_fast", "spt_fast-int8", "spt_fast-int4", "spt_fast-w8a8")
@@ -136,7 +141,7 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
     weight_bytes = {impl: engine_weight_bytes(e, base) for impl, e in engines.items()}
     weight_bytes["hf"] = _weight_bytes(base)
     cpu = cpu_info()["model"]
-    read_bps = read_bandwidth() if device.type == "cpu" else bandwidth
+    probe = bandwidth_probe() if device.type == "cpu" else (lambda: bandwidth)
     vocab = base.get_input_embeddings().weight.shape[0]
     bos = getattr(base.config, "bos_token_id", None)
     pad = (tok.pad_token_id if tok is not None else None) or 0
@@ -172,40 +177,37 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
         # machine, load that comes and goes then hits every implementation alike.
         t1 = {impl: [] for impl in impls}
         tn = {impl: [] for impl in impls}
+        bw = {impl: [] for impl in impls}
         for _ in range(repeats):
             for impl in impls:
+                bw[impl].append(probe())
                 t1[impl].append(_timed(lambda: calls[impl](1), device, timer))
                 tn[impl].append(_timed(lambda: calls[impl](new_tokens), device, timer))
         for impl in impls:
             first, total = min(t1[impl]), min(tn[impl])
             step = max(total - first, 1e-9) / (new_tokens - 1)
+            shares = [weight_bytes[impl] * (new_tokens - 1) / max(t - first, 1e-9) / b for t, b in zip(tn[impl], bw[impl])]
             row = {"impl": impl, "model": model, "device": device.type, "dtype": dname, "batch": B,
                    "ttft_ms": round(first * 1e3, 3), "decode_tokens_per_s": round(B / step, 2),
                    "step_ms": round(step * 1e3, 3), "context_len": context_len, "new_tokens": new_tokens,
                    "load_4bit": bool(load_4bit), "compile": str(engines[impl].compile) if impl in engines else "",
                    "threads": torch.get_num_threads(), "clock": clock, "weight_bytes": weight_bytes[impl],
-                   "achieved_GBps": round(weight_bytes[impl] / step / 1e9, 1)}
+                   "achieved_GBps": round(weight_bytes[impl] / step / 1e9, 1),
+                   "roofline_pct": round(100 * statistics.median(shares), 1),
+                   "read_GBps": round(statistics.median(bw[impl]) / 1e9, 1)}
             if device.type == "cuda":
                 row["gpu"] = torch.cuda.get_device_name(device)
             else:
                 row["cpu"] = cpu
             rows_out.append(row)
-    if device.type == "cpu":
-        # Measured again at the end: on a shared VM the memory's speed moves by 1.5x between phases
-        # of a run, and a roofline from a slow moment put fast steps above 100%. The faster of the
-        # two is the roofline.
-        read_bps = max(read_bps, read_bandwidth())
-    for row in rows_out:
-        step = row["step_ms"] / 1e3
-        row["roofline_pct"] = round(100 * row["weight_bytes"] / read_bps / step, 1)
-        row["read_GBps"] = round(read_bps / 1e9, 1)
     return rows_out
 
 
 def format_rows(rows: list[dict]) -> str:
-    cols = ["impl", "batch", "ttft_ms", "decode_tokens_per_s", "step_ms", "achieved_GBps", "roofline_pct"]
+    cols = ["impl", "batch", "ttft_ms", "decode_tokens_per_s", "step_ms", "achieved_GBps", "read_GBps",
+            "roofline_pct"]
     where = rows[0].get("gpu") or rows[0].get("cpu", "") if rows else ""
-    lines = [f"{where}: memory read {rows[0]['read_GBps'] if rows else 0} GB/s (the roofline)"] if rows else []
+    lines = [f"{where} (read_GBps: the memory's read speed beside each row's timings, the roofline)"] if rows else []
     lines.append("  ".join(f"{c:>20}" for c in cols))
     for r in rows:
         lines.append("  ".join(f"{str(r.get(c, '')):>20}" for c in cols))

@@ -146,11 +146,22 @@ def benchmark_step(benchmark, step: Callable[[], object], group: str, *, peak_me
 def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
     """Bytes per second this machine reads from memory with torch's threads (best of `reps` sums
     over a buffer far larger than the caches): the roofline a CPU decode step is bound by."""
+    return bandwidth_probe(gib, reps)()
+
+
+def bandwidth_probe(gib: float = 0.25, reps: int = 3) -> Callable[[], float]:
+    """read_bandwidth as a callable that keeps its buffer: each reading then takes a few tens of
+    ms, so a benchmark can read the bandwidth beside each timing (on a shared VM it moves by 1.5x
+    between phases of one run, and a step is bound by the bandwidth of its own moment)."""
     buf = torch.ones(int(gib * 2 ** 30) // 4, dtype=torch.float32)
     buf.sum()  # pages touched before timing
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
-    return buf.numel() * 4 / best
+
+    def reading() -> float:
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            buf.sum()
+            best = min(best, time.perf_counter() - t0)
+        return buf.numel() * 4 / best
+
+    return reading

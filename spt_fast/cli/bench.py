@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
     g.add_argument("--repeats", type=int, default=3)
     add_compile_arg(g)
     g.add_argument("--bandwidth", type=float, default=H100_SXM_BANDWIDTH,
-                   help="GPU memory bandwidth (bytes/s) for the roofline (on CPU it is measured at start)")
+                   help="GPU memory bandwidth (bytes/s) for the roofline (on CPU it is read beside each timing)")
     g.add_argument("--clock", choices=("wall", "process"), default="wall",
                    help="process: CPU time of the process (CPU runs with one thread on a shared machine)")
     g.add_argument("--json", default=None, help="write the rows here")
