@@ -79,7 +79,8 @@ class Scheduler:
     """Continuous batching over an Engine's compact Llama (see the module docstring)."""
 
     def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 256, max_new_tokens: int = 256,
-                 cache_bytes: int = 256 << 20, on_step: Callable[[int], None] | None = None):
+                 cache_bytes: int = 256 << 20, on_step: Callable[[int], None] | None = None,
+                 after_step: Callable[[], None] | None = None):
         if not engine.fast:
             raise SPTError("continuous batching needs the compact Llama engine (a Llama-architecture base)")
         self.engine, self.llama = engine, engine.backend.llama
@@ -96,6 +97,9 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stop = False
         self.on_step = on_step
+        # Called after each pass of the loop (and when it ends), once that pass's events are all
+        # out: a caller that buffers on_event calls delivers them here in one go.
+        self.after_step = after_step
         self._running, self._finished = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._loop, name="spt-scheduler", daemon=True)
 
@@ -193,10 +197,19 @@ class Scheduler:
                     self._step()
             except Exception as exc:
                 self._fail_all(exc, [j.job for j in joining])
+            self._after_step()
         for job in list(self.waiting) + self.active:
             self._report(job, "error", "the server is shutting down")
         self.waiting.clear()
         self.active = []
+        self._after_step()
+
+    def _after_step(self) -> None:
+        if self.after_step is not None:
+            try:
+                self.after_step()
+            except Exception:  # (as _report: a failing listener must not stop the loop)
+                pass
 
     def _fail_all(self, exc: Exception, others: list[Job]) -> None:
         """Never leave a request hanging: fail every job in flight (and `others` not yet in it)."""
