@@ -121,3 +121,31 @@ def test_warm_up_leaves_no_trace(char_tok):
         assert kind == "done" and reply.tokens == want.tokens and steps
     finally:
         scheduler.stop()
+
+
+def test_after_step_runs_once_a_pass_after_that_passs_events(char_tok):
+    """The hook a buffering caller (the server's mailbox) sends by: it runs after every pass, with
+    every event of that pass already reported and none of the next, and once more when the loop
+    ends."""
+    import time
+
+    torch.manual_seed(0)
+    spt = build_spt_model(tiny_llama(init_std=0.1), SPTConfig(num_prompts=2, prompt_len=2, layout="shared"))
+    engine = Engine(spt, char_tok)
+    log, passes = [], []
+    scheduler = Scheduler(engine, max_batch=1, max_new_tokens=8, on_step=lambda n: log.append(("step", n)),
+                          after_step=lambda: passes.append(len(log))).start()
+    ids, tags, _ = engine.encode([CONVS[0]])
+    try:
+        scheduler.submit(Job(ids[0], tags[0], engine.options(max_new_tokens=5, stops=(), ignore_eos=True),
+                             lambda kind, value: log.append((kind, value))))
+        limit = time.monotonic() + 60
+        while not any(k == "done" for k, _ in log) and time.monotonic() < limit:
+            time.sleep(0.01)
+        steps = [i for i, (k, _) in enumerate(log) if k == "step"]
+        assert len(steps) == 5  # the joining pass and four decode steps
+        for nxt in steps[1:] + [len(log)]:
+            assert nxt in passes  # a hook ran once everything before the next pass was out
+    finally:
+        scheduler.stop()
+    assert passes[-1] == len(log)
