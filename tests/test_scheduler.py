@@ -125,8 +125,8 @@ def test_warm_up_leaves_no_trace(char_tok):
 
 def test_after_step_runs_once_a_pass_after_that_passs_events(char_tok):
     """The hook a buffering caller (the server's mailbox) sends by: it runs after every pass, with
-    every event of that pass already reported and none of the next, and once more when the loop
-    ends."""
+    every event of that pass already reported and none of the next, before a joining row's context
+    copy (its first token must not wait for it), and once more when the loop ends."""
     import time
 
     torch.manual_seed(0)
@@ -135,6 +135,14 @@ def test_after_step_runs_once_a_pass_after_that_passs_events(char_tok):
     log, passes = [], []
     scheduler = Scheduler(engine, max_batch=1, max_new_tokens=8, on_step=lambda n: log.append(("step", n)),
                           after_step=lambda: passes.append(len(log))).start()
+    put = scheduler.context_cache.put
+    seen_at_put = []
+
+    def logged_put(*args):  # what the hook had sent when the joining row's context was copied
+        seen_at_put.append(list(passes))
+        put(*args)
+
+    scheduler.context_cache.put = logged_put
     ids, tags, _ = engine.encode([CONVS[0]])
     try:
         scheduler.submit(Job(ids[0], tags[0], engine.options(max_new_tokens=5, stops=(), ignore_eos=True),
@@ -146,6 +154,9 @@ def test_after_step_runs_once_a_pass_after_that_passs_events(char_tok):
         assert len(steps) == 5  # the joining pass and four decode steps
         for nxt in steps[1:] + [len(log)]:
             assert nxt in passes  # a hook ran once everything before the next pass was out
+        # The first token went out before the (slow) copy of the context into the context cache.
+        first = next(i for i, (k, _) in enumerate(log) if k == "text")
+        assert len(seen_at_put) == 1 and seen_at_put[0] and seen_at_put[0][-1] > first
     finally:
         scheduler.stop()
     assert passes[-1] == len(log)

@@ -98,7 +98,8 @@ class Scheduler:
         self._stop = False
         self.on_step = on_step
         # Called after each pass of the loop (and when it ends), once that pass's events are all
-        # out: a caller that buffers on_event calls delivers them here in one go.
+        # out, and before a joining row's context copy: a caller that buffers on_event calls
+        # delivers them here in one go.
         self.after_step = after_step
         self._running, self._finished = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._loop, name="spt-scheduler", daemon=True)
@@ -334,6 +335,7 @@ class Scheduler:
             if piece:
                 self._report(job, "text", piece)
         if then is not None:
+            self._after_step()  # the token goes out before the slow part (a context copy)
             then()
         if finish is not None:
             reply = eng.reply_of(job.emitted, finish, gen.stops, job.prompt, job.truncated)
