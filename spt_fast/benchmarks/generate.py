@@ -3,12 +3,12 @@
 Every row is a synthetic context of `context_len` token ids followed by its soft prompt (shared
 layout); row b uses prompt b % K, so a batch mixes prompts. Both implementations get exactly the
 same input embeddings and decode greedily for exactly `new_tokens` tokens (eos and stop strings
-off). Reported per (impl, batch):
+off). Each repeat times every implementation in turn (a 1-token call, then a full one).
+Reported per (impl, batch):
 - ttft_ms: a 1-token call, from token ids to the first new token (embedding, prompt injection,
-  prefill, first token);
-Times are the best of `repeats` runs, with the implementations alternating inside each repeat.
-- decode_tokens_per_s: batch * (new_tokens - 1) / (time(new_tokens) - time(1));
-- step_ms: the same as the time of one decode step;
+  prefill, first token), the best repeat;
+- step_ms: one decode step, (time(new_tokens) - time(1)) / (new_tokens - 1) of each repeat's own
+  pair of calls, the median over repeats; decode_tokens_per_s: batch / step;
 - roofline_pct: (weight bytes / step time) / read bandwidth, the share of the memory-bound limit a
   decode step reaches (gpt-fast's "achieved bandwidth"), and achieved_GBps. On a CPU the bandwidth
   is read right before each repeat's timing of each implementation, and the share is the median
@@ -184,9 +184,16 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
                 t1[impl].append(_timed(lambda: calls[impl](1), device, timer))
                 tn[impl].append(_timed(lambda: calls[impl](new_tokens), device, timer))
         for impl in impls:
-            first, total = min(t1[impl]), min(tn[impl])
-            step = max(total - first, 1e-9) / (new_tokens - 1)
-            shares = [weight_bytes[impl] * (new_tokens - 1) / max(t - first, 1e-9) / b for t, b in zip(tn[impl], bw[impl])]
+            # A repeat's step: its own two calls' difference (the best 1-token call against the best
+            # full one paired calls from different phases of this VM's speed: once a 16-row
+            # transformers step came out below zero); the median over repeats.
+            steps = [(t - f) / (new_tokens - 1) for f, t in zip(t1[impl], tn[impl])]
+            step = statistics.median(steps)
+            if step <= 0:
+                raise SPTError(f"{impl} at batch {B}: a {new_tokens}-token call took no longer than a 1-token one "
+                               "(the machine's speed moved during the run); run it again, or with more --repeats")
+            first = min(t1[impl])
+            shares = [weight_bytes[impl] / max(st, 1e-9) / b for st, b in zip(steps, bw[impl])]
             row = {"impl": impl, "model": model, "device": device.type, "dtype": dname, "batch": B,
                    "ttft_ms": round(first * 1e3, 3), "decode_tokens_per_s": round(B / step, 2),
                    "step_ms": round(step * 1e3, 3), "context_len": context_len, "new_tokens": new_tokens,
