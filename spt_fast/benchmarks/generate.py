@@ -3,12 +3,14 @@
 Every row is a synthetic context of `context_len` token ids followed by its soft prompt (shared
 layout); row b uses prompt b % K, so a batch mixes prompts. Both implementations get exactly the
 same input embeddings and decode greedily for exactly `new_tokens` tokens (eos and stop strings
-off). Each repeat times every implementation in turn (a 1-token call, then a full one).
-Reported per (impl, batch):
+off). Each repeat times every implementation in turn (an untimed 1-token call, a 1-token call,
+then a full one). Reported per (impl, batch):
 - ttft_ms: a 1-token call, from token ids to the first new token (embedding, prompt injection,
   prefill, first token), the best repeat;
-- step_ms: one decode step, (time(new_tokens) - time(1)) / (new_tokens - 1) of each repeat's own
-  pair of calls, the median over repeats; decode_tokens_per_s: batch / step;
+- step_ms: one decode step, the median over repeats: for the engines (time(new_tokens) -
+  time(1)) / (new_tokens - 1) of the repeat's own pair of calls; for transformers on a CPU, from
+  its first new token to its last inside the full call (its streamer hook), as its prefill alone
+  varies by more than its steps take; decode_tokens_per_s: batch / step;
 - roofline_pct: (weight bytes / step time) / read bandwidth, the share of the memory-bound limit a
   decode step reaches (gpt-fast's "achieved bandwidth"), and achieved_GBps. On a CPU the bandwidth
   is read right before each repeat's timing of each implementation, and the share is the median
@@ -71,6 +73,20 @@ def engine_weight_bytes(engine, base) -> int:
             total += sum(w.numel() * w.element_size() for w in m.weights())
     norms = [p for n, p in llama.named_parameters() if n.endswith("norm.weight")]
     return total + sum(p.numel() * p.element_size() for p in norms)
+
+
+class _TokenClock:
+    """A streamer for transformers' `generate` (put / end: all it calls) used as a clock: when each
+    step's tokens came out (on a CPU, where a step is done when they do)."""
+
+    def __init__(self, timer):
+        self.timer, self.times = timer, []
+
+    def put(self, value):
+        self.times.append(self.timer())
+
+    def end(self):
+        pass
 
 
 def _timed(fn, device, clock) -> float:
@@ -153,7 +169,7 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
             ids[:, 0] = bos
         picks = [b % num_prompts for b in range(B)]
 
-        def hf_call(n, ids=ids, picks=picks, B=B):
+        def hf_call(n, ids=ids, picks=picks, B=B, streamer=None):
             with torch.no_grad():
                 emb = hf_base.get_input_embeddings()(ids.to(device))
                 at = spt.prompt_positions(torch.full((B,), context_len, device=device))  # synthetic: no tag
@@ -161,7 +177,7 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
                                       torch.tensor(picks, device=device), at)
                 mask = torch.ones(B, context_len + prompt_len, dtype=torch.long, device=device)
                 return hf_base.generate(inputs_embeds=rows, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                     do_sample=False, pad_token_id=pad)
+                                     do_sample=False, pad_token_id=pad, streamer=streamer)
 
         def ours_call(n, engine, ids=ids, picks=picks):
             return engine.generate_ids(ids.tolist(), [0] * len(picks), max_new_tokens=n, stops=(), ignore_eos=True,
@@ -178,16 +194,28 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
         t1 = {impl: [] for impl in impls}
         tn = {impl: [] for impl in impls}
         bw = {impl: [] for impl in impls}
+        clocked = {impl: [] for impl in impls}  # steps timed inside the full call, where that can be
         for _ in range(repeats):
             for impl in impls:
+                # An untimed call first: the first call after another implementation's ran up to
+                # 1.4 s slower (transformers, 16 rows; its full call right after it did not).
+                calls[impl](1)
                 bw[impl].append(probe())
                 t1[impl].append(_timed(lambda: calls[impl](1), device, timer))
-                tn[impl].append(_timed(lambda: calls[impl](new_tokens), device, timer))
+                if impl == "hf" and device.type == "cpu":
+                    # transformers' 16-row prefill alone moved by 1.5 s between calls (its 31 steps
+                    # take ~1.7), so its steps are timed by its streamer hook within the call:
+                    # first new token to last.
+                    clock = _TokenClock(timer)
+                    tn[impl].append(_timed(lambda: calls[impl](new_tokens, streamer=clock), device, timer))
+                    clocked[impl].append((clock.times[-1] - clock.times[-new_tokens]) / (new_tokens - 1))
+                else:
+                    tn[impl].append(_timed(lambda: calls[impl](new_tokens), device, timer))
         for impl in impls:
             # A repeat's step: its own two calls' difference (the best 1-token call against the best
             # full one paired calls from different phases of this VM's speed: once a 16-row
             # transformers step came out below zero); the median over repeats.
-            steps = [(t - f) / (new_tokens - 1) for f, t in zip(t1[impl], tn[impl])]
+            steps = clocked[impl] or [(t - f) / (new_tokens - 1) for f, t in zip(t1[impl], tn[impl])]
             step = statistics.median(steps)
             if step <= 0:
                 raise SPTError(f"{impl} at batch {B}: a {new_tokens}-token call took no longer than a 1-token one "
