@@ -4,6 +4,7 @@ ragged batches, both layouts, retrieved and mixed forced prompts), a 4-bit base,
 fallback, and the real embedded model (slow). Then sampling, stop strings and early exit, the
 max-new-tokens bound, streaming, bad input, the chat loop and the benchmark function."""
 import io
+import json
 import os
 import warnings
 
@@ -385,7 +386,6 @@ def saved(tmp_path_factory):
 def test_checkpoint_from_before_the_tag_placement_keeps_its_layout(saved, tmp_path, char_tok):
     # Written before 'shared' meant [context][P][ R:][response] (no "placement", no retriever
     # statistics): it is read with the placement and the retriever it was trained with.
-    import json
 
     ck, spt = saved
     old = tmp_path / "old"
@@ -446,14 +446,14 @@ def test_generate_bench_rows():
     for r in rows:
         assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["device"] == "cpu"
         assert {"impl", "model", "device", "dtype", "batch", "ttft_ms", "decode_tokens_per_s"} <= set(r)
-        assert r["read_GBps"] > 0 and r["roofline_pct"] > 0 and r["cpu"]
+        assert r["read_GBps"] > 0 and r["roofline_pct"] > 0 and r["cpu"] and r["clock"] == "wall"
+    json.dumps(rows)  # what --json writes
     with pytest.raises(SPTError, match="GPU benchmark"):
         run_generate_bench("preset:llama-2-7b", device="cpu")
 
 
 def test_bench_generate_cli_writes_json(tmp_path, capsys):
     import argparse
-    import json
 
     from spt_fast.cli import bench
 

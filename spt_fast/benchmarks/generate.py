@@ -206,9 +206,9 @@ def run_generate_bench(model: str = "default", impls=("hf", "spt_fast"), batch_s
                     # transformers' 16-row prefill alone moved by 1.5 s between calls (its 31 steps
                     # take ~1.7), so its steps are timed by its streamer hook within the call:
                     # first new token to last.
-                    clock = _TokenClock(timer)
-                    tn[impl].append(_timed(lambda: calls[impl](new_tokens, streamer=clock), device, timer))
-                    clocked[impl].append((clock.times[-1] - clock.times[-new_tokens]) / (new_tokens - 1))
+                    tokens_out = _TokenClock(timer)
+                    tn[impl].append(_timed(lambda: calls[impl](new_tokens, streamer=tokens_out), device, timer))
+                    clocked[impl].append((tokens_out.times[-1] - tokens_out.times[-new_tokens]) / (new_tokens - 1))
                 else:
                     tn[impl].append(_timed(lambda: calls[impl](new_tokens), device, timer))
         for impl in impls:
