@@ -452,6 +452,16 @@ def test_generate_bench_rows():
         run_generate_bench("preset:llama-2-7b", device="cpu")
 
 
+def test_generate_bench_table_says_when_a_step_was_not_measured():
+    from spt_fast.benchmarks.generate import format_rows
+
+    common = {"batch": 1, "ttft_ms": 10.0, "step_ms": None, "achieved_GBps": None, "read_GBps": 50.0,
+              "roofline_pct": None, "cpu": "X"}
+    text = format_rows([{**common, "impl": "hf", "decode_tokens_per_s": 20.0},
+                        {**common, "impl": "spt_fast", "decode_tokens_per_s": None, "ttft_ms": 5.0}])
+    assert "spt_fast batch 1: decode (not measured) transformers generate, ttft 2.00x" in text
+
+
 def test_bench_generate_cli_writes_json(tmp_path, capsys):
     import argparse
 
