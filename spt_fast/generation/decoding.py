@@ -74,7 +74,7 @@ class GenConfig:
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, noise: torch.Tensor | None):
     """Next token [B] from fp32 logits [B, V]; noise [B, V] ~ Exp(1), or None for greedy."""
     if noise is None:
-        return argmax_rows(logits) if logits.dim() == 2 else logits.argmax(-1)
+        return argmax_rows(logits)  # (torch.argmax for anything it does not take)
     logits = logits / temperature
     if top_p < 1.0:
         # Stable sort: among equal logits the lower id comes first, as arg-max picks it.

@@ -269,8 +269,8 @@ class Scheduler:
             self.active.append(job)
             self._report(job, "prompt", job.prompt)
         # Joining rows first: each copies its context's K/V into the context cache once its first
-        # token is out (~30 ms for a 400-token context that a client would otherwise wait for), and
-        # before any row finishes and moves another into its slot.
+        # token is out (the copy is work a client need not wait for), and before any row finishes
+        # and moves another into its slot.
         best = _greedy_picks(logits, decoding + [j.job for j in joining])
         for j, row, pick in zip(joining, logits[n:], best[n:]):
             self._take(j.job, row, pick, then=self._keeper(j))
