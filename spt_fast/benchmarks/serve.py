@@ -188,7 +188,7 @@ def load_level(url: str, clients: int, convs, max_tokens: int, ramp_s: float = 0
 
 
 def run_serve_bench(checkpoint: str | None = None, levels=(1, 4, 16, 64), turns: int = 4, max_tokens: int = 32,
-                    long_turns: int = 8, device: str = "cpu", dtype: str | None = None, conversations: int = 16,
+                    long_turns: int = 8, device: str = "cpu", dtype: str | None = None, conversations: int = 64,
                     ramp: str | float = "auto", weights: str | None = None) -> dict:
     """Rows per concurrency level (each on a fresh server, so no level finds another's contexts in
     the cache), the context-cache figure, and the mismatch count. `ramp` is the seconds over which

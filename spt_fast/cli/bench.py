@@ -68,8 +68,9 @@ def add_parser(sub) -> None:
                    help="default: an untrained SPT checkpoint on the embedded model (K=4, L=8, shared, max_len 512)")
     v.add_argument("--levels", default="1,4,16,64", help="comma-separated numbers of concurrent clients")
     v.add_argument("--turns", type=int, default=4, help="turns per conversation")
-    v.add_argument("--conversations", type=int, default=16,
-                   help="conversations per level (at least one per client; clients take the next when done)")
+    v.add_argument("--conversations", type=int, default=64,
+                   help="conversations per level (at least one per client; clients take the next when done; "
+                        "several per client keep the start and the last conversations' tail a small part of a level)")
     v.add_argument("--ramp", default="auto",
                    help="seconds over which a level's clients start (0: all at once); auto: the one-client "
                         "level's median request latency, so arrivals spread as under steady load")
