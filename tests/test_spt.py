@@ -53,7 +53,7 @@ def naive_losses(spt: SPTModel, encoded, cfg: SPTConfig, bos_id: int):
         fused_logits.append(torch.stack(per_k))  # [K, R, V]
     feats = torch.stack(feats)
     W = spt.retriever.proj
-    keys = W(P.mean(1))
+    keys = W((P if cfg.key_grad else P.detach()).mean(1))  # key_grad off: the retriever's losses train W only
     s = F.softplus(F.cosine_similarity(W(feats)[:, None, :], keys[None, :, :], dim=-1), beta=10, threshold=1)
     # each sample's LM loss: `route` of it on the retriever's top pick, the rest spread over the K
     weights = torch.full((K, len(encoded)), (1.0 - cfg.route) / K if K > 1 else 1.0)
@@ -76,11 +76,12 @@ def naive_losses(spt: SPTModel, encoded, cfg: SPTConfig, bos_id: int):
 
 @pytest.mark.parametrize("layout", ["prefix", "shared"])
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-@pytest.mark.parametrize("route", [0.0, 0.6])  # the paper's plain LM mean, and a routed one
-def test_batched_forward_matches_naive(layout, arch, route, char_tok, tiny_llama, tiny_opt):
+# the paper's plain LM mean with its key gradients, and a routed one with the keys detached (the default)
+@pytest.mark.parametrize("route,key_grad", [(0.0, True), (0.6, False)])
+def test_batched_forward_matches_naive(layout, arch, route, key_grad, char_tok, tiny_llama, tiny_opt):
     base = tiny_llama if arch == "llama" else tiny_opt
     cfg = SPTConfig(num_prompts=3, prompt_len=4, layout=layout, init="random", lambda_sel=0.7, lambda_ctr=0.3,
-                    route=route)
+                    route=route, key_grad=key_grad)
     spt = SPTModel(base, cfg)
     encoded = _encode(char_tok, cfg)
     batch = collate(encoded, char_tok.pad_token_id, char_tok.bos_token_id)
@@ -211,3 +212,21 @@ def test_activation_checkpointing_keeps_losses_and_gradients(char_tok, tiny_llam
     assert results[0][1].abs().sum() > 0
     with pytest.raises(SPTError, match="shared layout"):
         build_spt_model(tiny_llama, cfg.replace(layout="prefix")).set_activation_checkpointing(True)
+
+
+@pytest.mark.parametrize("key_grad", [False, True])
+def test_the_retrievers_losses_reach_the_prompts_only_with_key_grad(key_grad, char_tok, tiny_llama):
+    """By default the selection and contrastive losses (functions of the scores alone) train W and
+    leave the prompts to the LM and fusion CE; with key_grad (the paper) they move the prompts too."""
+    cfg = SPTConfig(num_prompts=3, prompt_len=4, layout="shared", init="random", key_grad=key_grad)
+    spt = SPTModel(tiny_llama, cfg)
+    batch = collate(_encode(char_tok, cfg), char_tok.pad_token_id, char_tok.bos_token_id)
+    parts = spt(batch)
+    retriever_only = cfg.lambda_sel * parts["sel"] + cfg.lambda_ctr * parts["ctr"]
+    g_prompts, g_w = torch.autograd.grad(retriever_only, [spt.prompts.weight, spt.retriever.proj.weight],
+                                         allow_unused=True)
+    assert g_w is not None and g_w.abs().max() > 0
+    if key_grad:
+        assert g_prompts is not None and g_prompts.abs().max() > 0
+    else:
+        assert g_prompts is None or g_prompts.abs().max() == 0

@@ -68,6 +68,7 @@ class StudyConfig:
     retriever: str = "centered"
     tau_gold: float = SPTConfig.tau_gold
     route: float = SPTConfig.route
+    key_grad: bool = SPTConfig.key_grad
     lambda_sel: float = SPTConfig.lambda_sel
     lambda_ctr: float = SPTConfig.lambda_ctr
     eval_samples: int = 64  # held-out samples for generation metrics
@@ -83,7 +84,7 @@ class StudyConfig:
                 "lr", "retriever_lr", "retriever", "tau_gold", "eval_samples", "val_samples", "max_new_tokens")
         out = {k: getattr(self, k) for k in keep}
         # Fields added later count only where they differ from what runs made before them used.
-        for name, before in (("route", 0.0), ("lambda_sel", 0.4), ("lambda_ctr", 0.4)):
+        for name, before in (("route", 0.0), ("lambda_sel", 0.4), ("lambda_ctr", 0.4), ("key_grad", True)):
             if getattr(self, name) != before:
                 out[name] = getattr(self, name)
         return out
@@ -187,7 +188,8 @@ def _one_run(sc: StudyConfig, name: str, spec: RunSpec, seed: int, base, tok, sp
         return row
     cfg = SPTConfig(num_prompts=K, prompt_len=sc.prompt_len, layout=layout, max_len=sc.max_len, seed=seed,
                     use_sel="sel" in losses, use_fus="fus" in losses, use_ctr="ctr" in losses,
-                    retriever=sc.retriever, tau_gold=sc.tau_gold, route=sc.route, lambda_sel=sc.lambda_sel,
+                    retriever=sc.retriever, tau_gold=sc.tau_gold, route=sc.route, key_grad=sc.key_grad,
+                    lambda_sel=sc.lambda_sel,
                     lambda_ctr=sc.lambda_ctr)
     tc = TrainConfig(model=sc.model, data=sc.data, data_format=sc.data_format, output_dir=str(folder),
                      max_steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr, retriever_lr=sc.retriever_lr,

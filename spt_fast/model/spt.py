@@ -23,7 +23,7 @@ from .prompts import RETRIEVERS, Retriever, SoftPrompts, context_features, selec
 
 INITS = ("random", "vocab", "text", "normal")
 # Settings that configs written before a field existed meant (SPTConfig.from_dict fills them in).
-_LEGACY = {"retriever": "paper", "route": 0.0, "lambda_ctr": 0.4}
+_LEGACY = {"retriever": "paper", "route": 0.0, "lambda_ctr": 0.4, "key_grad": True}
 
 
 @dataclass
@@ -46,6 +46,11 @@ class SPTConfig:
     score_threshold: float = 1.0
     retriever: str = "centered"  # "paper": W on the raw pooled features; see model.prompts.Retriever
     route: float = 1.0  # share of a sample's LM loss on the retriever's pick; 0: the paper's mean over K (README)
+    # Whether the retriever's scores pass gradients into the prompts through their keys (the mean
+    # of each prompt's rows), as in the paper. Off: the selection, fusion and contrastive losses
+    # move W, not the prompts, whose LM behaviour then answers to the LM and fusion CE alone: with
+    # it on, prompts drifted to put end-of-turn first (empty replies; README, Quality study).
+    key_grad: bool = False
     max_len: int = 512
     seed: int = 0
 
@@ -187,7 +192,8 @@ class SPTModel(nn.Module):
 
     def scores(self, embeds: torch.Tensor, batch: Batch):
         feat = context_features(embeds, batch.ctx_len, batch.has_bos)
-        return self.retriever(feat, self.prompts.weight, tau=self.config.tau_sim)
+        keys = self.prompts.weight if self.config.key_grad else self.prompts.weight.detach()
+        return self.retriever(feat, keys, tau=self.config.tau_sim)
 
     def pair_labels(self, persona_keys: list) -> torch.Tensor:
         """y_ij = +1 when sentence BLEU(persona_i, persona_j) > threshold, else −1 (cached per pair)."""
