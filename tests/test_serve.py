@@ -441,12 +441,16 @@ def test_chat_with_fake_stdin(saved, char_tok):
 def test_generate_bench_rows():
     from spt_fast.benchmarks.generate import run_generate_bench
 
-    rows = run_generate_bench("preset:tiny", batch_sizes=(1, 3), context_len=12, new_tokens=4, repeats=1)
+    rows = run_generate_bench("preset:tiny", batch_sizes=(1, 3), context_len=12, new_tokens=8, repeats=1)
     assert [(r["impl"], r["batch"]) for r in rows] == [("hf", 1), ("spt_fast", 1), ("hf", 3), ("spt_fast", 3)]
     for r in rows:
-        assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["device"] == "cpu"
-        assert {"impl", "model", "device", "dtype", "batch", "ttft_ms", "decode_tokens_per_s"} <= set(r)
-        assert r["read_GBps"] > 0 and r["roofline_pct"] > 0 and r["cpu"] and r["clock"] == "wall"
+        assert r["ttft_ms"] > 0 and r["device"] == "cpu"
+        assert {"impl", "model", "device", "dtype", "batch", "ttft_ms", "decode_tokens_per_s", "step_ms"} <= set(r)
+        assert r["read_GBps"] > 0 and r["cpu"] and r["clock"] == "wall"
+        # A tiny model's few steps can vanish in a busy machine's noise (CI failed on it while another
+        # job shared the CPUs): the step is then reported as not measured, never as a number <= 0.
+        step = [r["step_ms"], r["decode_tokens_per_s"], r["roofline_pct"]]
+        assert all(x is None for x in step) or (step[0] > 0 and step[1] > 0 and step[2] >= 0), r
     json.dumps(rows)  # what --json writes
     with pytest.raises(SPTError, match="GPU benchmark"):
         run_generate_bench("preset:llama-2-7b", device="cpu")
