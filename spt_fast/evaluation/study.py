@@ -189,8 +189,7 @@ def _one_run(sc: StudyConfig, name: str, spec: RunSpec, seed: int, base, tok, sp
     cfg = SPTConfig(num_prompts=K, prompt_len=sc.prompt_len, layout=layout, max_len=sc.max_len, seed=seed,
                     use_sel="sel" in losses, use_fus="fus" in losses, use_ctr="ctr" in losses,
                     retriever=sc.retriever, tau_gold=sc.tau_gold, route=sc.route, key_grad=sc.key_grad,
-                    lambda_sel=sc.lambda_sel,
-                    lambda_ctr=sc.lambda_ctr)
+                    lambda_sel=sc.lambda_sel, lambda_ctr=sc.lambda_ctr)
     tc = TrainConfig(model=sc.model, data=sc.data, data_format=sc.data_format, output_dir=str(folder),
                      max_steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr, retriever_lr=sc.retriever_lr,
                      seed=seed, eval_samples=sc.val_samples, eval_every=0,
