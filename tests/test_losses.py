@@ -106,3 +106,10 @@ def test_combine_weights():
     parts = {"lm": torch.tensor(1.0), "sel": torch.tensor(2.0), "fus": torch.tensor(3.0), "ctr": torch.tensor(4.0)}
     assert losses.combine(parts, 0.4, 0.5).item() == pytest.approx(1 + 0.8 + 3 + 2.0)
     assert losses.combine({"lm": torch.tensor(1.0), "sel": None, "fus": None, "ctr": None}, 1, 1).item() == 1.0
+
+
+def test_routed_lm_loss_follows_a_given_pick():
+    # the retriever's pick bias can move the pick away from the top score: the weights follow it
+    scores = torch.tensor([[0.1, 0.9, 0.3], [0.8, 0.2, 0.4]])
+    w = losses.routed_weights(scores, 1.0, torch.tensor([2, 2]))
+    torch.testing.assert_close(w, torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))

@@ -60,6 +60,7 @@ def test_kills_at_every_moment_then_resume_end_bit_identical(model_dir, tmp_path
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
     got, config, _ = checkpoint.load(out)
     assert config["step"] == 6
+    assert straight["retriever.pick_bias"].abs().max() > 0  # the training state a resume must restore
     for name, tensor in straight.items():
         assert torch.equal(got[name], tensor), name
 

@@ -230,3 +230,43 @@ def test_the_retrievers_losses_reach_the_prompts_only_with_key_grad(key_grad, ch
         assert g_prompts is not None and g_prompts.abs().max() > 0
     else:
         assert g_prompts is None or g_prompts.abs().max() == 0
+
+
+def test_the_pick_bias_moves_the_pick_not_the_scores(char_tok, tiny_llama):
+    """The retriever's pick bias: its update goes against each prompt's share of the picks and sums
+    to zero; it changes which prompt is picked (so where the routed LM loss goes, and what the
+    engine serves) but not the scores the selection, fusion and contrastive losses see; a
+    checkpoint keeps it, and one saved before it existed loads with a zero bias."""
+    cfg = SPTConfig(num_prompts=3, prompt_len=4, layout="shared", init="random", route=1.0)
+    spt = SPTModel(tiny_llama, cfg)
+    bias = spt.retriever.pick_bias
+    spt.retriever.update_pick_bias(torch.tensor([2, 0, 0]), 0.3)
+    torch.testing.assert_close(bias, torch.tensor([0.3 * (1 / 3 - 1), 0.1, 0.1]))
+    spt.retriever.update_pick_bias(torch.zeros(3), 0.3)  # a step without picks changes nothing
+    assert abs(float(bias.sum())) < 1e-6 and float(bias[0]) == pytest.approx(-0.2)
+
+    batch = collate(_encode(char_tok, cfg), char_tok.pad_token_id, char_tok.bos_token_id)
+    bias.zero_()
+    plain = spt(batch)
+    loser = int(plain["scores"].mean(0).argmin())
+    bias.zero_()[loser] = 10.0  # past any score difference (scores lie in [0, ~1])
+    biased = spt(batch)
+    torch.testing.assert_close(biased["scores"], plain["scores"])
+    for name in ("sel", "fus", "ctr"):
+        torch.testing.assert_close(biased[name], plain[name], msg=name)
+    assert (biased["picks"] == loser).all() and (spt.select(batch) == loser).all()
+    assert not (plain["picks"] == loser).all()
+    n = batch.resp_len.float().clamp_min(1)
+    routed = (biased["seq_ce_mean"][loser] * n).sum() / n.sum()
+    torch.testing.assert_close(biased["lm"].detach(), routed, rtol=1e-5, atol=1e-6)
+
+    state = spt.trainable_state_dict()
+    again = SPTModel(tiny_llama, cfg)
+    again.load_trainable_state_dict(state)
+    torch.testing.assert_close(again.retriever.pick_bias, bias)
+    again.load_trainable_state_dict({k: v for k, v in state.items() if k != "retriever.pick_bias"})
+    assert (again.retriever.pick_bias == 0).all()
+    # a run recorded before the field existed picked by the scores alone
+    assert SPTConfig.from_dict({"num_prompts": 4}).balance_rate == 0.0
+    with pytest.raises(SPTError, match="--balance-rate"):
+        SPTConfig(balance_rate=-1.0).validate()

@@ -113,6 +113,15 @@ def test_settings_name_the_later_fields_only_where_they_differ_from_before():
     assert study.StudyConfig(route=0.5).settings()["route"] == 0.5
 
 
+def test_a_change_to_the_retriever_alone_keeps_the_pt_runs():
+    # One prompt, no retriever: its settings cannot change a PT run, which a study that changes
+    # only them reuses; an SPT run is retrained.
+    before, now = study.StudyConfig(balance_rate=0.0, key_grad=True), study.StudyConfig(balance_rate=0.02)
+    assert before.run_settings(1) == now.run_settings(1)
+    assert before.run_settings(4) != now.run_settings(4)
+    assert study.StudyConfig(lr=1e-2).run_settings(1) != now.run_settings(1)
+
+
 def test_study_jobs_share_the_runs_between_processes(model_dir, tmp_path, capfd):
     runs = ("--runs", "pt-shared", "spt-shared", "--seeds", "0")
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"

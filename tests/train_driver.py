@@ -74,7 +74,8 @@ def main() -> int:
     if a.fault:
         kind, n = a.fault.split(":")
         hurt_at(kind, int(n))
-    spt = SPTConfig(num_prompts=2, prompt_len=2, layout="shared", max_len=256, init="random")
+    # K=3 with batches of 2: no step can pick every prompt equally, so the pick bias always moves.
+    spt = SPTConfig(num_prompts=3, prompt_len=2, layout="shared", max_len=256, init="random")
     tc = TrainConfig(model=a.model, data=a.data, output_dir=a.out, max_steps=STEPS, batch_size=2, lr=1e-2,
                      save_every=1, eval_samples=2, resume=a.resume, progress=False)
     try:

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
                    help="share of each sample's LM loss on the retriever's pick (SPT runs)")
     p.add_argument("--key-grad", action="store_true",
                    help="the retriever's losses also train the prompts through their keys (the paper)")
+    p.add_argument("--balance-rate", type=float, default=d.balance_rate,
+                   help="step of the retriever's pick bias against each prompt's share of the picks (0: off)")
     p.add_argument("--lambda-sel", type=float, default=d.lambda_sel, help="weight of the selection loss")
     p.add_argument("--lambda-ctr", type=float, default=d.lambda_ctr, help="weight of the contrastive loss")
     p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="held-out samples for generation metrics")
@@ -45,7 +47,7 @@ def run(a) -> dict:
                      batch_size=a.batch_size, seeds=list(a.seeds), num_prompts=a.num_prompts,
                      prompt_len=a.prompt_len, max_len=a.max_len, lr=a.lr, retriever_lr=a.retriever_lr,
                      retriever=a.retriever, tau_gold=a.tau_gold, route=a.route, key_grad=a.key_grad,
-                     lambda_sel=a.lambda_sel, lambda_ctr=a.lambda_ctr,
+                     balance_rate=a.balance_rate, lambda_sel=a.lambda_sel, lambda_ctr=a.lambda_ctr,
                      eval_samples=a.eval_samples, val_samples=a.val_samples, max_new_tokens=a.max_new_tokens,
                      runs=a.runs, progress=not a.no_progress, jobs=a.jobs)
     return run_study(sc)

@@ -67,6 +67,9 @@ def add_arguments(p) -> None:
     p.add_argument("--key-grad", action="store_true",
                    help="let the retriever's losses train the prompts through their keys, as the paper does "
                         "(default: they train the retriever's W only; README, 'Quality study')")
+    p.add_argument("--balance-rate", type=float, default=s.balance_rate,
+                   help="step of the retriever's pick bias against each prompt's share of the training picks "
+                        "(0: the scores alone pick, as in the paper; README, 'Quality study')")
     p.add_argument("--no-sel", action="store_true", help="drop the selection loss")
     p.add_argument("--no-fus", action="store_true", help="drop the prompt-fusion loss")
     p.add_argument("--no-ctr", action="store_true", help="drop the context-prompt contrastive loss")
@@ -101,7 +104,7 @@ def spt_config(a) -> SPTConfig:
     return SPTConfig(num_prompts=a.num_prompts, lambda_sel=a.lambda_sel, lambda_ctr=a.lambda_ctr,
                      use_sel=not a.no_sel, use_fus=not a.no_fus, use_ctr=not a.no_ctr, retriever=a.retriever,
                      tau_gold=a.tau_gold, target_noise=a.target_noise, route=a.route, key_grad=a.key_grad,
-                     **common)
+                     balance_rate=a.balance_rate, **common)
 
 
 def train_config(a) -> TrainConfig:

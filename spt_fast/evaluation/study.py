@@ -69,6 +69,7 @@ class StudyConfig:
     tau_gold: float = SPTConfig.tau_gold
     route: float = SPTConfig.route
     key_grad: bool = SPTConfig.key_grad
+    balance_rate: float = SPTConfig.balance_rate
     lambda_sel: float = SPTConfig.lambda_sel
     lambda_ctr: float = SPTConfig.lambda_ctr
     eval_samples: int = 64  # held-out samples for generation metrics
@@ -84,10 +85,26 @@ class StudyConfig:
                 "lr", "retriever_lr", "retriever", "tau_gold", "eval_samples", "val_samples", "max_new_tokens")
         out = {k: getattr(self, k) for k in keep}
         # Fields added later count only where they differ from what runs made before them used.
-        for name, before in (("route", 0.0), ("lambda_sel", 0.4), ("lambda_ctr", 0.4), ("key_grad", True)):
+        for name, before in (("route", 0.0), ("lambda_sel", 0.4), ("lambda_ctr", 0.4), ("key_grad", True),
+                             ("balance_rate", 0.0)):
             if getattr(self, name) != before:
                 out[name] = getattr(self, name)
         return out
+
+    def run_settings(self, K: int) -> dict:
+        """settings() as they bear on a run with K prompts: a one-prompt run (PT) has no
+        retriever, so the retriever's settings cannot change it and a study that changes only
+        them reuses its PT runs."""
+        return settings_for(self.settings(), K)
+
+
+# What only the retriever reads (its losses, its learning rate, how it picks).
+RETRIEVER_SETTINGS = ("retriever_lr", "retriever", "tau_gold", "route", "key_grad", "balance_rate",
+                      "lambda_sel", "lambda_ctr")
+
+
+def settings_for(settings: dict, K: int) -> dict:
+    return settings if K > 1 else {k: v for k, v in settings.items() if k not in RETRIEVER_SETTINGS}
 
 
 def usage_entropy(picks: list[int], num_prompts: int) -> float:
@@ -174,7 +191,7 @@ def _one_run(sc: StudyConfig, name: str, spec: RunSpec, seed: int, base, tok, sp
     done = folder / "result.json"
     if done.exists():
         row = json.loads(done.read_text())
-        if row.get("settings") != sc.settings():
+        if settings_for(row.get("settings") or {}, K) != sc.run_settings(K):
             raise SPTError(f"{done}: this run was made with other settings ({row.get('settings')}); "
                            "use a new --output-dir or delete that folder")
         print(f"== {name} seed {seed}: done earlier, reusing {done}", flush=True)
@@ -189,7 +206,7 @@ def _one_run(sc: StudyConfig, name: str, spec: RunSpec, seed: int, base, tok, sp
     cfg = SPTConfig(num_prompts=K, prompt_len=sc.prompt_len, layout=layout, max_len=sc.max_len, seed=seed,
                     use_sel="sel" in losses, use_fus="fus" in losses, use_ctr="ctr" in losses,
                     retriever=sc.retriever, tau_gold=sc.tau_gold, route=sc.route, key_grad=sc.key_grad,
-                    lambda_sel=sc.lambda_sel, lambda_ctr=sc.lambda_ctr)
+                    balance_rate=sc.balance_rate, lambda_sel=sc.lambda_sel, lambda_ctr=sc.lambda_ctr)
     tc = TrainConfig(model=sc.model, data=sc.data, data_format=sc.data_format, output_dir=str(folder),
                      max_steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr, retriever_lr=sc.retriever_lr,
                      seed=seed, eval_samples=sc.val_samples, eval_every=0,

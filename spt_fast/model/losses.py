@@ -16,15 +16,15 @@ def lm_loss(seq_ce_sum: torch.Tensor, n_tokens: torch.Tensor, total_tokens: torc
     return (weights.to(seq_ce_sum.dtype) * seq_ce_sum).sum() / total.clamp_min(1)
 
 
-def routed_weights(scores: torch.Tensor | None, route: float) -> torch.Tensor | None:
+def routed_weights(scores: torch.Tensor | None, route: float, pick: torch.Tensor | None = None) -> torch.Tensor | None:
     """[K,B] LM-loss weights: `route` of each sample's share on the prompt the retriever picks
-    (its top score, not differentiated), the rest spread evenly over the K prompts. None (lm_loss's
-    plain mean) where nothing is routed: route 0, one prompt, or no scores."""
+    (`pick` [B], by default its top score; not differentiated), the rest spread evenly over the K
+    prompts. None (lm_loss's plain mean) where nothing is routed: route 0, one prompt, or no scores."""
     if scores is None or route <= 0 or scores.shape[1] == 1:
         return None
     K = scores.shape[1]
-    pick = F.one_hot(scores.detach().argmax(-1), K).t().to(scores.dtype)
-    return (1.0 - route) / K + route * pick
+    pick = scores.detach().argmax(-1) if pick is None else pick
+    return (1.0 - route) / K + route * F.one_hot(pick, K).t().to(scores.dtype)
 
 
 def selection_loss(seq_ce_mean: torch.Tensor, scores: torch.Tensor, tau_gold: float = 1.0,

@@ -50,9 +50,15 @@ class Retriever(nn.Module):
     way, so every context ranked the prompts alike and the pick collapsed to one prompt (README,
     "Quality study"). The statistics are fixed before training (fit_context_statistics) and
     saved with the checkpoint; they are not trained.
+
+    pick_bias [K]: added to the scores where a prompt is picked (top-1), never where the scores
+    enter a loss. Training moves it against each prompt's share of the picks (update_pick_bias),
+    so a prompt the LM loss routes to more and more cannot take every context (after the
+    auxiliary-loss-free balancing of DeepSeek-V3's router, which steps by the sign of the gap; here
+    the step is proportional to it; README, "Quality study"). Zero: the scores alone pick.
     """
 
-    def __init__(self, dim: int, beta: float, threshold: float, mode: str = "centered"):
+    def __init__(self, dim: int, beta: float, threshold: float, mode: str = "centered", num_prompts: int = 1):
         super().__init__()
         if mode not in RETRIEVERS:
             raise SPTError(f"retriever must be one of {RETRIEVERS}, got {mode!r}")
@@ -60,6 +66,18 @@ class Retriever(nn.Module):
         self.beta, self.threshold, self.mode = beta, threshold, mode
         self.register_buffer("center", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("pick_bias", torch.zeros(num_prompts))
+
+    @torch.no_grad()
+    def update_pick_bias(self, counts: torch.Tensor, rate: float) -> None:
+        """One balancing step from this step's pick counts [K]: b_k += rate * (1/K - share_k).
+        The update sums to zero, so the bias stays centred and only differences between prompts,
+        which are all a top-1 pick sees, move."""
+        total = counts.sum()
+        if rate <= 0 or total <= 0:
+            return
+        share = counts.to(self.pick_bias) / total
+        self.pick_bias.add_(rate * (1.0 / share.numel() - share))
 
     @torch.no_grad()
     def set_statistics(self, feats: torch.Tensor) -> None:
@@ -75,9 +93,13 @@ class Retriever(nn.Module):
         return feat if self.mode == "paper" else (feat - self.center) / self.scale
 
     def forward(self, ctx_feat, prompts, tau: float = 1.0, topk: int = 1):
-        """(scores [B, K], log_q [B, K], top [B, topk]) for pooled context features [B, d]."""
-        return retrieval(self.features(ctx_feat), prompts, self.proj.weight, self.proj.bias, beta=self.beta,
-                         threshold=self.threshold, tau=tau, topk=topk)
+        """(scores [B, K], log_q [B, K], top [B, topk]) for pooled context features [B, d]; top
+        ranks scores + pick_bias."""
+        scores, log_q, top = retrieval(self.features(ctx_feat), prompts, self.proj.weight, self.proj.bias,
+                                       beta=self.beta, threshold=self.threshold, tau=tau, topk=topk)
+        if bool(self.pick_bias.ne(0).any()):
+            top = (scores.detach().float() + self.pick_bias).topk(topk, dim=-1).indices
+        return scores, log_q, top
 
 
 def context_features(embeds: torch.Tensor, ctx_len: torch.Tensor, has_bos: bool) -> torch.Tensor:
@@ -96,5 +118,5 @@ def select_prompts(retriever: Retriever, prompts: torch.Tensor, embeds: torch.Te
     scores, _, top = retriever(context_features(embeds, ctx_len, has_bos), prompts, tau=tau)
     if noise > 0:
         jitter = torch.randn(scores.shape, generator=generator, device="cpu").to(scores.device)
-        return (scores + noise * jitter).argmax(-1)
+        return (scores.float() + retriever.pick_bias + noise * jitter).argmax(-1)
     return top[:, 0]

@@ -6,14 +6,15 @@ Llama-2-7b (one of its two configs adds N(0, 0.1²) noise to the selection targe
 1e-4 and a batch of 2 per GPU for one epoch; sequences of at most 512 tokens; prompts initialised
 N(0, 1) (PEFT's random init); the paper's retriever on the raw pooled features, trained at the
 prompts' rate, with the selection target at temperature 1, and the LM loss the plain mean over the
-K prompts (route 0), the retriever's losses reaching the prompts through their keys (key_grad). The authors publish no prompt-tuning (PT) baseline config: the `-pt` presets are
+K prompts (route 0), the retriever's losses reaching the prompts through their keys (key_grad), and the
+scores alone picking (balance_rate 0). The authors publish no prompt-tuning (PT) baseline config: the `-pt` presets are
 the same settings with one prompt and the LM loss only.
 """
 from ..errors import SPTError
 
 _COMMON = {"num_prompts": 4, "lr": 1e-4, "retriever_lr": None, "batch_size": 2, "epochs": 1.0, "max_len": 512,
            "init": "normal", "retriever": "paper", "target_noise": 0.0, "tau_gold": 1.0, "route": 0.0,
-           "key_grad": True}
+           "key_grad": True, "balance_rate": 0.0}
 _OPT = {**_COMMON, "prompt_len": 8, "lambda_sel": 0.4, "lambda_ctr": 0.4}
 _LLAMA = {**_COMMON, "prompt_len": 1, "lambda_sel": 1.0, "lambda_ctr": 1.0}
 _PT = {"num_prompts": 1, "use_sel": False, "use_fus": False, "use_ctr": False}

@@ -313,6 +313,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         parts_sum: dict = {}
         tokens = samples = 0
+        K = self.spt_cfg.num_prompts
+        counts = torch.zeros(K, device=self.model.device)  # the retriever's training picks, for its pick bias
         pad, bos = self.tokenizer.pad_token_id, self.tokenizer.bos_token_id
         for _ in range(tc.grad_accum):
             everyone = self._next_encoded(tc.batch_size * dist.world)
@@ -326,6 +328,8 @@ class Trainer:
             for k in ("lm", "sel", "fus", "ctr"):
                 if parts.get(k) is not None:
                     parts_sum[k] = parts_sum.get(k, 0.0) + parts[k].detach().float() / tc.grad_accum
+            if parts.get("picks") is not None:
+                counts = counts + torch.bincount(parts["picks"], minlength=K).float()
             tokens += sum(len(e.context_ids) + len(e.response_ids) for e in everyone)
             samples += len(everyone)
         if dist.active:  # each process holds its share of lm/sel/fus: the global values are their sums
@@ -339,6 +343,10 @@ class Trainer:
         if not math.isfinite(parts_sum["loss"]):
             raise SPTError(f"loss became {parts_sum['loss']} at step {self.step + 1}; try a lower --lr")
         self.optimizer.step()
+        if self.spt_cfg.balance_rate > 0 and K > 1:
+            # Every process applies the same update from the global counts, so the biases stay equal.
+            self.model.retriever.update_pick_bias(dist.sum(counts) if dist.active else counts,
+                                                  self.spt_cfg.balance_rate)
         self.step += 1
         return {"parts": parts_sum, "tokens": tokens, "samples": samples}
 
