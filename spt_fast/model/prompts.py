@@ -96,7 +96,7 @@ class Retriever(nn.Module):
         """(scores [B, K], log_q [B, K], top [B, topk]) for pooled context features [B, d]; top
         ranks scores + pick_bias."""
         scores, log_q, _ = retrieval(self.features(ctx_feat), prompts, self.proj.weight, self.proj.bias,
-                                       beta=self.beta, threshold=self.threshold, tau=tau, topk=topk)
+                                     beta=self.beta, threshold=self.threshold, tau=tau, topk=topk)
         # Always re-rank (a [B, K] add): asking whether the bias is zero would wait on the GPU.
         top = (scores.detach().float() + self.pick_bias).topk(topk, dim=-1).indices
         return scores, log_q, top
