@@ -270,3 +270,17 @@ def test_the_pick_bias_moves_the_pick_not_the_scores(char_tok, tiny_llama):
     assert SPTConfig.from_dict({"num_prompts": 4}).balance_rate == 0.0
     with pytest.raises(SPTError, match="--balance-rate"):
         SPTConfig(balance_rate=-1.0).validate()
+
+
+def test_the_retriever_breaks_ties_toward_the_lowest_index():
+    """Equal scores (identical prompts) with an equal bias pick prompt 0 in every row, as the
+    retrieval kernel ranks; a bias that puts prompt 2 ahead moves every row there."""
+    from spt_fast.model.prompts import Retriever
+    torch.manual_seed(0)
+    retriever = Retriever(8, beta=1.0, threshold=20.0, num_prompts=4)
+    prompts = torch.randn(1, 3, 8).expand(4, 3, 8).contiguous()
+    ctx = torch.randn(5, 8)
+    _, _, top = retriever(ctx, prompts, topk=2)
+    assert top[:, 0].tolist() == [0] * 5 and top[:, 1].tolist() == [1] * 5
+    retriever.pick_bias[2] = 0.01
+    assert retriever(ctx, prompts)[2][:, 0].tolist() == [2] * 5

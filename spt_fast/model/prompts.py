@@ -97,8 +97,10 @@ class Retriever(nn.Module):
         ranks scores + pick_bias."""
         scores, log_q, _ = retrieval(self.features(ctx_feat), prompts, self.proj.weight, self.proj.bias,
                                      beta=self.beta, threshold=self.threshold, tau=tau, topk=topk)
-        # Always re-rank (a [B, K] add): asking whether the bias is zero would wait on the GPU.
-        top = (scores.detach().float() + self.pick_bias).topk(topk, dim=-1).indices
+        # Always re-rank (a [B, K] add): asking whether the bias is zero would wait on the GPU. A
+        # stable sort keeps the kernel's rule (ties -> lowest index); torch.topk promises no order.
+        ranked = scores.detach().float() + self.pick_bias
+        top = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[:, :topk]
         return scores, log_q, top
 
 
